@@ -1,0 +1,44 @@
+//! Object stores: the only place that talks to S3 or the disk. Everything above sees whole
+//! objects addressed by key, so the block cache never depends on which store is behind it.
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use std::sync::Arc;
+
+/// Why an object-store call failed, phrased as what the caller should do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// Network trouble, 5xx, throttling: worth retrying with backoff.
+    #[error("transient object-store error: {0}")]
+    Transient(String),
+    /// Credentials, missing bucket, malformed request: retrying will not help until an admin acts.
+    #[error("object store refused the request: {0}")]
+    Permanent(String),
+    /// The object exists but its bytes are not what was written (checksum or length mismatch).
+    #[error("object {key} is corrupt: {reason}")]
+    Corrupt { key: String, reason: String },
+}
+
+impl BackendError {
+    /// Whether a retry with backoff may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, BackendError::Transient(_))
+    }
+}
+
+/// A bucket-bound key/value object store. Implementations must be safe to call from many
+/// tasks at once; the block store keeps many requests in flight.
+#[async_trait]
+pub trait ObjectStore: Send + Sync + std::fmt::Debug + 'static {
+    /// Reads a whole object; `Ok(None)` when it does not exist (a sparse block).
+    async fn get(&self, key: &str) -> Result<Option<Bytes>, BackendError>;
+    /// Stores a whole object, replacing any previous one.
+    async fn put(&self, key: &str, data: Bytes) -> Result<(), BackendError>;
+    /// Removes an object; removing an absent object is success.
+    async fn delete(&self, key: &str) -> Result<(), BackendError>;
+    /// Every key that starts with `prefix` (full keys, any order).
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, BackendError>;
+}
+
+/// Shared handle type for object stores.
+pub type DynObjectStore = Arc<dyn ObjectStore>;

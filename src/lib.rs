@@ -1,0 +1,15 @@
+//! nbd-s3: a Network Block Device server whose blocks live in S3-compatible object storage.
+//!
+//! Data flows one way: `server` (NBD wire, via the pure `proto` module) → `export` (the live
+//! registry of exports) → `store` (per-export block cache and write-back) → `backend`
+//! (object stores: S3, a local directory, memory for unit tests). `config`, `reload` and
+//! `service` sit around that pipeline and never touch block data.
+
+pub mod backend;
+pub mod config;
+pub mod export;
+pub mod proto;
+pub mod reload;
+pub mod server;
+pub mod service;
+pub mod store;

@@ -1,0 +1,2 @@
+//! The `nbd-s3` command line. Placeholder.
+fn main() {}

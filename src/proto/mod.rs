@@ -1,0 +1,1 @@
+//! Pure NBD wire format: bytes in, typed values out. No I/O, no tokio. Placeholder.
