@@ -1,0 +1,14 @@
+//! Integration tests: one test binary (linking the S3 SDK once), one module per concern.
+//! Every test talks to a real S3 server over HTTP on loopback and to the real `nbd-s3`
+//! binary or server, through real NBD clients where the concern is client-visible.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod backend_s3;
+mod cli_config;
+mod clients;
+mod hostile;
+mod reload;
+mod service;
+mod store;
