@@ -1,6 +1,8 @@
 //! Object stores: the only place that talks to S3 or the disk. Everything above sees whole
 //! objects addressed by key, so the block cache never depends on which store is behind it.
 
+pub mod memory;
+
 use async_trait::async_trait;
 use bytes::Bytes;
 use std::sync::Arc;
