@@ -9,6 +9,7 @@ mod backend_s3;
 mod cli_config;
 mod clients;
 mod hostile;
+mod raw_nbd;
 mod reload;
 mod service;
 mod store;
