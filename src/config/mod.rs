@@ -1,8 +1,64 @@
 //! The configuration: `/etc/nbd-s3/exports.toml` as design.md §1 fixes it, parsed into
 //! validated, typed values. Nothing downstream re-checks what this module has validated.
 
-use std::path::PathBuf;
+mod adhoc;
+mod error;
+mod locate;
+mod raw;
+pub mod size;
+mod summary;
+mod validate;
+
+#[cfg(test)]
+mod tests;
+
+pub use adhoc::AdHoc;
+pub use error::{ConfigError, Diagnostic};
+pub use summary::summary_table;
+pub use validate::{check_name, parse_listen, read_secret, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
+pub use validate::{DEFAULT_DIRTY, DEFAULT_MEMORY};
+
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+/// Where `serve` and `check-config` look without `--config` / `NBD_S3_CONFIG`.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/nbd-s3/exports.toml";
+/// The listen address when `[server] listen` is absent (the IANA NBD port).
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:10809";
+/// Default `[cache] flush_timeout`: long enough to ride out an S3 hiccup, short enough that a
+/// client's FLUSH does not hang forever.
+pub const DEFAULT_FLUSH_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl Config {
+    /// Reads and validates the file at `path`. Errors name `path` as given, so they match the
+    /// admin's command line.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let shown = path.display().to_string();
+        let src = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::parse(&src, &shown, base)
+    }
+
+    /// Parses and validates `src` (the contents of the file shown as `path`); relative
+    /// `secret_access_key_file` paths are resolved against `base_dir`.
+    pub fn parse(src: &str, path: &str, base_dir: &Path) -> Result<Config, ConfigError> {
+        let raw = raw::parse(src)
+            .map_err(|e| ConfigError::Invalid(vec![locate::diagnose(path, src, &e)]))?;
+        let mut checker = validate::Checker::new(path, src, base_dir);
+        match checker.config(raw) {
+            Some(cfg) => Ok(cfg),
+            None => Err(ConfigError::Invalid(checker.errors)),
+        }
+    }
+
+    /// The export named `name`, if configured.
+    pub fn export(&self, name: &str) -> Option<&ExportConfig> {
+        self.exports.iter().find(|e| e.name == name)
+    }
+}
 
 /// A fully validated configuration snapshot; reloads replace it whole.
 #[derive(Debug, Clone, PartialEq)]
@@ -49,7 +105,10 @@ impl std::fmt::Debug for S3Config {
             .field("region", &self.region)
             .field("path_style", &self.path_style)
             .field("access_key_id", &self.access_key_id)
-            .field("secret_access_key", &self.secret_access_key.as_ref().map(|_| "<redacted>"))
+            .field(
+                "secret_access_key",
+                &self.secret_access_key.as_ref().map(|_| "<redacted>"),
+            )
             .finish()
     }
 }

@@ -1,0 +1,80 @@
+//! The `check-config` summary: what the daemon would serve, in a table an admin can eyeball.
+
+use super::size::format_size;
+use super::{Config, ListenAddr};
+
+fn listen_text(addr: &ListenAddr) -> String {
+    match addr {
+        ListenAddr::Tcp(s) => s.clone(),
+        ListenAddr::Unix(p) => format!("unix:{}", p.display()),
+    }
+}
+
+/// Renders the server settings and one row per export (name, size, bucket, prefix, block
+/// size, read-only, description). Never includes secrets.
+pub fn summary_table(cfg: &Config) -> String {
+    let mut out = String::new();
+    let listen: Vec<String> = cfg.server.listen.iter().map(listen_text).collect();
+    out.push_str(&format!("listen: {}\n", listen.join(", ")));
+    if let Some(m) = cfg.server.metrics {
+        out.push_str(&format!("metrics: {m}\n"));
+    }
+    let endpoint = cfg
+        .s3
+        .endpoint
+        .as_deref()
+        .unwrap_or("AWS (default endpoint)");
+    let creds = if cfg.s3.access_key_id.is_some() {
+        "static key"
+    } else {
+        "AWS credential chain"
+    };
+    out.push_str(&format!(
+        "s3: {endpoint} (region {}, path style {}, {creds})\n",
+        cfg.s3.region.as_deref().unwrap_or("default"),
+        if cfg.s3.path_style { "on" } else { "off" },
+    ));
+    out.push_str(&format!(
+        "cache: memory {}, dirty {}, flush timeout {}\n",
+        format_size(cfg.cache.memory),
+        format_size(cfg.cache.dirty),
+        humantime::format_duration(cfg.cache.flush_timeout)
+    ));
+    let header = [
+        "NAME",
+        "SIZE",
+        "BUCKET",
+        "PREFIX",
+        "BLOCK",
+        "RO",
+        "DESCRIPTION",
+    ]
+    .map(String::from);
+    let mut rows = vec![header.to_vec()];
+    for e in &cfg.exports {
+        rows.push(vec![
+            e.name.clone(),
+            format_size(e.size),
+            e.bucket.clone(),
+            e.prefix.clone(),
+            format_size(u64::from(e.block_size)),
+            if e.read_only { "yes" } else { "no" }.to_string(),
+            e.description.clone().unwrap_or_default(),
+        ]);
+    }
+    let widths: Vec<usize> = (0..header.len())
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    for row in &rows {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    let n = cfg.exports.len();
+    out.push_str(&format!("{n} export{}\n", if n == 1 { "" } else { "s" }));
+    out
+}
