@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Installs what building and testing nbd-s3 needs on Debian 12, skipping what is present.
+# The ONE list of dependencies: scripts/test, .ci/run and the README all use this script.
+#   scripts/deps.sh            build + test dependencies
+#   scripts/deps.sh --bench    also the benchmark peers (nbdkit S3 plugin, s3backer)
+#   scripts/deps.sh --ci       also packaging tools (lintian, dpkg-dev, rpm)
+set -euo pipefail
+
+# Build: a C toolchain for aws-lc-sys; tests: the real NBD clients, nbdkit, filesystems.
+BUILD_PACKAGES="build-essential pkg-config curl ca-certificates git"
+TEST_PACKAGES="libnbd-bin python3-libnbd qemu-utils fio nbd-client nbdkit e2fsprogs fuse3 \
+util-linux procps systemd"
+BENCH_PACKAGES="nbdkit-plugin-python python3-boto3 s3backer"
+CI_PACKAGES="lintian dpkg-dev rpm"
+S3S_FS_VERSION=0.14.1
+RUST_MIN=1.80
+
+want="$BUILD_PACKAGES $TEST_PACKAGES"
+for arg in "$@"; do
+  case $arg in
+    --bench) want="$want $BENCH_PACKAGES" ;;
+    --ci) want="$want $CI_PACKAGES" ;;
+    *) echo "usage: $0 [--bench] [--ci]" >&2; exit 2 ;;
+  esac
+done
+
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"
+  elif command -v sudo >/dev/null; then sudo "$@"
+  else echo "deps.sh: need root (or sudo) to run: $*" >&2; exit 1
+  fi
+}
+
+missing=()
+for p in $want; do
+  if [ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null)" != "install ok installed" ]; then
+    missing+=("$p")
+  fi
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "deps.sh: installing ${missing[*]}"
+  as_root apt-get update -q
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+    "${missing[@]}"
+fi
+
+# Rust: Debian's rustc is too old for the AWS SDK; use rustup's stable toolchain.
+[ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
+if ! command -v cargo >/dev/null; then
+  echo "deps.sh: installing Rust (rustup, stable) into ~/.cargo"
+  curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs |
+    sh -s -- -y --profile minimal --component rustfmt,clippy
+  . "$HOME/.cargo/env"
+fi
+have=$(rustc --version | awk '{print $2}')
+if [ "$(printf '%s\n%s\n' "$RUST_MIN" "$have" | sort -V | head -n1)" != "$RUST_MIN" ]; then
+  echo "deps.sh: rustc $have is older than $RUST_MIN; run: rustup update stable" >&2
+  exit 1
+fi
+if command -v rustup >/dev/null; then
+  cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt
+  cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
+fi
+
+# The S3 server the integration tests and benchmarks run against.
+s3s=${S3S_FS:-$HOME/.cargo/bin/s3s-fs}
+if ! [ -x "$s3s" ] && ! command -v s3s-fs >/dev/null; then
+  echo "deps.sh: installing s3s-fs $S3S_FS_VERSION"
+  cargo install "s3s-fs@$S3S_FS_VERSION" --features binary --locked
+fi
+echo "deps.sh: all dependencies present"
