@@ -2,6 +2,7 @@
 //! request gets exactly the reply the protocol prescribes (or a close), and afterwards both a
 //! long-lived "bystander" connection and a fresh connection are still served correctly.
 
+use crate::common::{ExportSpec, NbdS3, S3Server};
 use crate::raw_nbd::*;
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
@@ -14,7 +15,7 @@ const MIB: u32 = 1 << 20;
 
 /// A running daemon with one export, plus a bystander connection opened before the hostile act.
 struct Bed {
-    _daemon: Daemon,
+    daemon: Daemon,
     addr: String,
     bystander: Raw,
     rounds: u64,
@@ -27,7 +28,7 @@ impl Bed {
         let (bystander, info) = Raw::open(&addr, EXPORT);
         assert_eq!(info.size, SIZE, "advertised size");
         let mut bed = Bed {
-            _daemon: daemon,
+            daemon,
             addr,
             bystander,
             rounds: 0,
@@ -191,7 +192,7 @@ fn hundreds_of_options_are_answered_or_capped_without_hanging() {
 #[test]
 fn huge_option_length_closes_without_allocating() {
     let mut bed = Bed::new();
-    let rss_before = bed._daemon.rss_kib();
+    let rss_before = bed.daemon.rss_kib();
     for opt in [OPT_GO, 0x7777, OPT_LIST, OPT_EXPORT_NAME] {
         let mut r = Raw::connect(&bed.addr);
         r.send_opt_raw(opt, 0xFFFF_FFF0, &[0u8; 64]);
@@ -199,10 +200,10 @@ fn huge_option_length_closes_without_allocating() {
         r.expect_closed(&format!("option {opt} with length 0xFFFFFFF0"));
         bed.check_served();
     }
-    let rss_after = bed._daemon.rss_kib();
+    let rss_after = bed.daemon.rss_kib();
     assert!(
         rss_after < rss_before + 64 * 1024,
-        "daemon RSS grew from {rss_before} KiB to {rss_after} KiB after huge option lengths"
+        "daemon peak RSS grew from {rss_before} KiB to {rss_after} KiB after huge option lengths"
     );
 }
 
@@ -618,47 +619,25 @@ fn set_linger_zero(s: &std::net::TcpStream) {
     assert_eq!(rc, 0, "SO_LINGER");
 }
 
-/// TEMPORARY: nbdkit as a stand-in daemon to validate the tests themselves.
+/// The real daemon with one 16 MiB export on a real S3 server (dropped in this order).
 struct Daemon {
-    child: std::process::Child,
-    port: u16,
+    nbd: NbdS3,
+    _s3: S3Server,
 }
 
 impl Daemon {
     fn start() -> Daemon {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = l.local_addr().unwrap().port();
-        drop(l);
-        let child = std::process::Command::new("nbdkit")
-            .args(["-f", "-p", &port.to_string(), "-e", EXPORT, "memory", "16M"])
-            .spawn()
-            .unwrap();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(std::time::Instant::now() < deadline);
-            thread::yield_now();
-        }
-        Daemon { child, port }
+        let s3 = S3Server::start();
+        let nbd = NbdS3::builder(&s3)
+            .export(ExportSpec::new(EXPORT).size("16MiB"))
+            .start();
+        Daemon { nbd, _s3: s3 }
     }
     fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("127.0.0.1:{}", self.nbd.port())
     }
+    /// Peak resident set of the daemon, KiB.
     fn rss_kib(&self) -> u64 {
-        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        s.lines()
-            .find(|l| l.starts_with("VmRSS:"))
-            .unwrap()
-            .split_whitespace()
-            .nth(1)
-            .unwrap()
-            .parse()
-            .unwrap()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        crate::store::proc_status_kib(self.nbd.pid(), "VmHWM:")
     }
 }
