@@ -2,7 +2,7 @@
 //! and can be told to fail or to hold requests, so tests can assert "one GET for many
 //! readers" or "a transient error is retried" without a network or any sleeps.
 
-use super::{BackendError, ObjectStore};
+use super::{BackendError, ETag, ObjectStore};
 use async_trait::async_trait;
 use bytes::Bytes;
 use std::collections::BTreeMap;
@@ -23,7 +23,6 @@ pub struct OpCounts {
 #[derive(Debug, Clone)]
 struct Entry {
     data: Bytes,
-    #[allow(dead_code)] // read by the conditional writes that leases use
     version: u64,
 }
 
@@ -226,6 +225,48 @@ impl ObjectStore for MemoryStore {
             .map(|(k, _)| k.clone())
             .collect())
     }
+
+    async fn get_with_etag(&self, key: &str) -> Result<Option<(Bytes, ETag)>, BackendError> {
+        self.enter(&self.gets, "GET", key).await?;
+        Ok(self
+            .lock()
+            .get(key)
+            .map(|e| (e.data.clone(), etag_of(e.version))))
+    }
+
+    async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<Option<ETag>, BackendError> {
+        self.enter(&self.puts, "PUT", key).await?;
+        let version = self.bump();
+        let mut map = self.lock();
+        if map.contains_key(key) {
+            return Ok(None);
+        }
+        map.insert(key.to_string(), Entry { data, version });
+        Ok(Some(etag_of(version)))
+    }
+
+    async fn put_if_match(
+        &self,
+        key: &str,
+        data: Bytes,
+        etag: &str,
+    ) -> Result<Option<ETag>, BackendError> {
+        self.enter(&self.puts, "PUT", key).await?;
+        let version = self.bump();
+        let mut map = self.lock();
+        match map.get_mut(key) {
+            Some(e) if etag_of(e.version) == etag => {
+                *e = Entry { data, version };
+                Ok(Some(etag_of(version)))
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
+/// Formats a version like an S3 ETag (quoted), so callers never rely on its shape.
+fn etag_of(version: u64) -> ETag {
+    format!("\"{version:016x}\"")
 }
 
 #[cfg(test)]
@@ -297,5 +338,42 @@ mod tests {
         }
         assert_eq!(s.waiting(), 0);
         assert_eq!(s.gets(), 4);
+    }
+
+    #[tokio::test]
+    async fn conditional_writes_compare_and_swap() {
+        let s = MemoryStore::new();
+        let e1 = s
+            .put_if_absent("l", Bytes::from_static(b"a"))
+            .await
+            .unwrap();
+        let e1 = e1.expect("first create wins");
+        assert_eq!(
+            s.put_if_absent("l", Bytes::from_static(b"b"))
+                .await
+                .unwrap(),
+            None
+        );
+        let (data, tag) = s.get_with_etag("l").await.unwrap().unwrap();
+        assert_eq!((data.as_ref(), &tag), (&b"a"[..], &e1));
+        let e2 = s
+            .put_if_match("l", Bytes::from_static(b"c"), &e1)
+            .await
+            .unwrap();
+        let e2 = e2.expect("matching tag replaces");
+        assert_ne!(e1, e2);
+        assert_eq!(
+            s.put_if_match("l", Bytes::from_static(b"d"), &e1)
+                .await
+                .unwrap(),
+            None
+        );
+        assert_eq!(
+            s.put_if_match("x", Bytes::from_static(b"d"), &e1)
+                .await
+                .unwrap(),
+            None
+        );
+        assert_eq!(s.peek("l").unwrap(), &b"c"[..]);
     }
 }

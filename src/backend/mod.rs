@@ -1,6 +1,8 @@
 //! Object stores: the only place that talks to S3 or the disk. Everything above sees whole
 //! objects addressed by key, so the block cache never depends on which store is behind it.
 
+pub mod dir;
+pub mod integrity;
 pub mod memory;
 
 use async_trait::async_trait;
@@ -19,6 +21,10 @@ pub enum BackendError {
     /// The object exists but its bytes are not what was written (checksum or length mismatch).
     #[error("object {key} is corrupt: {reason}")]
     Corrupt { key: String, reason: String },
+    /// The store cannot do this operation at all (e.g. conditional writes): the caller must
+    /// fall back or ask the admin to opt out (`lease = "off"`).
+    #[error("object store does not support {0}")]
+    Unsupported(String),
 }
 
 impl BackendError {
@@ -40,7 +46,35 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug + 'static {
     async fn delete(&self, key: &str) -> Result<(), BackendError>;
     /// Every key that starts with `prefix` (full keys, any order).
     async fn list(&self, prefix: &str) -> Result<Vec<String>, BackendError>;
+
+    /// Reads an object with its version tag (S3 ETag), for read-modify-write of small control
+    /// objects such as leases. `Ok(None)` when absent.
+    async fn get_with_etag(&self, key: &str) -> Result<Option<(Bytes, ETag)>, BackendError> {
+        let _ = key;
+        Err(BackendError::Unsupported("conditional reads".into()))
+    }
+    /// Creates an object only if no object has that key (`If-None-Match: *`): `Some(etag)` when
+    /// created, `None` when another writer got there first.
+    async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<Option<ETag>, BackendError> {
+        let _ = (key, data);
+        Err(BackendError::Unsupported("conditional writes".into()))
+    }
+    /// Replaces an object only if its current tag is `etag` (`If-Match`): `Some(new etag)` when
+    /// replaced, `None` when the object changed or vanished since it was read.
+    async fn put_if_match(
+        &self,
+        key: &str,
+        data: Bytes,
+        etag: &str,
+    ) -> Result<Option<ETag>, BackendError> {
+        let _ = (key, data, etag);
+        Err(BackendError::Unsupported("conditional writes".into()))
+    }
 }
+
+/// An object's version tag as the store reports it (S3 ETag, quotes included); only ever
+/// compared for equality.
+pub type ETag = String;
 
 /// Shared handle type for object stores.
 pub type DynObjectStore = Arc<dyn ObjectStore>;
