@@ -2,6 +2,7 @@
 # Installs what building and testing nbd-s3 needs on Debian 12, skipping what is present.
 # The ONE list of dependencies: scripts/test, .ci/run and the README all use this script.
 #   scripts/deps.sh            build + test dependencies
+#   scripts/deps.sh --build    only what building needs (C toolchain, Rust)
 #   scripts/deps.sh --bench    also the benchmark peers (nbdkit S3 plugin, s3backer)
 #   scripts/deps.sh --ci       also packaging tools (lintian, dpkg-dev, rpm)
 set -euo pipefail
@@ -16,11 +17,13 @@ S3S_FS_VERSION=0.14.1
 RUST_MIN=1.80
 
 want="$BUILD_PACKAGES $TEST_PACKAGES"
+build_only=
 for arg in "$@"; do
   case $arg in
+    --build) want="$BUILD_PACKAGES"; build_only=1 ;;
     --bench) want="$want $BENCH_PACKAGES" ;;
     --ci) want="$want $CI_PACKAGES" ;;
-    *) echo "usage: $0 [--bench] [--ci]" >&2; exit 2 ;;
+    *) echo "usage: $0 [--build] [--bench] [--ci]" >&2; exit 2 ;;
   esac
 done
 
@@ -61,6 +64,8 @@ if command -v rustup >/dev/null; then
   cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt
   cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
 fi
+
+[ -n "$build_only" ] && { echo "deps.sh: build dependencies present"; exit 0; }
 
 # The S3 server the integration tests and benchmarks run against.
 s3s=${S3S_FS:-$HOME/.cargo/bin/s3s-fs}
