@@ -36,7 +36,8 @@ pub fn init() -> LogOutput {
         },
         LogOutput::JournalStderr => return init_journal_stderr(),
         LogOutput::Human => {
-            let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
+                && std::env::var_os("NO_COLOR").is_none();
             let layer = tracing_subscriber::fmt::layer()
                 .with_writer(std::io::stderr)
                 .with_ansi(ansi);
