@@ -1,14 +1,34 @@
 //! Exports and the live registry the server looks them up in. The registry is an `ArcSwap`
 //! snapshot: a reload builds a whole new map and swaps it in, so a handshake never sees half a
-//! reload. Connections hold `Arc<Export>`, so a removed export lives until its last client goes.
-//!
-//! STUB interface (owned by the reload work, issue 5); the server codes against it.
+//! reload. Connections hold an `Attachment` (an `Arc<Export>`), so a removed export lives —
+//! and keeps serving its attached clients — until its last client goes; then it is flushed and
+//! released.
 
+use crate::backend::{BackendError, DynObjectStore};
 use crate::config::ExportConfig;
-use crate::store::BlockStore;
+use crate::store::{BlockStore, BlockStoreConfig, CacheBudget};
 use arc_swap::ArcSwap;
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+use tracing::{error, info, warn};
+
+/// Hands out the object store of a bucket. The daemon's `StoreFactory` (one S3 client shared by
+/// every export) implements it; unit tests use in-memory stores.
+pub trait BucketSource: Send + Sync {
+    /// The object store bound to `bucket`.
+    fn bucket(&self, bucket: &str) -> Result<DynObjectStore, BackendError>;
+}
+
+/// State shared by every version of one export (a reload that only changes its description or
+/// grows it makes a new `Export` around the same store): who is attached, whether it was
+/// removed from the configuration.
+#[derive(Debug, Default)]
+struct Shared {
+    attached: AtomicUsize,
+    removed: AtomicBool,
+}
 
 /// One served export: its definition and its block store, or why it cannot be served.
 #[derive(Debug)]
@@ -17,9 +37,27 @@ pub struct Export {
     /// `Err(message)` when the export is refused (e.g. block-size mismatch); clients asking for
     /// it get ERR_UNKNOWN with this message.
     pub store: Result<Arc<BlockStore>, String>,
+    shared: Arc<Shared>,
 }
 
 impl Export {
+    /// An export around an opened store (or the reason it is refused).
+    pub fn new(config: ExportConfig, store: Result<Arc<BlockStore>, String>) -> Arc<Self> {
+        Arc::new(Self {
+            config,
+            store,
+            shared: Arc::default(),
+        })
+    }
+    /// The same store and attachment state under a new definition (reload: description,
+    /// read_only or a larger size). Connections already attached keep the old definition.
+    pub fn with_config(&self, config: ExportConfig) -> Arc<Self> {
+        Arc::new(Self {
+            config,
+            store: self.store.clone(),
+            shared: Arc::clone(&self.shared),
+        })
+    }
     /// The export's name as clients ask for it.
     pub fn name(&self) -> &str {
         &self.config.name
@@ -43,7 +81,22 @@ impl Export {
     /// Marks a client as attached; the export is released (flushed) after the last guard of a
     /// removed export drops.
     pub fn attach(self: &Arc<Self>) -> Attachment {
-        Attachment { export: Arc::clone(self) }
+        self.shared.attached.fetch_add(1, Ordering::SeqCst);
+        Attachment {
+            export: Arc::clone(self),
+        }
+    }
+    /// Clients attached to this export (every version of it).
+    pub fn attached(&self) -> usize {
+        self.shared.attached.load(Ordering::SeqCst)
+    }
+    /// Whether a reload removed the export (attached clients may still be using it).
+    pub fn is_removed(&self) -> bool {
+        self.shared.removed.load(Ordering::SeqCst)
+    }
+    /// Whether `other` is a version of this export (same store and attachment state).
+    pub fn same_instance(&self, other: &Export) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
     }
 }
 
@@ -60,10 +113,91 @@ impl Attachment {
     }
 }
 
-/// The set of exports new connections can see, replaced atomically on reload.
+impl Drop for Attachment {
+    fn drop(&mut self) {
+        let before = self.export.shared.attached.fetch_sub(1, Ordering::SeqCst);
+        if before == 1 && self.export.is_removed() {
+            spawn_flush(
+                Arc::clone(&self.export),
+                "last client detached from removed export",
+            );
+        }
+    }
+}
+
+/// Flushes an export in the background and logs the outcome; the task keeps the export (and so
+/// its dirty data) alive until the flush is done.
+pub fn spawn_flush(export: Arc<Export>, why: &'static str) {
+    let Ok(handle) = tokio::runtime::Handle::try_current() else {
+        warn!(export = export.name(), "{why}: no runtime to flush on");
+        return;
+    };
+    handle.spawn(async move {
+        let Ok(store) = &export.store else { return };
+        match store.flush().await {
+            Ok(()) => info!(export = export.name(), "{why}: flushed"),
+            Err(e) => error!(
+                export = export.name(),
+                "{why}: flush failed ({e}); {} dirty bytes stay queued",
+                store.dirty_bytes()
+            ),
+        }
+        if export.is_removed() && export.attached() == 0 {
+            info!(export = export.name(), "removed export released");
+        }
+    });
+}
+
+/// Opens an export's store. Never fails: a store that cannot be opened (block-size mismatch,
+/// unreachable bucket) yields a refused export that carries the reason, logged once here.
+pub async fn open_export<F: BucketSource + ?Sized>(
+    cfg: &ExportConfig,
+    factory: &F,
+    budget: &Arc<CacheBudget>,
+    flush_timeout: Duration,
+) -> Arc<Export> {
+    let store_cfg = BlockStoreConfig {
+        prefix: cfg.prefix.clone(),
+        size: cfg.size,
+        block_size: cfg.block_size,
+        read_only: cfg.read_only,
+        flush_timeout,
+    };
+    let opened = match factory.bucket(&cfg.bucket) {
+        Ok(objects) => BlockStore::open(objects, store_cfg, Arc::clone(budget))
+            .await
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    if let Err(message) = &opened {
+        error!(export = cfg.name.as_str(), "export refused: {message}");
+    }
+    Export::new(cfg.clone(), opened)
+}
+
+/// Opens every export of a configuration (concurrently: each open lists a prefix in S3).
+pub async fn open_all<F: BucketSource + ?Sized>(
+    exports: &[ExportConfig],
+    factory: &F,
+    budget: &Arc<CacheBudget>,
+    flush_timeout: Duration,
+) -> BTreeMap<String, Arc<Export>> {
+    let opens = exports
+        .iter()
+        .map(|cfg| open_export(cfg, factory, budget, flush_timeout));
+    let opened = futures_util::future::join_all(opens).await;
+    opened
+        .into_iter()
+        .map(|e| (e.name().to_string(), e))
+        .collect()
+}
+
+/// The set of exports new connections can see, replaced atomically on reload, plus the removed
+/// exports still draining (attached clients, or a final flush running).
 #[derive(Debug, Default)]
 pub struct Registry {
     exports: ArcSwap<BTreeMap<String, Arc<Export>>>,
+    draining: Mutex<Vec<Weak<Export>>>,
 }
 
 impl Registry {
@@ -79,8 +213,46 @@ impl Registry {
     pub fn list(&self) -> Vec<Arc<Export>> {
         self.exports.load().values().cloned().collect()
     }
+    /// The current snapshot as one consistent map.
+    pub fn snapshot(&self) -> Arc<BTreeMap<String, Arc<Export>>> {
+        self.exports.load_full()
+    }
     /// Swaps in a new snapshot in one step.
     pub fn replace(&self, exports: BTreeMap<String, Arc<Export>>) {
         self.exports.store(Arc::new(exports));
+    }
+    /// Takes an export out of service (call after `replace` dropped it): marks it removed, so
+    /// new connections cannot find it and its last detaching client releases it, and flushes
+    /// its dirty data now.
+    pub fn retire(&self, export: Arc<Export>) {
+        export.shared.removed.store(true, Ordering::SeqCst);
+        if let Ok(mut draining) = self.draining.lock() {
+            draining.retain(|w| w.strong_count() > 0);
+            draining.push(Arc::downgrade(&export));
+        }
+        let clients = export.attached();
+        info!(
+            export = export.name(),
+            clients, "export removed; new connections are refused"
+        );
+        spawn_flush(export, "export removed");
+    }
+    /// Removed exports still alive (clients attached or a final flush running). A re-added
+    /// export reuses such a store instead of opening a second cache on the same objects.
+    pub fn draining(&self) -> Vec<Arc<Export>> {
+        match self.draining.lock() {
+            Ok(mut d) => {
+                d.retain(|w| w.strong_count() > 0);
+                d.iter()
+                    .filter_map(Weak::upgrade)
+                    .filter(|e| e.is_removed())
+                    .collect()
+            }
+            Err(_) => Vec::new(),
+        }
+    }
+    /// Brings a draining export back (re-added with the same bucket, prefix and block size).
+    pub fn revive(&self, export: &Export) {
+        export.shared.removed.store(false, Ordering::SeqCst);
     }
 }

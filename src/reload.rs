@@ -1,1 +1,361 @@
-//! Placeholder.
+//! Hot reload: read → parse → validate (config) → diff (`plan`, pure) → apply (`apply_exports`,
+//! one `Registry::replace`). The diff is by export name and errs on the side of attached
+//! clients: anything that would pull data from under a connected client is refused for that
+//! export, the old definition stays, and the log says why.
+
+mod watcher;
+
+#[cfg(test)]
+mod tests;
+
+pub use watcher::{ConfigWatcher, WatchError, DEBOUNCE};
+
+use crate::config::size::format_size;
+use crate::config::{Config, ExportConfig, ListenAddr};
+use crate::export::{open_export, BucketSource, Export, Registry};
+use crate::store::CacheBudget;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::{info, warn};
+
+/// What a reload does to one export.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ExportAction {
+    /// Identical definition: the running export (and its cache) is kept as is.
+    Keep,
+    /// New name: opened and served to new connections.
+    Add(ExportConfig),
+    /// Gone from the file: new connections are refused, attached clients keep working, dirty
+    /// data is flushed now and again when the last client detaches.
+    Remove,
+    /// Same store, new definition for new connections (description, read_only → true, growth).
+    Update { new: ExportConfig, grow: bool },
+    /// A new store replaces the old one (location changed with no client attached, or the old
+    /// one was refused and is retried).
+    Reopen { new: ExportConfig, reason: String },
+    /// The change is refused; the old definition stays in service.
+    Refuse { reason: String },
+}
+
+/// What the daemon knows about a running export when planning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ExportState {
+    /// Clients attached (every version of the export).
+    pub attached: usize,
+    /// The export is refused (its store could not be opened); any reload retries it.
+    pub refused: bool,
+}
+
+/// The whole diff between the running and the new configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReloadPlan {
+    /// One action per export name of the old and new files.
+    pub exports: BTreeMap<String, ExportAction>,
+    /// Listeners to bind (the daemon does this part).
+    pub listen_added: Vec<ListenAddr>,
+    /// Listeners to close.
+    pub listen_removed: Vec<ListenAddr>,
+    /// Sections that changed but only take effect after a restart (`[s3]`, `[cache]`,
+    /// `[server] metrics`): logged at warn on every reload until the restart.
+    pub restart_needed: Vec<&'static str>,
+    /// The configuration in effect after the plan is applied: the new file, except refused
+    /// exports keep their old definition and restart-only sections keep their old values.
+    pub effective: Config,
+}
+
+impl ReloadPlan {
+    /// Whether applying the plan changes any export.
+    pub fn changes_exports(&self) -> bool {
+        self.exports.values().any(|a| *a != ExportAction::Keep)
+    }
+}
+
+/// Diffs `old` (what runs) against `new` (the file), asking the registry who is attached.
+pub fn plan(old: &Config, new: &Config, registry: &Registry) -> ReloadPlan {
+    plan_with(old, new, |name| {
+        registry.get(name).map(|e| ExportState {
+            attached: e.attached(),
+            refused: e.store.is_err(),
+        })
+    })
+}
+
+/// The pure diff; `state` reports on running exports by name.
+pub fn plan_with(
+    old: &Config,
+    new: &Config,
+    state: impl Fn(&str) -> Option<ExportState>,
+) -> ReloadPlan {
+    let mut exports = BTreeMap::new();
+    let mut effective = new.clone();
+    for n in &new.exports {
+        let action = match old.export(&n.name) {
+            None => ExportAction::Add(n.clone()),
+            Some(o) => diff_export(o, n, state(&n.name).unwrap_or_default()),
+        };
+        exports.insert(n.name.clone(), action);
+    }
+    for o in &old.exports {
+        exports
+            .entry(o.name.clone())
+            .or_insert(ExportAction::Remove);
+    }
+    for e in effective.exports.iter_mut() {
+        if let (Some(ExportAction::Refuse { .. }), Some(o)) =
+            (exports.get(&e.name), old.export(&e.name))
+        {
+            *e = o.clone();
+        }
+    }
+    let mut restart_needed = Vec::new();
+    if old.s3 != new.s3 {
+        restart_needed.push("[s3]");
+        effective.s3 = old.s3.clone();
+    }
+    if old.cache != new.cache {
+        restart_needed.push("[cache]");
+        effective.cache = old.cache.clone();
+    }
+    if old.server.metrics != new.server.metrics {
+        restart_needed.push("[server] metrics");
+        effective.server.metrics = old.server.metrics;
+    }
+    let listen_added = new
+        .server
+        .listen
+        .iter()
+        .filter(|a| !old.server.listen.contains(a))
+        .cloned()
+        .collect();
+    let listen_removed = old
+        .server
+        .listen
+        .iter()
+        .filter(|a| !new.server.listen.contains(a))
+        .cloned()
+        .collect();
+    ReloadPlan {
+        exports,
+        listen_added,
+        listen_removed,
+        restart_needed,
+        effective,
+    }
+}
+
+/// The action for an export present in both files.
+fn diff_export(o: &ExportConfig, n: &ExportConfig, st: ExportState) -> ExportAction {
+    if o == n {
+        return if st.refused {
+            ExportAction::Reopen {
+                new: n.clone(),
+                reason: "retrying a refused export".into(),
+            }
+        } else {
+            ExportAction::Keep
+        };
+    }
+    if st.refused {
+        return ExportAction::Reopen {
+            new: n.clone(),
+            reason: "definition changed (was refused)".into(),
+        };
+    }
+    let moved = o.bucket != n.bucket || o.prefix != n.prefix || o.block_size != n.block_size;
+    if moved && st.attached > 0 {
+        return ExportAction::Refuse {
+            reason: format!(
+                "bucket, prefix or block_size cannot change while {} client(s) are attached",
+                st.attached
+            ),
+        };
+    }
+    if n.size < o.size {
+        return ExportAction::Refuse {
+            reason: format!(
+                "shrinking from {} to {} could cut off stored data",
+                format_size(o.size),
+                format_size(n.size)
+            ),
+        };
+    }
+    if moved {
+        return ExportAction::Reopen {
+            new: n.clone(),
+            reason: "bucket, prefix or block_size changed".into(),
+        };
+    }
+    if o.read_only && !n.read_only {
+        if st.attached > 0 {
+            return ExportAction::Refuse {
+                reason: format!(
+                    "read_only cannot be turned off while {} client(s) are attached",
+                    st.attached
+                ),
+            };
+        }
+        return ExportAction::Reopen {
+            new: n.clone(),
+            reason: "read_only turned off".into(),
+        };
+    }
+    ExportAction::Update {
+        new: n.clone(),
+        grow: n.size > o.size,
+    }
+}
+
+/// The result of `apply_exports`.
+#[derive(Debug)]
+pub struct Applied {
+    /// Exports opened by this reload (new stores), for the daemon's shutdown bookkeeping.
+    pub added: Vec<Arc<Export>>,
+    /// The configuration now in effect (`ReloadPlan::effective`).
+    pub effective: Config,
+}
+
+/// Applies the export part of a plan: builds the next map (reusing unchanged exports), opens
+/// new stores concurrently, swaps the map in with ONE `Registry::replace`, then retires
+/// removed exports.
+pub async fn apply_exports<F: BucketSource + ?Sized>(
+    plan: ReloadPlan,
+    registry: &Registry,
+    factory: &F,
+    budget: &Arc<CacheBudget>,
+    flush_timeout: Duration,
+) -> Applied {
+    for section in &plan.restart_needed {
+        warn!("{section} changed: needs a restart to take effect (keeping the running settings)");
+    }
+    let current = registry.snapshot();
+    let mut next = BTreeMap::new();
+    let mut retire = Vec::new();
+    let mut to_open = Vec::new();
+    for (name, action) in plan.exports {
+        let running = current.get(&name).cloned();
+        match (action, running) {
+            (ExportAction::Keep, Some(e)) => drop(next.insert(name, e)),
+            (ExportAction::Refuse { reason }, running) => {
+                warn!(
+                    export = name.as_str(),
+                    "change refused, keeping the old definition: {reason}"
+                );
+                if let Some(e) = running {
+                    next.insert(name, e);
+                }
+            }
+            (ExportAction::Remove, Some(e)) => retire.push(e),
+            (ExportAction::Remove, None) => {}
+            (ExportAction::Update { new, grow }, Some(e)) => {
+                if let (true, Ok(store)) = (grow, &e.store) {
+                    store.resize(new.size);
+                }
+                info!(
+                    export = name.as_str(),
+                    "export changed; new connections see the new definition"
+                );
+                next.insert(name, e.with_config(new));
+            }
+            (ExportAction::Reopen { new, reason }, running) => {
+                info!(export = name.as_str(), "reopening export: {reason}");
+                if let Some(old) = running {
+                    quiesce(&old).await;
+                    retire.push(old);
+                }
+                to_open.push(new);
+            }
+            (ExportAction::Add(new), _) => to_open.push(new),
+            // Planned against a registry that lacks the export: open it from the file.
+            (ExportAction::Keep | ExportAction::Update { .. }, None) => {
+                if let Some(cfg) = plan.effective.export(&name) {
+                    to_open.push(cfg.clone());
+                }
+            }
+        }
+    }
+    let draining = registry.draining();
+    let opens = to_open
+        .iter()
+        .map(|cfg| open_or_reuse(cfg, &draining, registry, factory, budget, flush_timeout));
+    let opened = futures_util::future::join_all(opens).await;
+    let mut added = Vec::new();
+    for (export, fresh) in opened {
+        info!(
+            export = export.name(),
+            "export added; served to new connections"
+        );
+        if fresh {
+            added.push(Arc::clone(&export));
+        }
+        next.insert(export.name().to_string(), export);
+    }
+    registry.replace(next);
+    for export in retire {
+        registry.retire(export);
+    }
+    Applied {
+        added,
+        effective: plan.effective,
+    }
+}
+
+/// Flushes an export about to be replaced by a new store on possibly the same objects, so the
+/// new store reads what the old one acknowledged.
+async fn quiesce(old: &Export) {
+    if let Ok(store) = &old.store {
+        if let Err(e) = store.flush().await {
+            warn!(
+                export = old.name(),
+                "flush before reopening failed: {e}; dirty data stays queued"
+            );
+        }
+    }
+}
+
+/// Opens a store for `cfg`, or revives a removed export still draining on the same objects
+/// (re-added while clients were still attached): one cache per set of objects, never two.
+/// Returns the export and whether a new store was opened.
+async fn open_or_reuse<F: BucketSource + ?Sized>(
+    cfg: &ExportConfig,
+    draining: &[Arc<Export>],
+    registry: &Registry,
+    factory: &F,
+    budget: &Arc<CacheBudget>,
+    flush_timeout: Duration,
+) -> (Arc<Export>, bool) {
+    let overlapping = draining.iter().filter(|d| {
+        d.config.bucket == cfg.bucket
+            && (d.config.prefix.starts_with(&cfg.prefix)
+                || cfg.prefix.starts_with(&d.config.prefix))
+    });
+    for d in overlapping {
+        let same = d.config.prefix == cfg.prefix
+            && d.config.block_size == cfg.block_size
+            && d.config.read_only == cfg.read_only
+            && d.store.is_ok();
+        if same {
+            registry.revive(d);
+            if let (true, Ok(store)) = (cfg.size > d.config.size, &d.store) {
+                store.resize(cfg.size);
+            }
+            info!(
+                export = cfg.name.as_str(),
+                "reusing the store of removed export {:?} still in use",
+                d.name()
+            );
+            return (d.with_config(cfg.clone()), false);
+        }
+        if d.attached() > 0 {
+            let msg = format!(
+                "objects overlap removed export {:?}, which still has {} client(s) attached; reload again after they disconnect",
+                d.name(),
+                d.attached()
+            );
+            warn!(export = cfg.name.as_str(), "export refused: {msg}");
+            return (Export::new(cfg.clone(), Err(msg)), false);
+        }
+        quiesce(d).await;
+    }
+    (open_export(cfg, factory, budget, flush_timeout).await, true)
+}

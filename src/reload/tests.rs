@@ -1,0 +1,322 @@
+//! Unit tests for the reload diff (pure) and its application to a registry (in-memory stores).
+
+use super::*;
+use crate::backend::memory::MemoryStore;
+use crate::backend::{BackendError, DynObjectStore};
+use crate::config::{CacheConfig, S3Config, ServerConfig};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+fn export(name: &str) -> ExportConfig {
+    ExportConfig {
+        name: name.into(),
+        size: 1 << 30,
+        bucket: "nbd".into(),
+        prefix: format!("{name}/"),
+        block_size: 128 << 10,
+        read_only: false,
+        description: None,
+    }
+}
+
+fn config(exports: Vec<ExportConfig>) -> Config {
+    Config {
+        server: ServerConfig {
+            listen: vec![ListenAddr::Tcp("127.0.0.1:0".into())],
+            metrics: None,
+        },
+        s3: S3Config {
+            endpoint: Some("http://127.0.0.1:9000".into()),
+            region: None,
+            path_style: true,
+            access_key_id: None,
+            secret_access_key: None,
+        },
+        cache: CacheConfig {
+            memory: 1 << 30,
+            dirty: 256 << 20,
+            flush_timeout: Duration::from_secs(60),
+        },
+        exports,
+    }
+}
+
+fn idle(_: &str) -> Option<ExportState> {
+    Some(ExportState::default())
+}
+
+fn attached(_: &str) -> Option<ExportState> {
+    Some(ExportState {
+        attached: 1,
+        refused: false,
+    })
+}
+
+#[test]
+fn added_removed_kept() {
+    let old = config(vec![export("a"), export("b")]);
+    let new = config(vec![export("b"), export("c")]);
+    let p = plan_with(&old, &new, idle);
+    assert_eq!(p.exports["a"], ExportAction::Remove);
+    assert_eq!(p.exports["b"], ExportAction::Keep);
+    assert_eq!(p.exports["c"], ExportAction::Add(export("c")));
+    assert!(p.restart_needed.is_empty());
+    assert_eq!(p.effective, new);
+    assert!(!plan_with(&new, &new, idle).changes_exports());
+}
+
+#[test]
+fn growth_and_description_update_in_place() {
+    let old = config(vec![export("a")]);
+    let mut grown = export("a");
+    grown.size = 2 << 30;
+    let p = plan_with(&old, &config(vec![grown.clone()]), attached);
+    assert_eq!(
+        p.exports["a"],
+        ExportAction::Update {
+            new: grown,
+            grow: true
+        }
+    );
+    let mut described = export("a");
+    described.description = Some("root disk".into());
+    described.read_only = true;
+    let p = plan_with(&old, &config(vec![described.clone()]), attached);
+    assert_eq!(
+        p.exports["a"],
+        ExportAction::Update {
+            new: described,
+            grow: false
+        }
+    );
+}
+
+#[test]
+fn shrink_is_refused_and_old_definition_stays() {
+    let old = config(vec![export("a")]);
+    let mut small = export("a");
+    small.size = 1 << 20;
+    let p = plan_with(&old, &config(vec![small]), idle);
+    assert!(
+        matches!(&p.exports["a"], ExportAction::Refuse { reason } if reason.contains("shrinking"))
+    );
+    assert_eq!(p.effective.exports, old.exports);
+}
+
+#[test]
+fn moving_an_attached_export_is_refused() {
+    let old = config(vec![export("a")]);
+    for change in [
+        |e: &mut ExportConfig| e.bucket = "other".into(),
+        |e: &mut ExportConfig| e.prefix = "elsewhere/".into(),
+        |e: &mut ExportConfig| e.block_size = 1 << 20,
+    ] {
+        let mut moved = export("a");
+        change(&mut moved);
+        let new = config(vec![moved.clone()]);
+        let p = plan_with(&old, &new, attached);
+        assert!(
+            matches!(&p.exports["a"], ExportAction::Refuse { reason } if reason.contains("attached"))
+        );
+        assert_eq!(p.effective.exports, old.exports);
+        let p = plan_with(&old, &new, idle);
+        assert!(matches!(&p.exports["a"], ExportAction::Reopen { new, .. } if *new == moved));
+    }
+}
+
+#[test]
+fn read_only_off_needs_no_clients() {
+    let mut ro = export("a");
+    ro.read_only = true;
+    let old = config(vec![ro]);
+    let new = config(vec![export("a")]);
+    assert!(matches!(
+        plan_with(&old, &new, attached).exports["a"],
+        ExportAction::Refuse { .. }
+    ));
+    assert!(matches!(
+        plan_with(&old, &new, idle).exports["a"],
+        ExportAction::Reopen { .. }
+    ));
+}
+
+#[test]
+fn refused_exports_are_retried() {
+    let old = config(vec![export("a")]);
+    let p = plan_with(&old, &old, |_| {
+        Some(ExportState {
+            attached: 0,
+            refused: true,
+        })
+    });
+    assert!(matches!(p.exports["a"], ExportAction::Reopen { .. }));
+}
+
+#[test]
+fn restart_only_sections_are_reported_and_kept() {
+    let old = config(vec![export("a")]);
+    let mut new = old.clone();
+    new.s3.region = Some("eu-west-1".into());
+    new.cache.memory = 2 << 30;
+    new.server.metrics = Some("127.0.0.1:9810".parse().unwrap());
+    new.server.listen = vec![
+        ListenAddr::Tcp("127.0.0.1:1".into()),
+        ListenAddr::Unix("/run/x".into()),
+    ];
+    let p = plan_with(&old, &new, idle);
+    assert_eq!(
+        p.restart_needed,
+        vec!["[s3]", "[cache]", "[server] metrics"]
+    );
+    assert_eq!(
+        (p.effective.s3.clone(), p.effective.cache.clone()),
+        (old.s3.clone(), old.cache.clone())
+    );
+    assert_eq!(p.effective.server.metrics, None);
+    assert_eq!(p.effective.server.listen, new.server.listen);
+    assert_eq!(p.listen_added, new.server.listen);
+    assert_eq!(p.listen_removed, old.server.listen);
+}
+
+/// In-memory buckets; `fail` makes every bucket unavailable.
+#[derive(Default)]
+struct Buckets {
+    fail: AtomicBool,
+}
+
+impl BucketSource for Buckets {
+    fn bucket(&self, bucket: &str) -> Result<DynObjectStore, BackendError> {
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(BackendError::Permanent(format!(
+                "bucket {bucket} is unavailable"
+            )));
+        }
+        Ok(Arc::new(MemoryStore::new()))
+    }
+}
+
+async fn apply(old: &Config, new: &Config, registry: &Registry, buckets: &Buckets) -> Applied {
+    let budget = CacheBudget::new(1 << 30, 256 << 20);
+    let p = plan(old, new, registry);
+    apply_exports(p, registry, buckets, &budget, Duration::from_secs(5)).await
+}
+
+async fn wait_until(what: &str, cond: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn apply_keeps_unchanged_and_swaps_once() {
+    let registry = Registry::new();
+    let buckets = Buckets::default();
+    let empty = config(vec![]);
+    let one = config(vec![export("a")]);
+    let applied = apply(&empty, &one, &registry, &buckets).await;
+    assert_eq!(applied.added.len(), 1);
+    let a = registry.get("a").unwrap();
+    let two = config(vec![export("a"), export("b")]);
+    apply(&one, &two, &registry, &buckets).await;
+    assert!(
+        Arc::ptr_eq(&a, &registry.get("a").unwrap()),
+        "unchanged export was reopened"
+    );
+    assert_eq!(registry.list().len(), 2);
+    let mut grown = export("a");
+    grown.size = 4 << 30;
+    let grown_cfg = config(vec![grown, export("b")]);
+    apply(&two, &grown_cfg, &registry, &buckets).await;
+    let a2 = registry.get("a").unwrap();
+    assert_eq!(a2.size(), 4 << 30);
+    assert!(a2.same_instance(&a), "growth must keep the store");
+    assert_eq!(
+        a.size(),
+        1 << 30,
+        "attached clients keep the size they negotiated"
+    );
+}
+
+#[tokio::test]
+async fn removed_export_serves_attached_clients_until_they_leave() {
+    let registry = Registry::new();
+    let buckets = Buckets::default();
+    let one = config(vec![export("a")]);
+    apply(&config(vec![]), &one, &registry, &buckets).await;
+    let client = registry.get("a").unwrap().attach();
+    apply(&one, &config(vec![]), &registry, &buckets).await;
+    assert!(
+        registry.get("a").is_none(),
+        "new connections must not find a removed export"
+    );
+    assert!(client.export().is_removed());
+    assert!(
+        client.export().store.is_ok(),
+        "attached client keeps its store"
+    );
+    assert_eq!(registry.draining().len(), 1);
+    drop(client);
+    wait_until("the removed export to be released", || {
+        registry.draining().is_empty()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn re_adding_reuses_the_store_still_in_use() {
+    let registry = Registry::new();
+    let buckets = Buckets::default();
+    let one = config(vec![export("a")]);
+    apply(&config(vec![]), &one, &registry, &buckets).await;
+    let client = registry.get("a").unwrap().attach();
+    apply(&one, &config(vec![]), &registry, &buckets).await;
+    let applied = apply(&config(vec![]), &one, &registry, &buckets).await;
+    assert!(
+        applied.added.is_empty(),
+        "a second store on the same objects was opened"
+    );
+    let again = registry.get("a").unwrap();
+    assert!(again.same_instance(client.export()));
+    assert!(!again.is_removed());
+    assert_eq!(again.attached(), 1);
+    // An export overlapping the draining one (but not identical) is refused meanwhile.
+    apply(&one, &config(vec![]), &registry, &buckets).await;
+    let mut overlap = export("b");
+    overlap.prefix = "a/sub/".into();
+    apply(&config(vec![]), &config(vec![overlap]), &registry, &buckets).await;
+    let b = registry.get("b").unwrap();
+    assert!(
+        matches!(&b.store, Err(m) if m.contains("still has 1 client")),
+        "{:?}",
+        b.store
+    );
+    drop(client);
+}
+
+#[tokio::test]
+async fn unopenable_export_is_refused_then_retried() {
+    let registry = Registry::new();
+    let buckets = Buckets::default();
+    buckets.fail.store(true, Ordering::SeqCst);
+    let one = config(vec![export("a"), export("b")]);
+    let e = open_export(
+        &export("a"),
+        &buckets,
+        &CacheBudget::new(1 << 30, 1 << 28),
+        Duration::from_secs(1),
+    )
+    .await;
+    assert!(matches!(&e.store, Err(m) if m.contains("bucket nbd is unavailable")));
+    apply(&config(vec![]), &one, &registry, &buckets).await;
+    assert!(registry.list().iter().all(|e| e.store.is_err()));
+    buckets.fail.store(false, Ordering::SeqCst);
+    apply(&one, &one, &registry, &buckets).await;
+    assert!(
+        registry.list().iter().all(|e| e.store.is_ok()),
+        "refused exports were not retried"
+    );
+}
