@@ -2,8 +2,13 @@
 //! objects addressed by key, so the block cache never depends on which store is behind it.
 
 pub mod dir;
+mod factory;
 pub mod integrity;
 pub mod memory;
+pub mod retry;
+pub mod s3;
+
+pub use factory::StoreFactory;
 
 use async_trait::async_trait;
 use bytes::Bytes;

@@ -1,0 +1,171 @@
+//! One factory per `[s3]` section: it owns the single S3 client (one connection pool for every
+//! export and bucket) or the `file://` root, and hands each export a retrying store for its
+//! bucket. Reloads that keep `[s3]` keep the factory, so connections stay warm.
+
+use super::dir::DirStore;
+use super::retry::{RetryPolicy, RetryStats, Retrying};
+use super::s3::{build_client, S3Store};
+use super::{BackendError, DynObjectStore, ObjectStore};
+use crate::config::S3Config;
+use async_trait::async_trait;
+use bytes::Bytes;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Where the objects go.
+#[derive(Debug, Clone)]
+enum Target {
+    /// `file:///root`: [`DirStore`]s under this directory.
+    Dir(PathBuf),
+    /// A shared aws-sdk-s3 client (cheap to clone; clones share the pool).
+    S3(aws_sdk_s3::Client),
+}
+
+/// Builds object stores for buckets, sharing one client and one set of retry counters.
+#[derive(Debug, Clone)]
+pub struct StoreFactory {
+    target: Target,
+    policy: RetryPolicy,
+    stats: Arc<RetryStats>,
+}
+
+impl StoreFactory {
+    /// Sets up the store `[s3]` describes. Does not contact the server: an S3 outage at
+    /// startup must not stop the daemon from starting (exports retry when they open).
+    pub async fn new(cfg: &S3Config) -> Result<Self, BackendError> {
+        let target = match cfg.endpoint.as_deref().and_then(file_root) {
+            Some(root) => Target::Dir(root?),
+            None => Target::S3(build_client(cfg).await?),
+        };
+        Ok(Self {
+            target,
+            policy: RetryPolicy::default(),
+            stats: Arc::new(RetryStats::default()),
+        })
+    }
+
+    /// Replaces the retry policy for stores made from now on (tests use short ones).
+    pub fn with_retry_policy(mut self, policy: RetryPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// The object store for `bucket`, with blip retries. An unusable bucket name gives a store
+    /// whose every call fails permanently with the reason (config validation normally stops
+    /// such names earlier).
+    pub fn bucket(&self, name: &str) -> DynObjectStore {
+        let inner: DynObjectStore = match &self.target {
+            Target::S3(client) => Arc::new(S3Store::new(client.clone(), name)),
+            Target::Dir(root) => match DirStore::new(root.clone(), name) {
+                Ok(store) => Arc::new(store),
+                Err(e) => Arc::new(Refused(e.to_string())),
+            },
+        };
+        Arc::new(Retrying::new(inner, self.policy, self.stats.clone()))
+    }
+
+    /// Retry counters of every store this factory made (for metrics).
+    pub fn retry_stats(&self) -> &Arc<RetryStats> {
+        &self.stats
+    }
+
+    /// `true` for the `file://` directory store.
+    pub fn is_local(&self) -> bool {
+        matches!(self.target, Target::Dir(_))
+    }
+}
+
+/// `Some(root)` for a `file://` endpoint; the root must be an absolute path.
+fn file_root(endpoint: &str) -> Option<Result<PathBuf, BackendError>> {
+    let rest = endpoint.strip_prefix("file://")?;
+    // Accept `file://localhost/dir` too, as file URLs allow.
+    let path = rest.strip_prefix("localhost").unwrap_or(rest);
+    if !path.starts_with('/') {
+        return Some(Err(BackendError::Permanent(format!(
+            "endpoint {endpoint:?}: a file:// endpoint needs an absolute path, like file:///var/lib/nbd-s3"
+        ))));
+    }
+    Some(Ok(PathBuf::from(path)))
+}
+
+/// A store that refuses everything with a fixed reason.
+#[derive(Debug)]
+struct Refused(String);
+
+impl Refused {
+    fn err(&self) -> BackendError {
+        BackendError::Permanent(self.0.clone())
+    }
+}
+
+#[async_trait]
+impl ObjectStore for Refused {
+    async fn get(&self, _key: &str) -> Result<Option<Bytes>, BackendError> {
+        Err(self.err())
+    }
+    async fn put(&self, _key: &str, _data: Bytes) -> Result<(), BackendError> {
+        Err(self.err())
+    }
+    async fn delete(&self, _key: &str) -> Result<(), BackendError> {
+        Err(self.err())
+    }
+    async fn list(&self, _prefix: &str) -> Result<Vec<String>, BackendError> {
+        Err(self.err())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(endpoint: &str) -> S3Config {
+        S3Config {
+            endpoint: Some(endpoint.to_string()),
+            region: None,
+            path_style: true,
+            access_key_id: None,
+            secret_access_key: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn file_endpoint_makes_directory_stores() {
+        let root = tempfile::tempdir().unwrap();
+        let url = format!("file://{}", root.path().display());
+        let f = StoreFactory::new(&cfg(&url)).await.unwrap();
+        assert!(f.is_local());
+        let b = f.bucket("nbd");
+        b.put("vm1/0000000000000001", Bytes::from_static(b"x"))
+            .await
+            .unwrap();
+        assert!(root.path().join("nbd/vm1/0000000000000001").is_file());
+        assert_eq!(b.list("vm1/").await.unwrap(), vec!["vm1/0000000000000001"]);
+        // A bucket that cannot be a directory fails permanently, not at bucket() time.
+        let bad = f.bucket("../x");
+        assert!(matches!(
+            bad.get("k").await,
+            Err(BackendError::Permanent(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn relative_file_endpoint_is_refused() {
+        let err = StoreFactory::new(&cfg("file://relative/dir"))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, BackendError::Permanent(_)));
+        assert!(file_root("file://localhost/srv").unwrap().is_ok());
+        assert!(file_root("http://127.0.0.1:9000").is_none());
+    }
+
+    #[tokio::test]
+    async fn half_configured_credentials_are_refused() {
+        let mut c = cfg("http://127.0.0.1:1");
+        c.access_key_id = Some("id".into());
+        let err = StoreFactory::new(&c).await.unwrap_err();
+        assert!(err.to_string().contains("access_key_id"), "{err}");
+        c.secret_access_key = Some("s".into());
+        let f = StoreFactory::new(&c).await.unwrap();
+        assert!(!f.is_local());
+    }
+}

@@ -1,0 +1,301 @@
+//! The S3 store (aws-sdk-s3), tuned for S3-compatible servers as much as for AWS: path-style
+//! addressing when asked, checksums only when an operation requires them (MinIO, Garage, Ceph
+//! and s3s-fs reject some of the newer flexible-checksum headers), no SDK retries (the
+//! [`super::retry::Retrying`] wrapper and the block store's write-back own the retry policy).
+//!
+//! Every PUT carries the body's CRC32C as user metadata and every GET checks it, see
+//! [`super::integrity`].
+
+use super::integrity::{crc32c_hex, verify, S3_METADATA_KEY};
+use super::{BackendError, ETag, ObjectStore};
+use crate::config::S3Config;
+use async_trait::async_trait;
+use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::Client;
+use bytes::Bytes;
+use std::time::Duration;
+
+/// How long establishing a TCP/TLS connection may take before the attempt counts as failed.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one HTTP attempt (request + whole response body) may take. A 8 MiB block over a
+/// slow link fits; a hung server does not hold a write-back slot forever.
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Builds the one S3 client (and so the one connection pool) that all buckets share.
+pub async fn build_client(cfg: &S3Config) -> Result<Client, BackendError> {
+    use aws_config::meta::region::RegionProviderChain;
+    use aws_config::retry::RetryConfig;
+    use aws_config::timeout::TimeoutConfig;
+    use aws_sdk_s3::config::{Region, RequestChecksumCalculation, ResponseChecksumValidation};
+
+    let region = match (&cfg.region, &cfg.endpoint) {
+        (Some(r), _) => RegionProviderChain::first_try(Region::new(r.clone())),
+        // A custom endpoint rarely cares about the region, but SigV4 needs one.
+        (None, Some(_)) => RegionProviderChain::first_try(Region::new("us-east-1")),
+        (None, None) => RegionProviderChain::default_provider().or_else("us-east-1"),
+    };
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(region)
+        .retry_config(RetryConfig::standard().with_max_attempts(1))
+        .timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(CONNECT_TIMEOUT)
+                .operation_attempt_timeout(ATTEMPT_TIMEOUT)
+                .build(),
+        )
+        .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+        .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
+    if let Some(endpoint) = &cfg.endpoint {
+        loader = loader.endpoint_url(endpoint);
+    }
+    match (&cfg.access_key_id, &cfg.secret_access_key) {
+        (Some(id), Some(secret)) => {
+            let creds = aws_sdk_s3::config::Credentials::new(
+                id.clone(),
+                secret.clone(),
+                None,
+                None,
+                "nbd-s3 config",
+            );
+            loader = loader.credentials_provider(creds);
+        }
+        (None, None) => {} // the standard chain: env, ~/.aws, instance/pod identity
+        _ => {
+            return Err(BackendError::Permanent(
+                "[s3] needs both access_key_id and secret_access_key_file, or neither".into(),
+            ))
+        }
+    }
+    let shared = loader.load().await;
+    let s3_config = aws_sdk_s3::config::Builder::from(&shared)
+        .force_path_style(cfg.path_style)
+        .build();
+    Ok(Client::from_conf(s3_config))
+}
+
+/// One bucket on an S3 server. Cloning is cheap and shares the client's connection pool.
+#[derive(Debug, Clone)]
+pub struct S3Store {
+    client: Client,
+    bucket: String,
+}
+
+impl S3Store {
+    /// A store for `bucket` through an existing client (see [`build_client`]).
+    pub fn new(client: Client, bucket: &str) -> Self {
+        Self {
+            client,
+            bucket: bucket.to_string(),
+        }
+    }
+
+    /// Turns an SDK failure into what the caller should do, naming bucket and key.
+    fn map_err<E>(&self, op: &str, key: &str, err: SdkError<E>) -> BackendError
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
+        let what = format!("{op} s3://{}/{key}", self.bucket);
+        classify(&what, err)
+    }
+
+    /// Reads an object, checking length and checksum; `None` for a missing key.
+    async fn fetch(&self, key: &str) -> Result<Option<(Bytes, Option<ETag>)>, BackendError> {
+        let resp = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await;
+        let out = match resp {
+            Ok(out) => out,
+            Err(e) if is_no_such_key(&e) => return Ok(None),
+            Err(e) => return Err(self.map_err("GET", key, e)),
+        };
+        let expected_len = out.content_length().and_then(|l| u64::try_from(l).ok());
+        let crc = out.metadata().and_then(|m| m.get(S3_METADATA_KEY)).cloned();
+        let etag = out.e_tag().map(str::to_string);
+        let body = out.body.collect().await.map_err(|e| {
+            BackendError::Transient(format!(
+                "GET s3://{}/{key}: reading body: {}",
+                self.bucket,
+                DisplayErrorContext(&e)
+            ))
+        })?;
+        let data = body.into_bytes();
+        verify(key, &data, crc.as_deref(), expected_len)?;
+        Ok(Some((data, etag)))
+    }
+
+    /// The shared part of every PUT: body, length and checksum metadata.
+    fn put_request(
+        &self,
+        key: &str,
+        data: Bytes,
+    ) -> aws_sdk_s3::operation::put_object::builders::PutObjectFluentBuilder {
+        let crc = crc32c_hex(&data);
+        let len = i64::try_from(data.len()).unwrap_or(i64::MAX);
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .content_length(len)
+            .metadata(S3_METADATA_KEY, crc)
+            .body(ByteStream::from(data))
+    }
+
+    /// Sends a conditional PUT: `Some(etag)` on success, `None` when the precondition failed.
+    async fn put_conditional(
+        &self,
+        key: &str,
+        req: aws_sdk_s3::operation::put_object::builders::PutObjectFluentBuilder,
+    ) -> Result<Option<ETag>, BackendError> {
+        match req.send().await {
+            Ok(out) => Ok(Some(out.e_tag().unwrap_or_default().to_string())),
+            Err(e) if status_of(&e) == Some(412) => Ok(None),
+            // If-Match on a missing object.
+            Err(e) if is_no_such_key(&e) => Ok(None),
+            Err(e) => Err(self.map_err("conditional PUT", key, e)),
+        }
+    }
+}
+
+/// HTTP status of a service or response error.
+fn status_of<E>(err: &SdkError<E>) -> Option<u16> {
+    err.raw_response().map(|r| r.status().as_u16())
+}
+
+/// "No such key" (404 without a bucket-level code): the object is absent, which is not an error.
+fn is_no_such_key<E: ProvideErrorMetadata>(err: &SdkError<E>) -> bool {
+    let code = err.as_service_error().and_then(|e| e.code());
+    match code {
+        Some("NoSuchKey") => true,
+        Some("NoSuchBucket") => false,
+        _ => status_of(err) == Some(404),
+    }
+}
+
+/// Error codes S3 servers use for "slow down / try again" even with a 4xx status.
+const RETRYABLE_CODES: &[&str] = &[
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "InternalError",
+    "ServiceUnavailable",
+    "OperationAborted",
+    "ConditionalRequestConflict",
+];
+
+/// The classification behind [`S3Store::map_err`]; `what` names the operation and object.
+fn classify<E>(what: &str, err: SdkError<E>) -> BackendError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    match &err {
+        SdkError::ConstructionFailure(_) => {
+            BackendError::Permanent(format!("{what}: {}", DisplayErrorContext(&err)))
+        }
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            BackendError::Transient(format!("{what}: {}", DisplayErrorContext(&err)))
+        }
+        SdkError::ServiceError(ctx) => {
+            let status = ctx.raw().status().as_u16();
+            let code = ctx.err().code().unwrap_or("");
+            let message = ctx.err().message().unwrap_or("");
+            let text = format!("{what}: HTTP {status} {code} {message}");
+            let text = text.trim_end().to_string();
+            if status == 429 || status >= 500 || RETRYABLE_CODES.contains(&code) {
+                BackendError::Transient(text)
+            } else if code == "NoSuchBucket" {
+                BackendError::Permanent(format!("{text} (the bucket does not exist)"))
+            } else {
+                BackendError::Permanent(text)
+            }
+        }
+        _ => BackendError::Transient(format!("{what}: {}", DisplayErrorContext(&err))),
+    }
+}
+
+#[async_trait]
+impl ObjectStore for S3Store {
+    async fn get(&self, key: &str) -> Result<Option<Bytes>, BackendError> {
+        Ok(self.fetch(key).await?.map(|(data, _)| data))
+    }
+
+    async fn put(&self, key: &str, data: Bytes) -> Result<(), BackendError> {
+        self.put_request(key, data)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| self.map_err("PUT", key, e))
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), BackendError> {
+        let resp = self
+            .client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await;
+        match resp {
+            Ok(_) => Ok(()),
+            Err(e) if is_no_such_key(&e) => Ok(()),
+            Err(e) => Err(self.map_err("DELETE", key, e)),
+        }
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, BackendError> {
+        let mut keys = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let out = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(prefix)
+                .set_continuation_token(token.take())
+                .send()
+                .await
+                .map_err(|e| self.map_err("LIST", &format!("{prefix}*"), e))?;
+            keys.extend(
+                out.contents()
+                    .iter()
+                    .filter_map(|o| o.key().map(str::to_string)),
+            );
+            match out.next_continuation_token() {
+                Some(next) if out.is_truncated() == Some(true) => token = Some(next.to_string()),
+                _ => return Ok(keys),
+            }
+        }
+    }
+
+    async fn get_with_etag(&self, key: &str) -> Result<Option<(Bytes, ETag)>, BackendError> {
+        match self.fetch(key).await? {
+            None => Ok(None),
+            Some((data, Some(etag))) => Ok(Some((data, etag))),
+            Some((_, None)) => Err(BackendError::Unsupported(format!(
+                "ETags (GET s3://{}/{key} returned none)",
+                self.bucket
+            ))),
+        }
+    }
+
+    async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<Option<ETag>, BackendError> {
+        let req = self.put_request(key, data).if_none_match("*");
+        self.put_conditional(key, req).await
+    }
+
+    async fn put_if_match(
+        &self,
+        key: &str,
+        data: Bytes,
+        etag: &str,
+    ) -> Result<Option<ETag>, BackendError> {
+        let req = self.put_request(key, data).if_match(etag);
+        self.put_conditional(key, req).await
+    }
+}
