@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# Protocol overhead: nbd-s3 with a warm cache next to `nbdkit memory`, the same fio workloads
+# (libnbd engine) against each, one server at a time, in one run. Issue 3's target: nbd-s3
+# reaches >= 70% of nbdkit's IOPS and bandwidth.
+#   benches/protocol.sh            (from anywhere; builds target/release/nbd-s3 first)
+# Knobs: WS (working set, 256M), RT (seconds per random job, 10), NBDS3 (binary),
+#        STORE=s3 (s3s-fs on tmpfs, default) | file (file:// store on tmpfs).
+# The working set is written once before the measured reads, so nbd-s3 serves every read
+# from its cache; the cache (1GiB) holds the whole working set.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WS=${WS:-256M}; RT=${RT:-10}; STORE=${STORE:-s3}
+SIZE=1G PORT=${PORT:-10960}
+NBDS3=${NBDS3:-$PWD/target/release/nbd-s3}
+[ -n "${NO_BUILD:-}" ] || cargo build --release --locked --bin nbd-s3 >&2
+S3FS=${S3S_FS:-$(command -v s3s-fs || echo "$HOME/.cargo/bin/s3s-fs")}
+BASE=${TMPDIR:-/tmp}; [ -d /dev/shm ] && BASE=/dev/shm
+W=$(mktemp -d "$BASE/protobench.XXXX")
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$W"; }
+trap cleanup EXIT
+
+wait_nbd() { # URI: until nbdinfo connects (the server is ready), 20 s at most
+  for _ in $(seq 200); do nbdinfo --size "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done
+  echo "server for $1 did not start; logs in $W" >&2; exit 1
+}
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+fio_json() { # NAME URI FIO-ARGS... -> prints "MiB/s IOPS"
+  local name=$1 uri=$2; shift 2
+  fio --name="$name" --ioengine=nbd --uri="$uri" "$@" --output-format=json \
+    --output="$W/$name.json" >/dev/null 2>"$W/$name.err" || { echo "fio failed"; cat "$W/$name.err" >&2; return 0; }
+  python3 - "$W/$name.json" <<'P'
+import json, sys
+job = json.load(open(sys.argv[1]))['jobs'][0]
+io = max(job['read'], job['write'], key=lambda d: d['io_bytes'])
+print(f"{io['bw_bytes']/2**20:.1f} {io['iops']:.0f}")
+P
+}
+
+# The workloads, in order; the first (sequential write) also warms the working set.
+WORKLOADS=(seqwrite1M seqread1M randread4k randwrite4k)
+run_workloads() { # PEER URI
+  local peer=$1 uri=$2 w
+  for w in "${WORKLOADS[@]}"; do
+    case $w in
+      seqwrite1M) r=$(fio_json "$peer-$w" "$uri" --rw=write --bs=1M --iodepth=8 --size="$WS") ;;
+      seqread1M) r=$(fio_json "$peer-$w" "$uri" --rw=read --bs=1M --iodepth=8 --size="$WS") ;;
+      randread4k) r=$(fio_json "$peer-$w" "$uri" --rw=randread --bs=4k --iodepth=32 --size="$WS" \
+                      --time_based --runtime="$RT") ;;
+      randwrite4k) r=$(fio_json "$peer-$w" "$uri" --rw=randwrite --bs=4k --iodepth=32 --size="$WS" \
+                       --time_based --runtime="$RT") ;;
+    esac
+    echo "$peer $w $r" >>"$W/results"
+  done
+}
+
+# --- nbdkit memory (the reference) ---
+port=$(free_port)
+nbdkit -f --exit-with-parent -p "$port" -i 127.0.0.1 memory "$SIZE" >"$W/nbdkit.log" 2>&1 &
+PIDS+=($!); wait_nbd "nbd://127.0.0.1:$port/"
+run_workloads nbdkit-memory "nbd://127.0.0.1:$port/"
+kill "${PIDS[-1]}"; wait "${PIDS[-1]}" 2>/dev/null || true
+
+# --- nbd-s3, cache holding the working set ---
+mkdir -p "$W/s3/nbd"
+if [ "$STORE" = s3 ]; then
+  s3port=$(free_port)
+  "$S3FS" --host 127.0.0.1 --port "$s3port" --access-key bench --secret-key benchsecret \
+    "$W/s3" >"$W/s3.log" 2>&1 &
+  PIDS+=($!)
+  printf 'benchsecret' >"$W/secret"; chmod 600 "$W/secret"
+  s3conf="endpoint = \"http://127.0.0.1:$s3port\"
+region = \"us-east-1\"
+path_style = true
+access_key_id = \"bench\"
+secret_access_key_file = \"$W/secret\""
+  for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$s3port") 2>/dev/null && break; sleep 0.1; done
+else
+  s3conf="endpoint = \"file://$W/s3\""
+fi
+port=$(free_port)
+cat >"$W/exports.toml" <<T
+[server]
+listen = "127.0.0.1:$port"
+[s3]
+$s3conf
+[cache]
+memory = "1GiB"
+dirty = "512MiB"
+[[export]]
+name = "bench"
+size = "$SIZE"
+bucket = "nbd"
+prefix = "bench/"
+T
+"$NBDS3" serve --config "$W/exports.toml" >"$W/nbd-s3.log" 2>&1 &
+PIDS+=($!); wait_nbd "nbd://127.0.0.1:$port/bench"
+run_workloads nbd-s3 "nbd://127.0.0.1:$port/bench"
+
+echo
+echo "protocol overhead: working set $WS, random jobs ${RT}s, iodepth 32 (4k) / 8 (1M), store=$STORE"
+python3 - "$W/results" <<'P'
+import sys
+rows = {}
+for line in open(sys.argv[1]):
+    f = line.split()
+    if len(f) == 4:
+        rows[(f[0], f[1])] = (float(f[2]), float(f[3]))
+print(f"{'workload':12s} {'nbdkit memory':>24s} {'nbd-s3 (warm)':>24s} {'ratio':>7s}")
+worst = None
+for w in ["seqwrite1M", "seqread1M", "randread4k", "randwrite4k"]:
+    a, b = rows.get(("nbdkit-memory", w)), rows.get(("nbd-s3", w))
+    fmt = lambda r: f"{r[0]:8.1f} MiB/s {r[1]:8.0f} IOPS" if r else f"{'failed':>24s}"
+    ratio = f"{100 * b[1] / a[1]:6.0f}%" if a and b and a[1] else "   n/a"
+    if a and b and a[1]:
+        worst = min(worst or 1e9, 100 * b[1] / a[1])
+    print(f"{w:12s} {fmt(a):>24s} {fmt(b):>24s} {ratio}")
+if worst is not None:
+    print(f"lowest ratio: {worst:.0f}% (target >= 70%)")
+P
