@@ -1,0 +1,330 @@
+//! Fixed-newstyle negotiation for one connection: greeting, client flags, then options until
+//! EXPORT_NAME or GO picks an export. Every option gets the reply the spec asks for; limits
+//! on option length and count keep a hostile client from costing memory or time.
+
+use super::{Inner, State};
+use crate::export::{Attachment, Export};
+use crate::proto::consts::*;
+use crate::proto::reply;
+use crate::proto::{
+    parse_client_flags, parse_option, parse_option_header, ClientFlags, ClientOption,
+    HandshakeError, InfoRequest, MetaContextRequest, ParseOptionError, PayloadPlan,
+};
+use crate::store::BlockStore;
+use std::io;
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
+
+/// Options a client may send before it must pick an export.
+pub const MAX_OPTIONS: u32 = 256;
+/// Context id of `base:allocation` on SET_META_CONTEXT.
+pub const BASE_ALLOCATION_ID: u32 = 1;
+
+/// What the handshake settled: the export and how to talk about it.
+pub(crate) struct Negotiated {
+    /// Keeps the export alive (and counted) for the connection's lifetime.
+    pub attachment: Attachment,
+    pub store: Arc<BlockStore>,
+    pub size: u64,
+    pub read_only: bool,
+    pub structured: bool,
+    /// `base:allocation` selected for this export.
+    pub block_status: bool,
+}
+
+/// Why negotiation ended without an export.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum NegotiateError {
+    #[error("i/o: {0}")]
+    Io(#[from] io::Error),
+    #[error("protocol: {0}")]
+    Protocol(#[from] HandshakeError),
+    #[error("more than {MAX_OPTIONS} options")]
+    TooManyOptions,
+    #[error("NBD_OPT_EXPORT_NAME for unavailable export: {0}")]
+    UnknownExport(String),
+    #[error("server is shutting down")]
+    ShuttingDown,
+    /// The client sent ABORT (or left politely): not an error worth a warning.
+    #[error("client aborted the handshake")]
+    Aborted,
+}
+
+struct Session<'a, R, W> {
+    inner: &'a Inner,
+    reader: &'a mut R,
+    writer: &'a mut W,
+    flags: ClientFlags,
+    structured: bool,
+    /// Canonical export name `base:allocation` was selected for.
+    meta_export: Option<String>,
+    out: Vec<u8>,
+}
+
+enum Step {
+    Continue,
+    Done(Negotiated),
+}
+
+/// Runs the handshake to completion. The caller applies the overall timeout.
+pub(crate) async fn negotiate<R, W>(
+    inner: &Inner,
+    reader: &mut R,
+    writer: &mut W,
+) -> Result<Negotiated, NegotiateError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    writer
+        .write_all(&reply::greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
+        .await?;
+    writer.flush().await?;
+    let flags = parse_client_flags(reader.read_u32().await?)?;
+    let mut s = Session {
+        inner,
+        reader,
+        writer,
+        flags,
+        structured: false,
+        meta_export: None,
+        out: Vec::with_capacity(512),
+    };
+    let mut state = inner.state.subscribe();
+    for _ in 0..MAX_OPTIONS {
+        if let Step::Done(n) = s.one_option(&mut state).await? {
+            return Ok(n);
+        }
+    }
+    Err(NegotiateError::TooManyOptions)
+}
+
+impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<'_, R, W> {
+    async fn one_option(
+        &mut self,
+        state: &mut watch::Receiver<State>,
+    ) -> Result<Step, NegotiateError> {
+        let mut hb = [0u8; OPTION_HEADER_LEN];
+        tokio::select! {
+            r = self.reader.read_exact(&mut hb) => { r?; }
+            _ = state.wait_for(|s| *s != State::Running) => return Err(NegotiateError::ShuttingDown),
+        }
+        let header = parse_option_header(&hb)?;
+        let option = header.option;
+        match header.payload_plan()? {
+            PayloadPlan::Read => {}
+            PayloadPlan::SkipTooBig => {
+                let mut skip = (&mut *self.reader).take(u64::from(header.length));
+                tokio::io::copy(&mut skip, &mut tokio::io::sink()).await?;
+                return self
+                    .error(option, REP_ERR_TOO_BIG, "option data too long")
+                    .await;
+            }
+        }
+        let mut data = vec![0u8; header.length as usize];
+        self.reader.read_exact(&mut data).await?;
+        if *state.borrow() != State::Running {
+            if option != OPT_EXPORT_NAME {
+                self.error(option, REP_ERR_SHUTDOWN, "server is shutting down")
+                    .await?;
+            }
+            return Err(NegotiateError::ShuttingDown);
+        }
+        match parse_option(option, &data) {
+            Ok(opt) => self.dispatch(option, opt).await,
+            Err(ParseOptionError::Fatal(e)) => Err(e.into()),
+            Err(ParseOptionError::Reply(e)) => {
+                self.error(option, e.reply_type(), &e.to_string()).await
+            }
+        }
+    }
+
+    async fn dispatch(&mut self, option: u32, opt: ClientOption) -> Result<Step, NegotiateError> {
+        match opt {
+            ClientOption::ExportName(name) => self.export_name(&name).await,
+            ClientOption::Abort => {
+                // The client may already be gone; ABORT is a clean end either way.
+                let _ = self.ack(option).await;
+                Err(NegotiateError::Aborted)
+            }
+            ClientOption::List => self.list().await,
+            ClientOption::StartTls => {
+                self.error(option, REP_ERR_POLICY, "TLS is not configured")
+                    .await
+            }
+            ClientOption::Info(req) => self.info(option, req, false).await,
+            ClientOption::Go(req) => self.info(option, req, true).await,
+            ClientOption::StructuredReply => {
+                self.structured = true;
+                self.ack(option).await
+            }
+            ClientOption::ListMetaContext(req) => self.meta_context(option, req, false).await,
+            ClientOption::SetMetaContext(req) => self.meta_context(option, req, true).await,
+            ClientOption::ExtendedHeaders | ClientOption::Unknown(_) => {
+                self.error(option, REP_ERR_UNSUP, "option not supported")
+                    .await
+            }
+        }
+    }
+
+    async fn send(&mut self) -> io::Result<()> {
+        self.writer.write_all(&self.out).await?;
+        self.out.clear();
+        self.writer.flush().await
+    }
+
+    async fn ack(&mut self, option: u32) -> Result<Step, NegotiateError> {
+        reply::option_reply(&mut self.out, option, REP_ACK, b"");
+        self.send().await?;
+        Ok(Step::Continue)
+    }
+
+    async fn error(&mut self, option: u32, kind: u32, msg: &str) -> Result<Step, NegotiateError> {
+        reply::option_reply(&mut self.out, option, kind, msg.as_bytes());
+        self.send().await?;
+        Ok(Step::Continue)
+    }
+
+    async fn list(&mut self) -> Result<Step, NegotiateError> {
+        for export in self.inner.registry.list() {
+            if export.store.is_ok() {
+                reply::list_entry(&mut self.out, export.name(), export.description());
+            }
+        }
+        self.ack(OPT_LIST).await
+    }
+
+    async fn export_name(&mut self, name: &str) -> Result<Step, NegotiateError> {
+        let (export, store) =
+            resolve(&self.inner.registry, name).map_err(NegotiateError::UnknownExport)?;
+        let n = self.negotiated(&export, store);
+        let tflags = transmission_flags(n.read_only, n.structured);
+        reply::export_name_reply(&mut self.out, n.size, tflags, self.flags.no_zeroes);
+        self.send().await?;
+        Ok(Step::Done(n))
+    }
+
+    async fn info(
+        &mut self,
+        option: u32,
+        req: InfoRequest,
+        go: bool,
+    ) -> Result<Step, NegotiateError> {
+        let (export, store) = match resolve(&self.inner.registry, &req.name) {
+            Ok(found) => found,
+            Err(msg) => return self.error(option, REP_ERR_UNKNOWN, &msg).await,
+        };
+        let tflags = transmission_flags(export.read_only(), self.structured);
+        reply::info_export(&mut self.out, option, store.size(), tflags);
+        for &kind in &req.info {
+            match kind {
+                INFO_NAME => reply::info_string(&mut self.out, option, INFO_NAME, export.name()),
+                INFO_DESCRIPTION => {
+                    if let Some(d) = export.description() {
+                        reply::info_string(&mut self.out, option, INFO_DESCRIPTION, d);
+                    }
+                }
+                _ => {}
+            }
+        }
+        let preferred = export.block_size().clamp(1, MAX_PAYLOAD);
+        reply::info_block_size(&mut self.out, option, 1, preferred, MAX_PAYLOAD);
+        reply::option_reply(&mut self.out, option, REP_ACK, b"");
+        self.send().await?;
+        Ok(if go {
+            Step::Done(self.negotiated(&export, store))
+        } else {
+            Step::Continue
+        })
+    }
+
+    /// Attaches the connection to `export` (only GO/EXPORT_NAME do: INFO merely looks).
+    fn negotiated(&self, export: &Arc<Export>, store: Arc<BlockStore>) -> Negotiated {
+        let block_status = self.meta_export.as_deref() == Some(export.name());
+        Negotiated {
+            size: store.size(),
+            read_only: export.read_only(),
+            attachment: export.attach(),
+            store,
+            structured: self.structured,
+            block_status,
+        }
+    }
+
+    async fn meta_context(
+        &mut self,
+        option: u32,
+        req: MetaContextRequest,
+        set: bool,
+    ) -> Result<Step, NegotiateError> {
+        if !self.structured {
+            return self
+                .error(option, REP_ERR_INVALID, "structured replies not negotiated")
+                .await;
+        }
+        let name = match resolve(&self.inner.registry, &req.export) {
+            Ok((export, _)) => export.name().to_owned(),
+            Err(msg) => return self.error(option, REP_ERR_UNKNOWN, &msg).await,
+        };
+        let exact = req.queries.iter().any(|q| q == META_BASE_ALLOCATION);
+        let matched = if set {
+            self.meta_export = None;
+            exact
+        } else {
+            req.queries.is_empty() || exact || req.queries.iter().any(|q| q == "base:")
+        };
+        if matched {
+            let id = if set { BASE_ALLOCATION_ID } else { 0 };
+            reply::meta_context(&mut self.out, option, id, META_BASE_ALLOCATION);
+            if set {
+                self.meta_export = Some(name);
+            }
+        }
+        self.ack(option).await
+    }
+}
+
+/// Looks an export up; the empty name means the default export, which exists when exactly one
+/// export is configured. `Err` carries the message for ERR_UNKNOWN.
+fn resolve(
+    registry: &crate::export::Registry,
+    name: &str,
+) -> Result<(Arc<Export>, Arc<BlockStore>), String> {
+    let export = if name.is_empty() {
+        let all = registry.list();
+        match <[_; 1]>::try_from(all) {
+            Ok([only]) => only,
+            Err(_) => return Err("no default export: ask for an export by name".to_owned()),
+        }
+    } else {
+        registry
+            .get(name)
+            .ok_or_else(|| format!("export '{name}' does not exist"))?
+    };
+    match &export.store {
+        Ok(store) => {
+            let store = Arc::clone(store);
+            Ok((export, store))
+        }
+        Err(msg) => Err(format!("export '{}' is unavailable: {msg}", export.name())),
+    }
+}
+
+/// Transmission flags for an export as negotiated (INFO and GO must report the same).
+pub(crate) fn transmission_flags(read_only: bool, structured: bool) -> u16 {
+    let mut f = TFLAG_HAS_FLAGS
+        | TFLAG_SEND_FLUSH
+        | TFLAG_SEND_FUA
+        | TFLAG_CAN_MULTI_CONN
+        | TFLAG_SEND_CACHE;
+    if read_only {
+        f |= TFLAG_READ_ONLY;
+    } else {
+        f |= TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES | TFLAG_SEND_FAST_ZERO;
+    }
+    if structured {
+        f |= TFLAG_SEND_DF;
+    }
+    f
+}

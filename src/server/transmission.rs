@@ -1,0 +1,258 @@
+//! One connection after accept: handshake, then the transmission phase. A single reader loop
+//! parses requests (always consuming WRITE payloads, to stay in sync) and spawns each valid
+//! request as its own task, at most `MAX_IN_FLIGHT` at once; replies go to the writer task
+//! in completion order, which the protocol allows (cookies tell them apart).
+
+use super::command::{self, ConnCtx};
+use super::handshake::{self, NegotiateError, Negotiated};
+use super::listener::Accepted;
+use super::writer::{self, Reply};
+use super::{Inner, State, HANDSHAKE_TIMEOUT, MAX_IN_FLIGHT};
+use crate::proto::consts::*;
+use crate::proto::{parse_header, validate, Command, FatalError, Limits, Request};
+use bytes::{Bytes, BytesMut};
+use std::future::pending;
+use std::io;
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, BufReader, BufWriter};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tracing::{debug, info, warn};
+
+const READ_BUF: usize = 256 * 1024;
+const WRITE_BUF: usize = 256 * 1024;
+/// Replies queued for the writer; request tasks wait (not the reader) when it is full.
+const REPLY_QUEUE: usize = MAX_IN_FLIGHT * 2;
+
+/// Why a connection in transmission ended abnormally.
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error("i/o: {0}")]
+    Io(#[from] io::Error),
+    #[error("protocol: {0}")]
+    Fatal(#[from] FatalError),
+    #[error("reply writer failed: {0}")]
+    Writer(io::Error),
+}
+
+/// Serves one accepted connection to the end; errors are logged here and go no further.
+pub(crate) async fn serve_connection(inner: &Arc<Inner>, conn: Accepted) {
+    let peer = conn.peer;
+    let mut reader = BufReader::with_capacity(READ_BUF, conn.reader);
+    let mut writer = BufWriter::with_capacity(WRITE_BUF, conn.writer);
+    let negotiated = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        handshake::negotiate(inner, &mut reader, &mut writer),
+    )
+    .await;
+    let neg = match negotiated {
+        Ok(Ok(n)) => n,
+        Err(_) => return warn!(%peer, "handshake timed out"),
+        Ok(Err(NegotiateError::Aborted | NegotiateError::ShuttingDown)) => {
+            return debug!(%peer, "handshake ended without an export")
+        }
+        Ok(Err(NegotiateError::Io(e))) if e.kind() == io::ErrorKind::UnexpectedEof => {
+            return debug!(%peer, "client left during the handshake")
+        }
+        Ok(Err(e)) => return warn!(%peer, "handshake failed: {e}"),
+    };
+    let export = neg.attachment.export().name().to_owned();
+    info!(%peer, %export, structured = neg.structured, "client connected");
+    match transmit(inner, neg, &peer, reader, writer).await {
+        Ok(()) => debug!(%peer, %export, "client disconnected"),
+        Err(ConnError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+            info!(%peer, %export, "client closed the connection without NBD_CMD_DISC")
+        }
+        Err(e) => warn!(%peer, %export, "connection closed: {e}"),
+    }
+}
+
+struct Conn {
+    ctx: Arc<ConnCtx>,
+    limits: Limits,
+    tx: mpsc::Sender<Reply>,
+    sem: Arc<Semaphore>,
+    state: watch::Receiver<State>,
+}
+
+async fn transmit<R, W>(
+    inner: &Arc<Inner>,
+    neg: Negotiated,
+    peer: &str,
+    mut reader: BufReader<R>,
+    writer: BufWriter<W>,
+) -> Result<(), ConnError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let Negotiated {
+        attachment,
+        store,
+        size,
+        read_only,
+        structured,
+        block_status,
+    } = neg;
+    let (tx, rx) = mpsc::channel(REPLY_QUEUE);
+    let writer_task = tokio::spawn(writer::run(writer, rx));
+    let conn = Conn {
+        ctx: Arc::new(ConnCtx {
+            store,
+            structured,
+            peer: peer.to_owned(),
+            export: attachment.export().name().to_owned(),
+        }),
+        limits: Limits {
+            export_size: size,
+            read_only,
+            structured,
+            block_status,
+        },
+        tx,
+        sem: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+        state: inner.state.subscribe(),
+    };
+    let result = read_loop(&conn, &mut reader).await;
+    let Conn { tx, ctx, .. } = conn;
+    drop(tx);
+    // The writer ends once every request task has sent its reply (DISC waits for them).
+    let written = match writer_task.await {
+        Ok(r) => r,
+        Err(e) => Err(io::Error::other(e)),
+    };
+    drop((ctx, attachment));
+    result?;
+    written.map_err(ConnError::Writer)
+}
+
+async fn read_loop<R: AsyncRead + Unpin>(
+    c: &Conn,
+    reader: &mut BufReader<R>,
+) -> Result<(), ConnError> {
+    let mut payload_buf = BytesMut::new();
+    let mut state = c.state.clone();
+    loop {
+        let mut hb = [0u8; REQUEST_HEADER_LEN];
+        tokio::select! {
+            biased;
+            _ = drained(&mut state, &c.sem) => return Ok(()),
+            _ = c.tx.closed() => return Ok(()),
+            r = reader.read_exact(&mut hb) => {
+                if let Err(e) = r {
+                    // EOF between requests: the client simply went away.
+                    return if e.kind() == io::ErrorKind::UnexpectedEof { Ok(()) } else { Err(e.into()) };
+                }
+            }
+        }
+        let header = parse_header(&hb)?;
+        let payload = match header.payload_len()? {
+            0 => Bytes::new(),
+            n => read_payload(reader, &mut payload_buf, n as usize).await?,
+        };
+        let req = match validate(&header, &c.limits) {
+            Ok(req) => req,
+            Err(e) => {
+                debug!(peer = %c.ctx.peer, "request refused: {e}");
+                let cmd = Command::from_wire(header.command);
+                let reply =
+                    command::error(&c.ctx, cmd, header.cookie, e.to_errno(), &e.to_string());
+                send(c, reply).await;
+                continue;
+            }
+        };
+        if req.command == Command::Disconnect {
+            return Ok(());
+        }
+        if *state.borrow() != State::Running {
+            let reply = command::error(
+                &c.ctx,
+                Some(req.command),
+                req.cookie,
+                ESHUTDOWN,
+                "server is shutting down",
+            );
+            send(c, reply).await;
+            continue;
+        }
+        let Ok(permit) = Arc::clone(&c.sem).acquire_owned().await else {
+            return Ok(());
+        };
+        let task = RequestTask {
+            ctx: Arc::clone(&c.ctx),
+            tx: c.tx.clone(),
+            permit,
+            state: c.state.clone(),
+        };
+        tokio::spawn(task.run(req, payload));
+    }
+}
+
+async fn send(c: &Conn, reply: Reply) {
+    // A closed channel means the writer died; the select in the loop notices and ends it.
+    let _ = c.tx.send(reply).await;
+}
+
+/// Resolves once shutdown began and nothing is in flight: the connection may close.
+async fn drained(state: &mut watch::Receiver<State>, sem: &Semaphore) {
+    if state.wait_for(|s| *s != State::Running).await.is_err() {
+        pending::<()>().await;
+    }
+    let _all = sem.acquire_many(MAX_IN_FLIGHT as u32).await;
+}
+
+/// Resolves when the shutdown grace time is over.
+async fn expired(state: &mut watch::Receiver<State>) {
+    if state.wait_for(|s| *s == State::Expired).await.is_err() {
+        pending::<()>().await;
+    }
+}
+
+/// Reads exactly `len` payload bytes into a reusable buffer without zero-filling it first.
+async fn read_payload<R: AsyncRead + Unpin>(
+    reader: &mut BufReader<R>,
+    buf: &mut BytesMut,
+    len: usize,
+) -> io::Result<Bytes> {
+    // Small writes share one allocation; big ones get their own so a cached block does not
+    // pin a larger buffer than it needs.
+    buf.reserve(if len < 64 * 1024 {
+        len.max(256 * 1024)
+    } else {
+        len
+    });
+    let mut limited = reader.take(len as u64);
+    while buf.len() < len {
+        if limited.read_buf(buf).await? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(buf.split_to(len).freeze())
+}
+
+struct RequestTask {
+    ctx: Arc<ConnCtx>,
+    tx: mpsc::Sender<Reply>,
+    permit: OwnedSemaphorePermit,
+    state: watch::Receiver<State>,
+}
+
+impl RequestTask {
+    async fn run(mut self, req: Request, payload: Bytes) {
+        let op = command::execute(&self.ctx, req, payload);
+        tokio::pin!(op);
+        let reply = tokio::select! {
+            biased;
+            r = &mut op => r,
+            _ = expired(&mut self.state) => {
+                // Out of time: answer now, free the connection, let the store finish quietly.
+                let reply = command::error(&self.ctx, Some(req.command), req.cookie, ESHUTDOWN, "server is shutting down");
+                let _ = self.tx.send(reply).await;
+                drop((self.tx, self.permit));
+                let _ = op.await;
+                return;
+            }
+        };
+        let _ = self.tx.send(reply).await;
+        drop(self.permit);
+    }
+}
