@@ -1,1 +1,376 @@
-//! Placeholder: tests are being written.
+//! The daemon as systemd sees it: sd_notify readiness/reload/stop messages on a real
+//! `NOTIFY_SOCKET`, the journald/stderr output switch, startup failures, and the SIGTERM flush
+//! (data written without FLUSH is in S3 after an orderly stop).
+
+use crate::common::{nbdsh, stdout, DaemonConfig, ExportSpec, NbdS3, S3Server, DAEMON_TIMEOUT};
+use std::io::Read;
+use std::net::TcpStream;
+use std::os::unix::net::{UnixDatagram, UnixStream};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// A daemon started by hand (not the fixture), for tests that must observe the very moment
+/// of a notify message or control stderr themselves.
+struct Raw {
+    child: Child,
+    notify: UnixDatagram,
+    received: Vec<String>,
+    dir: tempfile::TempDir,
+}
+
+impl Raw {
+    fn spawn(cfg: &DaemonConfig, env: &[(&str, String)], stderr: Stdio) -> Raw {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config_path = dir.path().join("exports.toml");
+        std::fs::write(&config_path, cfg.render()).expect("write config");
+        let sock_path = dir.path().join("notify");
+        let notify = UnixDatagram::bind(&sock_path).expect("bind notify socket");
+        notify
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("timeout");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_nbd-s3"));
+        cmd.arg("serve").arg("--config").arg(&config_path);
+        for k in [
+            "RUST_LOG",
+            "JOURNAL_STREAM",
+            "WATCHDOG_USEC",
+            "WATCHDOG_PID",
+            "NBD_LOG_LEVEL",
+        ] {
+            cmd.env_remove(k);
+        }
+        cmd.env("NOTIFY_SOCKET", &sock_path)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn nbd-s3");
+        Raw {
+            child,
+            notify,
+            received: vec![],
+            dir,
+        }
+    }
+
+    /// Receives notify datagrams until one has a line equal to `needle`; returns that
+    /// datagram's lines. `None` when the process exits or the timeout passes first.
+    fn wait_notify(&mut self, needle: &str, timeout: Duration) -> Option<Vec<String>> {
+        let deadline = Instant::now() + timeout;
+        let mut buf = vec![0u8; 65536];
+        while Instant::now() < deadline {
+            if let Ok(n) = self.notify.recv(&mut buf) {
+                let lines: Vec<String> = String::from_utf8_lossy(&buf[..n])
+                    .lines()
+                    .map(str::to_owned)
+                    .collect();
+                self.received.extend(lines.iter().cloned());
+                if lines.iter().any(|l| l == needle) {
+                    return Some(lines);
+                }
+            } else if self.child.try_wait().expect("try_wait").is_some() {
+                return None;
+            }
+        }
+        None
+    }
+
+    fn signal(&self, sig: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, sig).expect("signal nbd-s3");
+    }
+
+    fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait().expect("try_wait") {
+                return s;
+            }
+            if Instant::now() >= deadline {
+                self.child.kill().ok();
+                panic!("nbd-s3 did not exit within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Raw {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+fn config_with(s3: &S3Server, listen: Vec<String>) -> DaemonConfig {
+    s3.create_bucket("nbd");
+    let mut cfg = DaemonConfig::for_s3(s3);
+    cfg.listen = listen;
+    cfg.exports.push(ExportSpec::new("disk"));
+    cfg
+}
+
+/// A file that receives the daemon's stderr, plus its `dev:ino` as systemd would write it.
+fn stderr_file(dir: &Path) -> (PathBuf, std::fs::File, String) {
+    use std::os::unix::fs::MetadataExt;
+    let path = dir.join("stderr.log");
+    let file = std::fs::File::create(&path).expect("stderr file");
+    let meta = file.metadata().expect("stat");
+    let journal_stream = format!("{}:{}", meta.dev(), meta.ino());
+    (path, file, journal_stream)
+}
+
+fn read(path: &Path) -> String {
+    let mut s = String::new();
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_to_string(&mut s))
+        .expect("read log");
+    s
+}
+
+fn monotonic_usec() -> u128 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec for the duration of the call.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_MONOTONIC)");
+    ts.tv_sec as u128 * 1_000_000 + ts.tv_nsec as u128 / 1000
+}
+
+#[test]
+fn ready_arrives_only_when_every_listener_accepts() {
+    let s3 = S3Server::start();
+    let sockdir = tempfile::tempdir().expect("tempdir");
+    let sock = sockdir.path().join("nbd.sock");
+    let port = free_port();
+    let cfg = config_with(
+        &s3,
+        vec![
+            format!("127.0.0.1:{port}"),
+            format!("unix:{}", sock.display()),
+        ],
+    );
+    let mut d = Raw::spawn(&cfg, &[], Stdio::null());
+    let ready = d
+        .wait_notify("READY=1", DAEMON_TIMEOUT)
+        .unwrap_or_else(|| panic!("no READY=1; got {:?}", d.received));
+    // The very moment READY=1 arrives, both listeners must accept.
+    TcpStream::connect(("127.0.0.1", port)).expect("TCP listener accepts at READY=1");
+    UnixStream::connect(&sock).expect("unix listener accepts at READY=1");
+    let status = ready.iter().find(|l| l.starts_with("STATUS=")).cloned();
+    assert!(
+        status
+            .as_deref()
+            .is_some_and(|s| s.contains("serving 1 export")),
+        "READY=1 should carry a STATUS= line naming the exports: {ready:?}"
+    );
+    assert_eq!(
+        d.received.iter().filter(|l| *l == "READY=1").count(),
+        1,
+        "exactly one READY=1 at startup: {:?}",
+        d.received
+    );
+}
+
+#[test]
+fn port_in_use_fails_startup_with_exit_1_and_no_ready() {
+    let s3 = S3Server::start();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let cfg = config_with(&s3, vec![addr.clone()]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (log, file, _) = stderr_file(dir.path());
+    let mut d = Raw::spawn(&cfg, &[], Stdio::from(file));
+    assert!(
+        d.wait_notify("READY=1", DAEMON_TIMEOUT).is_none(),
+        "READY=1 sent although {addr} is taken"
+    );
+    let status = d.wait_exit(DAEMON_TIMEOUT);
+    let text = read(&log);
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "exit status {status:?}; log:\n{text}"
+    );
+    assert!(
+        text.contains(&format!("cannot listen on {addr}")),
+        "the log should name the address: {text}"
+    );
+}
+
+#[test]
+fn sighup_sends_reloading_with_monotonic_usec_then_ready() {
+    let s3 = S3Server::start();
+    let d = NbdS3::with_export(&s3, "disk");
+    let before = monotonic_usec();
+    let startup = d.notify_messages().lines().count();
+    d.sighup();
+    d.wait_for_notify("RELOADING=1", DAEMON_TIMEOUT);
+    let after_ready = || {
+        let all: Vec<String> = d.notify_messages().lines().map(str::to_owned).collect();
+        let reloading = all.iter().skip(startup).position(|l| l == "RELOADING=1");
+        reloading.and_then(|i| {
+            let rest = &all[startup + i..];
+            rest.iter()
+                .position(|l| l == "READY=1")
+                .map(|_| rest.to_vec())
+        })
+    };
+    crate::common::wait_until("READY=1 after RELOADING=1", DAEMON_TIMEOUT, || {
+        after_ready().is_some()
+    });
+    let lines = after_ready().expect("checked above");
+    let usec: u128 = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("MONOTONIC_USEC="))
+        .unwrap_or_else(|| panic!("RELOADING=1 without MONOTONIC_USEC: {lines:?}"))
+        .parse()
+        .expect("MONOTONIC_USEC is a number");
+    let now = monotonic_usec();
+    assert!(
+        before <= usec && usec <= now,
+        "MONOTONIC_USEC {usec} not between {before} and {now} (CLOCK_MONOTONIC µs)"
+    );
+    d.wait_for_log("reload", DAEMON_TIMEOUT);
+}
+
+#[test]
+fn sigterm_sends_stopping_and_exits_0() {
+    let s3 = S3Server::start();
+    let mut d = NbdS3::with_export(&s3, "disk");
+    d.sigterm();
+    d.wait_for_notify("STOPPING=1", DAEMON_TIMEOUT);
+    let status = d.wait_exit(DAEMON_TIMEOUT);
+    assert!(status.success(), "exit {status:?}:\n{}", d.logs());
+    // After STOPPING=1 nothing may claim readiness again.
+    let msgs = d.notify_messages();
+    let stop_at = msgs.find("STOPPING=1").expect("seen above");
+    assert!(
+        !msgs[stop_at..].contains("READY=1"),
+        "READY after STOPPING:\n{msgs}"
+    );
+}
+
+/// Starts a daemon with stderr in a file and `JOURNAL_STREAM` set as given; returns its log.
+fn run_with_journal_stream(s3: &S3Server, journal: Option<&str>) -> String {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (log, file, matching) = stderr_file(dir.path());
+    let value = match journal {
+        Some("match") => Some(matching),
+        Some(other) => Some(other.to_owned()),
+        None => None,
+    };
+    let env: Vec<(&str, String)> = value.into_iter().map(|v| ("JOURNAL_STREAM", v)).collect();
+    let cfg = config_with(s3, vec!["127.0.0.1:0".into()]);
+    let mut d = Raw::spawn(&cfg, &env, Stdio::from(file));
+    assert!(
+        d.wait_notify("READY=1", DAEMON_TIMEOUT).is_some(),
+        "not ready:\n{}",
+        read(&log)
+    );
+    d.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = d.wait_exit(DAEMON_TIMEOUT);
+    let text = read(&log);
+    assert!(status.success(), "exit {status:?}:\n{text}");
+    text
+}
+
+/// Human format: `2026-01-01T00:00:00.000000Z  INFO nbd_s3::…: message`.
+fn is_human(line: &str) -> bool {
+    line.len() > 20
+        && line.as_bytes()[4] == b'-'
+        && line.contains('T')
+        && ["INFO", "WARN", "ERROR", "DEBUG"]
+            .iter()
+            .any(|l| line.contains(l))
+}
+
+#[test]
+fn journal_stream_switches_stderr_format() {
+    let s3 = S3Server::start();
+
+    let plain = run_with_journal_stream(&s3, None);
+    let ready = plain.lines().find(|l| l.contains("ready"));
+    assert!(
+        ready.is_some_and(is_human),
+        "without JOURNAL_STREAM: human lines with timestamps expected:\n{plain}"
+    );
+
+    // A stale variable (stderr redirected elsewhere) must not switch to journal mode.
+    let stale = run_with_journal_stream(&s3, Some("1:1"));
+    assert!(
+        stale.lines().any(|l| l.contains("ready") && is_human(l)),
+        "a JOURNAL_STREAM not matching stderr must keep human output:\n{stale}"
+    );
+
+    let journal = run_with_journal_stream(&s3, Some("match"));
+    assert!(
+        !journal.lines().any(is_human),
+        "JOURNAL_STREAM matching stderr: no human-format lines expected:\n{journal}"
+    );
+    if !Path::new("/run/systemd/journal/socket").exists() {
+        // No journald here: the documented fallback is `<N>`-prefixed lines, no timestamps.
+        assert!(
+            journal
+                .lines()
+                .any(|l| l.starts_with("<6>") && l.contains("ready")),
+            "expected `<6>ready…` on stderr when journald's socket is absent:\n{journal}"
+        );
+        assert!(
+            journal.lines().all(|l| l.starts_with('<')),
+            "every line needs a priority prefix:\n{journal}"
+        );
+    }
+}
+
+#[test]
+fn unflushed_writes_reach_s3_on_sigterm() {
+    let s3 = S3Server::start();
+    let mut d = NbdS3::with_export(&s3, "disk");
+    // Two blocks' worth of writes, no FLUSH, no FUA; the client disconnects.
+    nbdsh(
+        &d.uri("disk"),
+        &[
+            "h.pwrite(b'\\xab' * 4096, 0)",
+            "h.pwrite(b'nbd-s3 sigterm test', 1048576 + 100)",
+        ],
+    );
+    d.sigterm();
+    let status = d.wait_exit(DAEMON_TIMEOUT);
+    assert!(status.success(), "exit {status:?}:\n{}", d.logs());
+    assert!(status.signal().is_none());
+    let keys = s3.list_keys("nbd", "disk/");
+    assert!(
+        keys.iter().any(|k| k.ends_with("0000000000000000")),
+        "block 0 not in S3 after SIGTERM: {keys:?}\n{}",
+        d.logs()
+    );
+    let block0 = s3
+        .read_object("nbd", "disk/0000000000000000")
+        .expect("block 0 object");
+    assert_eq!(&block0[..4096], &[0xab; 4096][..]);
+
+    d.restart();
+    let out = nbdsh(
+        &d.uri("disk"),
+        &[
+            "assert h.pread(4096, 0) == b'\\xab' * 4096",
+            "print(h.pread(19, 1048576 + 100).decode())",
+        ],
+    );
+    assert_eq!(stdout(&out).trim(), "nbd-s3 sigterm test");
+}

@@ -1,0 +1,355 @@
+//! The running daemon's live state and its life cycle: start, reload, status, shutdown.
+//! `service` decides *when* these happen (signals, file watcher, systemd); this module owns
+//! *what* happens, so tests and other front ends can drive a daemon without signals.
+
+use crate::backend::{BackendError, StoreFactory};
+use crate::config::{Config, ConfigError, ListenAddr};
+use crate::export::{Export, Registry};
+use crate::server::{Listener, ListenerHandle, Server};
+use crate::store::CacheBudget;
+use arc_swap::ArcSwap;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::{error, info, warn};
+
+/// Why the daemon could not start; the process logs it and exits 1.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The `[s3]` section cannot be turned into a client (bad endpoint, credentials file).
+    #[error("cannot set up the object store: {0}")]
+    Backend(#[from] BackendError),
+    /// A listen address is invalid or taken: fix `[server] listen` or stop the other process.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Why a reload changed nothing; the running exports and listeners stay as they were.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// Ad-hoc mode (`--export-name`) has no file to re-read.
+    #[error("no configuration file to reload (ad-hoc mode)")]
+    NoConfigFile,
+    /// The file is unreadable or invalid; each line is `PATH:LINE: message`.
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+}
+
+/// One export whose dirty data could not be stored at shutdown.
+#[derive(Debug, Clone)]
+pub struct FlushFailure {
+    /// Export name.
+    pub export: String,
+    /// Dirty bytes still only in memory.
+    pub dirty_bytes: u64,
+    /// The last error from the object store (names the failing block where the store does).
+    pub error: String,
+}
+
+/// What shutdown achieved; empty `failed` means every acknowledged write is in S3.
+#[derive(Debug, Default)]
+pub struct ShutdownReport {
+    /// Exports that still hold dirty data.
+    pub failed: Vec<FlushFailure>,
+}
+
+/// The live daemon. Shared (`Arc`) by the signal loop, the watchdog and status reporting.
+pub struct Daemon {
+    config: ArcSwap<Config>,
+    config_path: Option<PathBuf>,
+    registry: Arc<Registry>,
+    factory: StoreFactory,
+    budget: Arc<CacheBudget>,
+    server: Server,
+    listeners: tokio::sync::Mutex<HashMap<ListenAddr, ListenerHandle>>,
+    /// Serialises reloads: SIGHUP and the file watcher may fire together.
+    reload_lock: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for Daemon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Daemon")
+            .field("config_path", &self.config_path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Daemon {
+    /// Opens every export and binds every listener; returns only when clients can connect,
+    /// which is the moment the caller may report readiness.
+    pub async fn start(
+        config: Config,
+        config_path: Option<PathBuf>,
+    ) -> Result<Arc<Daemon>, StartError> {
+        let factory = StoreFactory::new(&config.s3).await?;
+        let budget = CacheBudget::new(config.cache.memory, config.cache.dirty);
+        let registry = Registry::new();
+        let server = Server::new(Arc::clone(&registry));
+        let daemon = Arc::new(Daemon {
+            config: ArcSwap::from_pointee(config.clone()),
+            config_path,
+            registry,
+            factory,
+            budget,
+            server,
+            listeners: tokio::sync::Mutex::new(HashMap::new()),
+            reload_lock: tokio::sync::Mutex::new(()),
+        });
+        daemon.open_all(&config).await;
+        let mut listeners = daemon.listeners.lock().await;
+        for addr in &config.server.listen {
+            let handle = daemon.bind(addr).await.map_err(|source| StartError::Bind {
+                addr: show_addr(addr),
+                source,
+            })?;
+            listeners.insert(addr.clone(), handle);
+        }
+        drop(listeners);
+        Ok(daemon)
+    }
+
+    async fn open_all(&self, config: &Config) {
+        let exports = crate::export::open_all(
+            &config.exports,
+            &self.factory,
+            &self.budget,
+            config.cache.flush_timeout,
+        )
+        .await;
+        self.registry.replace(exports);
+    }
+
+    async fn bind(&self, addr: &ListenAddr) -> std::io::Result<ListenerHandle> {
+        // `Server::spawn_listener` logs `listening on <addr>` with the real port.
+        let listener = Listener::bind(addr).await?;
+        Ok(self.server.spawn_listener(listener))
+    }
+
+    /// The configuration currently applied.
+    pub fn config(&self) -> Arc<Config> {
+        self.config.load_full()
+    }
+
+    /// The export registry connections resolve names in.
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// Re-reads the file and applies it: exports per `reload::plan`, listeners bound/closed.
+    /// An invalid file changes nothing and is returned (and logged) with its file:line.
+    pub async fn reload(&self) -> Result<(), ReloadError> {
+        let _one_at_a_time = self.reload_lock.lock().await;
+        let Some(path) = &self.config_path else {
+            warn!("reload requested, but there is no configuration file (ad-hoc mode)");
+            return Err(ReloadError::NoConfigFile);
+        };
+        let new = match Config::load(path) {
+            Ok(new) => new,
+            Err(e) => {
+                for line in e.lines() {
+                    error!("reload refused, configuration unchanged: {line}");
+                }
+                return Err(e.into());
+            }
+        };
+        let old = self.config.load_full();
+        let plan = crate::reload::plan(&old, &new, &self.registry);
+        let (added, removed) = (plan.listen_added.clone(), plan.listen_removed.clone());
+        let mut applied = crate::reload::apply_exports(
+            plan,
+            &self.registry,
+            &self.factory,
+            &self.budget,
+            old.cache.flush_timeout,
+        )
+        .await;
+        let bound = self.apply_listeners(&added, &removed).await;
+        // A listener that failed to bind stays out of the effective config, so the next reload
+        // tries it again.
+        applied
+            .effective
+            .server
+            .listen
+            .retain(|a| bound.contains(a));
+        self.config.store(Arc::new(applied.effective));
+        info!("reload complete: {}", self.status());
+        Ok(())
+    }
+
+    /// Closes `removed`, binds `added` (a failure is logged, not fatal: the other listeners
+    /// keep serving); returns every address now listening.
+    async fn apply_listeners(
+        &self,
+        added: &[ListenAddr],
+        removed: &[ListenAddr],
+    ) -> Vec<ListenAddr> {
+        let mut listeners = self.listeners.lock().await;
+        for addr in removed {
+            if let Some(handle) = listeners.remove(addr) {
+                info!("closed listener {}", handle.addr());
+                handle.close();
+            }
+        }
+        for addr in added {
+            if listeners.contains_key(addr) {
+                continue;
+            }
+            match self.bind(addr).await {
+                Ok(handle) => {
+                    listeners.insert(addr.clone(), handle);
+                }
+                Err(e) => error!("cannot listen on {}: {e}", show_addr(addr)),
+            }
+        }
+        listeners.keys().cloned().collect()
+    }
+
+    /// One line for `systemctl status` and the log: exports, clients, dirty data.
+    pub fn status(&self) -> String {
+        let exports = self.registry.list();
+        let refused = exports.iter().filter(|e| e.store.is_err()).count();
+        let served = exports.len() - refused;
+        let clients = self.server.connection_count();
+        let mut line = format!(
+            "serving {served} export{}, {clients} client{}, {} dirty",
+            plural(served),
+            plural(clients),
+            format_mib(self.dirty_bytes())
+        );
+        if refused > 0 {
+            line.push_str(&format!(", {refused} refused"));
+        }
+        line
+    }
+
+    /// Dirty bytes over every export still alive, including removed ones still draining.
+    pub fn dirty_bytes(&self) -> u64 {
+        self.live_exports()
+            .iter()
+            .filter_map(|e| e.store.as_ref().ok())
+            .map(|s| s.dirty_bytes())
+            .sum()
+    }
+
+    /// Exports (name, dirty bytes) still holding data not in S3: what an abort would lose.
+    pub fn dirty_exports(&self) -> Vec<(String, u64)> {
+        let mut out: Vec<(String, u64)> = self
+            .live_exports()
+            .iter()
+            .filter_map(|e| {
+                let dirty = e.store.as_ref().ok()?.dirty_bytes();
+                (dirty > 0).then(|| (e.name().to_owned(), dirty))
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Number of open client connections.
+    pub fn connection_count(&self) -> usize {
+        self.server.connection_count()
+    }
+
+    /// Served exports plus removed ones still draining: everything that may hold dirty data.
+    fn live_exports(&self) -> Vec<Arc<Export>> {
+        let mut live = self.registry.list();
+        for export in self.registry.draining() {
+            if !live.iter().any(|e| e.same_instance(&export)) {
+                live.push(export);
+            }
+        }
+        live
+    }
+
+    /// Stops accepting, lets in-flight requests finish within `grace` (then ESHUTDOWN), and
+    /// flushes every export. Keeps retrying an export's flush while its dirty data shrinks.
+    pub async fn shutdown(&self, grace: Duration) -> ShutdownReport {
+        for (_, handle) in self.listeners.lock().await.drain() {
+            info!("closed listener {}", handle.addr());
+            handle.close();
+        }
+        self.server.shutdown(grace).await;
+        let mut tasks = tokio::task::JoinSet::new();
+        for export in self.live_exports() {
+            tasks.spawn(flush_export(export));
+        }
+        let mut report = ShutdownReport::default();
+        while let Some(done) = tasks.join_next().await {
+            match done {
+                Ok(Some(failure)) => report.failed.push(failure),
+                Ok(None) => {}
+                Err(e) => error!("flush task failed: {e}"),
+            }
+        }
+        report.failed.sort_by(|a, b| a.export.cmp(&b.export));
+        report
+    }
+}
+
+/// Flushes one export until it is clean, or until an attempt fails without progress.
+async fn flush_export(export: Arc<Export>) -> Option<FlushFailure> {
+    let store = export.store.as_ref().ok()?;
+    let mut before = store.dirty_bytes();
+    loop {
+        match store.flush().await {
+            Ok(()) => {
+                info!(export = export.name(), "flushed");
+                return None;
+            }
+            Err(e) => {
+                let now = store.dirty_bytes();
+                if now > 0 && now < before {
+                    warn!(export = export.name(), "flush incomplete ({e}); retrying");
+                    before = now;
+                    continue;
+                }
+                error!(export = export.name(), "flush failed: {e}");
+                return Some(FlushFailure {
+                    export: export.name().to_owned(),
+                    dirty_bytes: now,
+                    error: e.to_string(),
+                });
+            }
+        }
+    }
+}
+
+/// An address as an admin wrote it.
+pub fn show_addr(addr: &ListenAddr) -> String {
+    match addr {
+        ListenAddr::Tcp(s) => s.clone(),
+        ListenAddr::Unix(p) => format!("unix:{}", p.display()),
+    }
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 {
+        ""
+    } else {
+        "s"
+    }
+}
+
+/// `12.0 MiB`: dirty data is what an admin waits for at shutdown, MiB is the useful unit.
+pub fn format_mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_units() {
+        assert_eq!(format_mib(12 * 1024 * 1024), "12.0 MiB");
+        assert_eq!(format_mib(0), "0.0 MiB");
+        assert_eq!(plural(1), "");
+        assert_eq!(plural(3), "s");
+        assert_eq!(show_addr(&ListenAddr::Unix("/run/x".into())), "unix:/run/x");
+    }
+}
