@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WS=${WS:-256M}; RT=${RT:-10}; STORE=${STORE:-s3}
-SIZE=1G PORT=${PORT:-10960}
+SIZE=1G
 NBDS3=${NBDS3:-$PWD/target/release/nbd-s3}
 [ -n "${NO_BUILD:-}" ] || cargo build --release --locked --bin nbd-s3 >&2
 S3FS=${S3S_FS:-$(command -v s3s-fs || echo "$HOME/.cargo/bin/s3s-fs")}
@@ -20,9 +20,13 @@ PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$W"; }
 trap cleanup EXIT
 
-wait_nbd() { # URI: until nbdinfo connects (the server is ready), 20 s at most
-  for _ in $(seq 200); do nbdinfo --size "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done
-  echo "server for $1 did not start; logs in $W" >&2; exit 1
+wait_nbd() { # URI PID LOG: until nbdinfo connects (the server is ready), 60 s at most
+  for _ in $(seq 600); do
+    nbdinfo --size "$1" >/dev/null 2>&1 && return 0
+    kill -0 "$2" 2>/dev/null || break
+    sleep 0.1
+  done
+  echo "server for $1 did not start:" >&2; cat "$3" >&2; exit 1
 }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
@@ -58,7 +62,7 @@ run_workloads() { # PEER URI
 # --- nbdkit memory (the reference) ---
 port=$(free_port)
 nbdkit -f --exit-with-parent -p "$port" -i 127.0.0.1 memory "$SIZE" >"$W/nbdkit.log" 2>&1 &
-PIDS+=($!); wait_nbd "nbd://127.0.0.1:$port/"
+PIDS+=($!); wait_nbd "nbd://127.0.0.1:$port/" $! "$W/nbdkit.log"
 run_workloads nbdkit-memory "nbd://127.0.0.1:$port/"
 kill "${PIDS[-1]}"; wait "${PIDS[-1]}" 2>/dev/null || true
 
@@ -95,7 +99,7 @@ bucket = "nbd"
 prefix = "bench/"
 T
 "$NBDS3" serve --config "$W/exports.toml" >"$W/nbd-s3.log" 2>&1 &
-PIDS+=($!); wait_nbd "nbd://127.0.0.1:$port/bench"
+PIDS+=($!); wait_nbd "nbd://127.0.0.1:$port/bench" $! "$W/nbd-s3.log"
 run_workloads nbd-s3 "nbd://127.0.0.1:$port/bench"
 
 echo
