@@ -21,6 +21,12 @@ pub trait BucketSource: Send + Sync {
     fn bucket(&self, bucket: &str) -> Result<DynObjectStore, BackendError>;
 }
 
+impl BucketSource for crate::backend::StoreFactory {
+    fn bucket(&self, bucket: &str) -> Result<DynObjectStore, BackendError> {
+        Ok(crate::backend::StoreFactory::bucket(self, bucket))
+    }
+}
+
 /// State shared by every version of one export (a reload that only changes its description or
 /// grows it makes a new `Export` around the same store): who is attached, whether it was
 /// removed from the configuration.

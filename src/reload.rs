@@ -225,9 +225,7 @@ pub async fn apply_exports<F: BucketSource + ?Sized>(
     budget: &Arc<CacheBudget>,
     flush_timeout: Duration,
 ) -> Applied {
-    for section in &plan.restart_needed {
-        warn!("{section} changed: needs a restart to take effect (keeping the running settings)");
-    }
+    // `plan.restart_needed` is logged by the daemon (`Daemon::reload`), once per reload.
     let current = registry.snapshot();
     let mut next = BTreeMap::new();
     let mut retire = Vec::new();
