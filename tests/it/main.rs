@@ -13,3 +13,4 @@ mod raw_nbd;
 mod reload;
 mod service;
 mod store;
+mod store_load;
