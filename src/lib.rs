@@ -7,6 +7,7 @@
 
 pub mod backend;
 pub mod config;
+pub mod daemon;
 pub mod export;
 pub mod proto;
 pub mod reload;
