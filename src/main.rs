@@ -146,15 +146,9 @@ fn serve(args: ServeArgs) -> ExitCode {
     run_daemon(config, path)
 }
 
-/// Placeholder until `service::run` lands (service developer); then this calls it.
+/// Runs the daemon (service developer's `service::run`: logging, signals, sd-notify).
 fn run_daemon(config: Config, path: Option<PathBuf>) -> ExitCode {
-    nbd_s3::service::logging::init();
-    tracing::error!(
-        exports = config.exports.len(),
-        ?path,
-        "the daemon is not built yet"
-    );
-    ExitCode::FAILURE
+    nbd_s3::service::run(config, path)
 }
 
 /// Ad-hoc flags, else the named file, else the default file, else the embedded example.
