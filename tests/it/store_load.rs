@@ -102,7 +102,7 @@ impl FuseExport {
             if let Some(st) = fe.qsd.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 panic!("qemu-storage-daemon exited with {st}");
             }
-            std::fs::metadata(&fe.file).map(|m| m.len()) == Ok(size)
+            std::fs::metadata(&fe.file).is_ok_and(|m| m.len() == size)
         });
         fe
     }
