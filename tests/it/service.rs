@@ -17,7 +17,7 @@ struct Raw {
     child: Child,
     notify: UnixDatagram,
     received: Vec<String>,
-    dir: tempfile::TempDir,
+    _dir: tempfile::TempDir,
 }
 
 impl Raw {
@@ -54,7 +54,7 @@ impl Raw {
             child,
             notify,
             received: vec![],
-            dir,
+            _dir: dir,
         }
     }
 
@@ -373,4 +373,54 @@ fn unflushed_writes_reach_s3_on_sigterm() {
         ],
     );
     assert_eq!(stdout(&out).trim(), "nbd-s3 sigterm test");
+}
+
+/// Writes one whole 128 KiB block (no read-modify-write, so no S3 GET) without FLUSH.
+fn write_block_no_flush(d: &NbdS3, export: &str) {
+    nbdsh(&d.uri(export), &["h.pwrite(b'\\x5a' * 131072, 0)"]);
+}
+
+#[test]
+fn second_sigterm_aborts_flush_with_exit_2_naming_what_was_lost() {
+    let s3 = S3Server::start();
+    let mut d = NbdS3::with_export(&s3, "disk");
+    // S3 hangs from now on: the write is acknowledged from the cache, write-back cannot finish.
+    s3.freeze();
+    write_block_no_flush(&d, "disk");
+    d.sigterm();
+    d.wait_for_notify("STOPPING=1", DAEMON_TIMEOUT);
+    d.wait_for_log("stopping: flushing", DAEMON_TIMEOUT);
+    d.sigterm();
+    let status = d.wait_exit(DAEMON_TIMEOUT);
+    s3.thaw();
+    let logs = d.logs();
+    assert_eq!(status.code(), Some(2), "exit {status:?}:\n{logs}");
+    let line = logs
+        .lines()
+        .find(|l| l.contains("second SIGTERM"))
+        .unwrap_or_else(|| panic!("no abort message:\n{logs}"));
+    assert!(
+        line.contains("NOT flushed") && line.contains("disk"),
+        "the abort message must name the export that lost data: {line}"
+    );
+}
+
+#[test]
+fn s3_refusing_the_final_flush_exits_1_naming_the_export() {
+    let mut s3 = S3Server::start();
+    let mut d = NbdS3::builder(&s3)
+        .export(ExportSpec::new("disk"))
+        .flush_timeout("2s")
+        .start();
+    s3.stop();
+    write_block_no_flush(&d, "disk");
+    d.sigterm();
+    let status = d.wait_exit(DAEMON_TIMEOUT);
+    let logs = d.logs();
+    assert_eq!(status.code(), Some(1), "exit {status:?}:\n{logs}");
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("NOT flushed") && l.contains("disk")),
+        "the log must name the export whose data was not stored:\n{logs}"
+    );
 }
