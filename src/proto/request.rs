@@ -194,11 +194,10 @@ impl RequestError {
     pub fn to_errno(&self) -> u32 {
         match self {
             RequestError::ReadOnly(_) => EPERM,
-            RequestError::OutOfRange { command, .. }
-                if matches!(command, Command::Write | Command::WriteZeroes) =>
-            {
-                ENOSPC
-            }
+            RequestError::OutOfRange {
+                command: Command::Write | Command::WriteZeroes,
+                ..
+            } => ENOSPC,
             _ => EINVAL,
         }
     }

@@ -107,6 +107,8 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<'_, R, W> {
     ) -> Result<Step, NegotiateError> {
         let mut hb = [0u8; OPTION_HEADER_LEN];
         tokio::select! {
+            // An option already on its way is answered (ERR_SHUTDOWN) rather than cut off.
+            biased;
             r = self.reader.read_exact(&mut hb) => { r?; }
             _ = state.wait_for(|s| *s != State::Running) => return Err(NegotiateError::ShuttingDown),
         }
