@@ -25,7 +25,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the daemon (exports from the configuration file, or one ad-hoc export from flags).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Parse and validate the configuration, print a summary of the exports.
     CheckConfig(CheckArgs),
 }
@@ -97,7 +97,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::CheckConfig(args) => check_config(args),
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
     }
 }
 

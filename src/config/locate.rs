@@ -126,7 +126,7 @@ pub fn diagnose(path: &str, src: &str, err: &toml::de::Error) -> Diagnostic {
     let at = span.start;
     let line = line_of(src, at);
     let locator = Locator::new(src);
-    let is_top_key = locator.top_keys.iter().any(|k| *k == span);
+    let is_top_key = locator.top_keys.contains(&span);
     let section = if is_top_key {
         None
     } else {

@@ -254,8 +254,9 @@ fn removed_export_keeps_attached_client_and_readding_serves_same_data() {
         .read_object("nbd", "a/0000000000000008")
         .expect("flushed block 8 in S3");
     assert!(block8[..4096].iter().all(|&x| x == 0x42) && block8[4096..].iter().all(|&x| x == 0));
+    let mark = d.log_mark();
     session.close();
-    d.wait_for_log("released", SLOW);
+    d.wait_for_log_after(mark, "removed export released", SLOW);
     // Re-adding it serves the same data.
     d.rewrite_config(|c| c.exports.push(ExportSpec::new("a").size("16MiB")));
     wait_listed(&d, &["a", "keep"], VISIBLE_WITHIN);
