@@ -285,3 +285,68 @@ async fn conditional_writes() {
         &b"owner-a2"[..]
     );
 }
+
+/// Raw parallel PUT/GET rate of 128 KiB objects: the ceiling the block store's write-back and
+/// read paths are compared against (issue 4). A benchmark, not a test: run it with
+/// `cargo test --release --test it backend_s3::raw_parallel -- --ignored --nocapture`
+/// (`BENCH_OBJECTS`, `BENCH_INFLIGHT`, `BENCH_OBJECT_SIZE` override the defaults).
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "benchmark; run explicitly"]
+async fn raw_parallel_put_get_rate() {
+    let env = |k: &str, d: usize| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let objects = env("BENCH_OBJECTS", 2000);
+    let inflight = env("BENCH_INFLIGHT", 32);
+    let size = env("BENCH_OBJECT_SIZE", 128 * 1024);
+    let (_s3, store) = setup().await;
+    let store = Arc::new(store);
+    let data = Bytes::from(pattern(size, 9));
+
+    let puts = run_parallel(objects, inflight, |i| {
+        let (store, data) = (store.clone(), data.clone());
+        async move { store.put(&format!("b/{i:016x}"), data).await }
+    })
+    .await;
+    let gets = run_parallel(objects, inflight, |i| {
+        let (store, len) = (store.clone(), data.len());
+        async move {
+            let got = store.get(&format!("b/{i:016x}")).await?;
+            assert_eq!(got.map(|b| b.len()), Some(len));
+            Ok(())
+        }
+    })
+    .await;
+    for (what, t) in [("PUT", puts), ("GET", gets)] {
+        let secs = t.as_secs_f64();
+        eprintln!(
+            "raw {what}: {objects} x {} KiB, {inflight} in flight: {:.0} objects/s, {:.1} MiB/s",
+            size / 1024,
+            objects as f64 / secs,
+            (objects * size) as f64 / secs / (1024.0 * 1024.0)
+        );
+    }
+}
+
+/// Runs `op(0..n)` with at most `inflight` at once; returns the elapsed time.
+async fn run_parallel<F, Fut>(n: usize, inflight: usize, op: F) -> Duration
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = Result<(), BackendError>> + Send + 'static,
+{
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..n {
+        tasks.spawn(op(i));
+        while tasks.len() >= inflight {
+            tasks.join_next().await.unwrap().unwrap().unwrap();
+        }
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap().unwrap();
+    }
+    start.elapsed()
+}
