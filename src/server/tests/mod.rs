@@ -42,9 +42,9 @@ fn export_config(name: &str, read_only: bool) -> ExportConfig {
     }
 }
 
-async fn open(cfg: &ExportConfig) -> Arc<Export> {
+async fn open(cfg: &ExportConfig, objects: Arc<MemoryStore>) -> Arc<Export> {
     let store = BlockStore::open(
-        Arc::new(MemoryStore::new()),
+        objects,
         BlockStoreConfig {
             prefix: cfg.prefix.clone(),
             size: cfg.size,
@@ -61,9 +61,21 @@ async fn open(cfg: &ExportConfig) -> Arc<Export> {
 
 /// Exports `disk` (rw), `ro` (read-only) and `bad` (refused).
 pub(super) async fn registry() -> Arc<Registry> {
+    registry_with(Arc::new(MemoryStore::new())).await
+}
+
+/// Like `registry`, with `disk` stored in `objects` (tests pause it or pre-load blocks).
+pub(super) async fn registry_with(objects: Arc<MemoryStore>) -> Arc<Registry> {
     let mut map = BTreeMap::new();
-    map.insert("disk".to_owned(), open(&export_config("disk", false)).await);
-    map.insert("ro".to_owned(), open(&export_config("ro", true)).await);
+    map.insert(
+        "disk".to_owned(),
+        open(&export_config("disk", false), objects).await,
+    );
+    let ro_objects = Arc::new(MemoryStore::new());
+    map.insert(
+        "ro".to_owned(),
+        open(&export_config("ro", true), ro_objects).await,
+    );
     let bad = Export::new(
         export_config("bad", false),
         Err("block size mismatch: 4096 vs 65536".into()),
@@ -75,7 +87,11 @@ pub(super) async fn registry() -> Arc<Registry> {
 }
 
 pub(super) async fn fixture() -> Fixture {
-    let server = Server::new(registry().await);
+    fixture_with(Arc::new(MemoryStore::new())).await
+}
+
+pub(super) async fn fixture_with(objects: Arc<MemoryStore>) -> Fixture {
+    let server = Server::new(registry_with(objects).await);
     let listener = Listener::bind(&ListenAddr::Tcp("127.0.0.1:0".into()))
         .await
         .expect("bind");

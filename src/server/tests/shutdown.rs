@@ -59,3 +59,65 @@ async fn options_during_shutdown_get_err_shutdown() {
     assert_eq!(out.len(), 18 + 20 + "server is shutting down".len());
     assert_eq!(&out[18 + 12..18 + 16], &REP_ERR_SHUTDOWN.to_be_bytes());
 }
+
+/// A store with block 0 present (so a READ must GET it) and paused: the GET hangs.
+async fn paused_store() -> Arc<MemoryStore> {
+    let mem = Arc::new(MemoryStore::new());
+    mem.insert(
+        "disk/0000000000000000",
+        bytes::Bytes::from(vec![7u8; BLOCK as usize]),
+    );
+    mem
+}
+
+async fn wait_held(mem: &MemoryStore) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while mem.waiting() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "request never reached the store"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+#[tokio::test]
+async fn in_flight_requests_finish_within_the_grace_time() {
+    let mem = paused_store().await;
+    let f = fixture_with(Arc::clone(&mem)).await;
+    let mut c = f.structured().await;
+    mem.pause();
+    c.request(CMD_READ, 0, 1, 0, 4096).await;
+    wait_held(&mem).await;
+    let server = f.server.clone();
+    let stop = tokio::spawn(async move { server.shutdown(Duration::from_secs(30)).await });
+    // a new request during the drain is refused
+    c.request(CMD_FLUSH, 0, 2, 0, 0).await;
+    assert_eq!(c.simple().await, (ESHUTDOWN, 2));
+    mem.resume();
+    let data = c.chunks().await;
+    assert_eq!(data[0].kind, REPLY_TYPE_OFFSET_DATA);
+    assert_eq!(&data[0].data[8..], &[7u8; 4096][..]);
+    c.expect_closed().await;
+    tokio::time::timeout(Duration::from_secs(10), stop)
+        .await
+        .expect("shutdown returned")
+        .unwrap();
+}
+
+#[tokio::test]
+async fn requests_past_the_grace_time_get_eshutdown() {
+    let mem = paused_store().await;
+    let f = fixture_with(Arc::clone(&mem)).await;
+    let mut c = f.structured().await;
+    mem.pause();
+    c.request(CMD_READ, 0, 1, 0, 4096).await;
+    wait_held(&mem).await;
+    f.server.shutdown(Duration::from_millis(50)).await;
+    let e = c.chunks().await;
+    assert_eq!(e[0].kind, REPLY_TYPE_ERROR);
+    assert_eq!(&e[0].data[..4], &ESHUTDOWN.to_be_bytes());
+    c.expect_closed().await;
+    assert_eq!(f.server.connection_count(), 0);
+    mem.resume();
+}
