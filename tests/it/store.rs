@@ -173,7 +173,11 @@ fn read_your_writes_across_connections() {
     let bed = Bed::start(vec![ExportSpec::new("ryw")
         .size("8MiB")
         .block_size("64KiB")]);
-    let uri = bed.uri("ryw");
+    check_read_your_writes(&bed.uri("ryw"));
+}
+
+/// Two simultaneous connections see each other's writes and zeroes at once, no FLUSH.
+pub fn check_read_your_writes(uri: &str) {
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (pattern(1, 0, 200_000), pattern(2, 0, 70_000));
     std::fs::write(dir.path().join("a"), &a).unwrap();
@@ -197,7 +201,7 @@ print('ok')
         a = dir.path().join("a").to_str().unwrap(),
         b = dir.path().join("b").to_str().unwrap(),
     );
-    let out = nbdsh(&uri, &[&code]);
+    let out = nbdsh(uri, &[&code]);
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
 }
 
@@ -253,6 +257,50 @@ fn sigterm_flushes_unflushed_writes() {
     assert_image(
         "after SIGTERM + restart",
         &nbd_read(&bed.uri("st"), 0, size),
+        &image,
+        bs,
+    );
+}
+
+#[test]
+fn fua_writes_are_stored_before_their_reply() {
+    let (size, bs) = (MIB, 64 * KIB);
+    let mut bed = Bed::start(vec![ExportSpec::new("fua")
+        .size("1MiB")
+        .block_size("64KiB")]);
+    let uri = bed.uri("fua");
+    let dir = tempfile::tempdir().unwrap();
+    let data = pattern(60, 0, bs as usize + 100);
+    std::fs::write(dir.path().join("d"), &data).unwrap();
+    let mut image = vec![0u8; size as usize];
+    apply(&mut image, &[(2 * bs, pattern(61, 0, bs as usize))]);
+    nbd_write(
+        &uri,
+        &[(2 * bs, image[2 * bs as usize..3 * bs as usize].to_vec())],
+        true,
+    );
+    // No FLUSH from here on: only FUA makes these durable.
+    let code = format!(
+        "h.pwrite(open({:?}, 'rb').read(), {}, nbd.CMD_FLAG_FUA)\nh.trim({bs}, {}, nbd.CMD_FLAG_FUA)",
+        dir.path().join("d").to_str().unwrap(),
+        5 * bs - 50,
+        2 * bs
+    );
+    nbdsh(&uri, &[&code]);
+    apply(&mut image, &[(5 * bs - 50, data)]);
+    image[2 * bs as usize..3 * bs as usize].fill(0);
+    // Stored at reply time, before any flush or shutdown: check the bucket right away.
+    assert_eq!(
+        bed.keys("fua/"),
+        expected_keys("fua/", &image, bs),
+        "objects after FUA"
+    );
+    assert_objects_match(&bed, "fua/", &image, bs);
+    bed.nbd.kill9();
+    bed.nbd.restart();
+    assert_image(
+        "FUA data after kill -9",
+        &nbd_read(&bed.uri("fua"), 0, size),
         &image,
         bs,
     );
