@@ -267,16 +267,18 @@ impl Daemon {
     }
 
     /// Stops accepting, lets in-flight requests finish within `grace` (then ESHUTDOWN), and
-    /// flushes every export. Keeps retrying an export's flush while its dirty data shrinks.
+    /// flushes every export (removed ones still draining too). An export's flush keeps going
+    /// while its dirty data shrinks; one `[cache] flush_timeout` without progress fails it.
     pub async fn shutdown(&self, grace: Duration) -> ShutdownReport {
         for (_, handle) in self.listeners.lock().await.drain() {
             info!("closed listener {}", handle.addr());
             handle.close();
         }
         self.server.shutdown(grace).await;
+        let step = self.config().cache.flush_timeout;
         let mut tasks = tokio::task::JoinSet::new();
         for export in self.live_exports() {
-            tasks.spawn(flush_export(export));
+            tasks.spawn(flush_export(export, step));
         }
         let mut report = ShutdownReport::default();
         while let Some(done) = tasks.join_next().await {
@@ -291,12 +293,14 @@ impl Daemon {
     }
 }
 
-/// Flushes one export until it is clean, or until an attempt fails without progress.
-async fn flush_export(export: Arc<Export>) -> Option<FlushFailure> {
+/// Flushes one export until it is clean. Each attempt may take `step`; the flush goes on as
+/// long as attempts make progress (dirty data shrinks), so a slow S3 is waited for and a dead
+/// one is reported, with the blocks it refused, instead of hanging until systemd's SIGKILL.
+async fn flush_export(export: Arc<Export>, step: Duration) -> Option<FlushFailure> {
     let store = export.store.as_ref().ok()?;
     let mut before = store.dirty_bytes();
     loop {
-        match store.flush().await {
+        match store.shutdown_flush(Some(step)).await {
             Ok(()) => {
                 info!(export = export.name(), "flushed");
                 return None;
@@ -304,7 +308,11 @@ async fn flush_export(export: Arc<Export>) -> Option<FlushFailure> {
             Err(e) => {
                 let now = store.dirty_bytes();
                 if now > 0 && now < before {
-                    warn!(export = export.name(), "flush incomplete ({e}); retrying");
+                    info!(
+                        export = export.name(),
+                        "flush still progressing ({} left); continuing",
+                        format_mib(now)
+                    );
                     before = now;
                     continue;
                 }

@@ -13,7 +13,7 @@ use tracing::{error, info};
 /// How long in-flight requests may run before they are answered with ESHUTDOWN.
 pub const REQUEST_GRACE: Duration = Duration::from_secs(10);
 /// How often flush progress is logged and the stop timeout extended.
-const PROGRESS_EVERY: Duration = Duration::from_secs(2);
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 /// Each sign of progress buys this much more time from systemd's TimeoutStopSec.
 const EXTEND_BY: Duration = Duration::from_secs(60);
 
@@ -72,7 +72,7 @@ fn finish(report: ShutdownReport, notifier: &Notifier) -> ExitCode {
     for f in &report.failed {
         error!(
             export = %f.export,
-            "NOT flushed: {} of dirty data could not be stored: {}",
+            "NOT flushed: {} of dirty data is not in S3: {}",
             format_mib(f.dirty_bytes),
             f.error
         );

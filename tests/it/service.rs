@@ -423,4 +423,8 @@ fn s3_refusing_the_final_flush_exits_1_naming_the_export() {
             .any(|l| l.contains("NOT flushed") && l.contains("disk")),
         "the log must name the export whose data was not stored:\n{logs}"
     );
+    assert!(
+        logs.contains("disk/0000000000000000"),
+        "the log must name the block that was not stored:\n{logs}"
+    );
 }
