@@ -53,7 +53,7 @@ impl Bed {
             .bystander
             .read_at(c, off, 64 * 1024)
             .expect("bystander read");
-        assert!(back == data, "bystander read back different bytes");
+        assert_bytes("bystander read back", &back, &data);
     }
 
     /// After a hostile act: the bystander still works and a fresh connection sees its data.
@@ -62,9 +62,10 @@ impl Bed {
         let mut fresh = self.open();
         let off = SIZE - 64 * 1024;
         let back = fresh.read_at(7, off, 64 * 1024).expect("fresh read");
-        assert!(
-            back == pattern(self.rounds, off, 64 * 1024),
-            "fresh connection sees other data"
+        assert_bytes(
+            "fresh connection reading the bystander's data",
+            &back,
+            &pattern(self.rounds, off, 64 * 1024),
         );
         let d = pattern(99, 4096, 4096);
         assert_eq!(fresh.write_at(8, 4096, &d), 0, "fresh write");
@@ -432,10 +433,8 @@ fn client_dying_mid_write_payload_changes_nothing() {
     c.s.shutdown(std::net::Shutdown::Write).unwrap();
     c.expect_closed("EOF mid-payload");
     bed.check_served();
-    assert!(
-        w.read_at(5, off, 65536).unwrap() == base,
-        "a torn write was applied"
-    );
+    let back = w.read_at(5, off, 65536).unwrap();
+    assert_bytes("region under torn writes (must be unchanged)", &back, &base);
 }
 
 #[test]
@@ -485,9 +484,11 @@ fn disc_with_requests_outstanding_answers_them_then_closes() {
     let mut f = bed.open();
     for i in 0..8u64 {
         let off = (2 << 20) + i * 65536;
-        assert!(
-            f.read_at(i, off, 65536).unwrap() == pattern(i, off, 65536),
-            "write {i} lost"
+        let back = f.read_at(i, off, 65536).unwrap();
+        assert_bytes(
+            &format!("write {i} before DISC"),
+            &back,
+            &pattern(i, off, 65536),
         );
     }
     bed.check_served();
@@ -545,20 +546,19 @@ fn sixty_four_pipelined_requests() {
             rep.cookie
         );
         if n > 0 {
-            assert!(
-                rep.data == pattern(7, off, n),
-                "read {} returned wrong data",
-                rep.cookie
-            );
+            let what = format!("pipelined read {}", rep.cookie);
+            assert_bytes(&what, &rep.data, &pattern(7, off, n));
         }
     }
     writer.join().unwrap().unwrap();
     assert_eq!(seen.len(), 64);
     for i in 0..32u64 {
         let woff = base + (1 << 20) + i * 4096;
-        assert!(
-            r.read_at(i, woff, 4096).unwrap() == pattern(8, woff, 4096),
-            "pipelined write {i}"
+        let back = r.read_at(i, woff, 4096).unwrap();
+        assert_bytes(
+            &format!("pipelined write {i}"),
+            &back,
+            &pattern(8, woff, 4096),
         );
     }
     bed.check_served();

@@ -378,3 +378,18 @@ pub fn pattern(seed: u64, offset: u64, len: usize) -> Vec<u8> {
         })
         .collect()
 }
+
+/// Asserts equal byte strings, describing the first difference instead of dumping both.
+pub fn assert_bytes(what: &str, got: &[u8], want: &[u8]) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
+        let zeros = got.iter().all(|&b| b == 0);
+        panic!(
+            "{what}: first difference at byte {i} of {}: got {:02x?}…, want {:02x?}…{}",
+            got.len(),
+            &got[i..(i + 8).min(got.len())],
+            &want[i..(i + 8).min(want.len())],
+            if zeros { " (got all zeros)" } else { "" }
+        );
+    }
+}
