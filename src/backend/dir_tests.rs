@@ -187,6 +187,8 @@ async fn conditional_writes_compare_and_swap() {
         None
     );
     assert_eq!(s.get("p/lock").await.unwrap().unwrap(), &b"c"[..]);
+    let probe = crate::backend::conditional::supports_conditional_writes(&s, "p/probe");
+    assert!(probe.await.unwrap());
 }
 
 #[tokio::test]

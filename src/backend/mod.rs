@@ -1,6 +1,7 @@
 //! Object stores: the only place that talks to S3 or the disk. Everything above sees whole
 //! objects addressed by key, so the block cache never depends on which store is behind it.
 
+pub mod conditional;
 pub mod dir;
 mod factory;
 pub mod integrity;

@@ -156,6 +156,10 @@ impl S3Store {
             Err(e) if status_of(&e) == Some(412) => Ok(None),
             // If-Match on a missing object.
             Err(e) if is_no_such_key(&e) => Ok(None),
+            Err(e) if status_of(&e) == Some(501) => Err(BackendError::Unsupported(format!(
+                "conditional writes (s3://{}/{key}: HTTP 501)",
+                self.bucket
+            ))),
             Err(e) => Err(self.map_err("conditional PUT", key, e)),
         }
     }

@@ -4,6 +4,7 @@
 
 use crate::common::{pattern, S3Server};
 use bytes::Bytes;
+use nbd_s3::backend::conditional::supports_conditional_writes;
 use nbd_s3::backend::integrity::{crc32c_hex, S3_METADATA_KEY};
 use nbd_s3::backend::s3::{build_client, S3Store};
 use nbd_s3::backend::{BackendError, ObjectStore, StoreFactory};
@@ -284,6 +285,11 @@ async fn conditional_writes() {
         store.get("vm1/nbd-s3.lock").await.unwrap().unwrap(),
         &b"owner-a2"[..]
     );
+    // The probe leases rely on agrees, and cleans up after itself.
+    assert!(supports_conditional_writes(&store, "vm1/nbd-s3.probe")
+        .await
+        .unwrap());
+    assert_eq!(store.get("vm1/nbd-s3.probe").await.unwrap(), None);
 }
 
 /// Raw parallel PUT/GET rate of 128 KiB objects: the ceiling the block store's write-back and

@@ -1,0 +1,144 @@
+//! Detects whether an object store really honours conditional writes. Some S3-compatible
+//! servers ignore `If-None-Match`/`If-Match` silently and overwrite, which would let two
+//! daemons both "hold" an export lease; leases are only safe after this probe passes.
+
+use super::{BackendError, ObjectStore};
+use bytes::Bytes;
+
+/// Tries create-if-absent and replace-if-match on `probe_key` (a key no one else uses, e.g.
+/// `<prefix>nbd-s3.probe`) and removes it again. `Ok(false)` when the store ignores or
+/// refuses the conditions; `Err` only when the store cannot be reached or refuses plain use.
+pub async fn supports_conditional_writes(
+    store: &dyn ObjectStore,
+    probe_key: &str,
+) -> Result<bool, BackendError> {
+    store.delete(probe_key).await?;
+    let verdict = probe(store, probe_key).await;
+    // Best effort: a leftover probe object is harmless, and the next probe deletes it first.
+    let _ = store.delete(probe_key).await;
+    match verdict {
+        Err(BackendError::Unsupported(_)) => Ok(false),
+        other => other,
+    }
+}
+
+/// The checks themselves; each must behave as S3 specifies.
+async fn probe(store: &dyn ObjectStore, key: &str) -> Result<bool, BackendError> {
+    let Some(first) = store.put_if_absent(key, Bytes::from_static(b"1")).await? else {
+        return Ok(false); // we just deleted it: "exists" means the condition is misread
+    };
+    if store
+        .put_if_absent(key, Bytes::from_static(b"2"))
+        .await?
+        .is_some()
+    {
+        return Ok(false); // If-None-Match ignored: the object was overwritten
+    }
+    let bogus = "\"00000000000000000000000000000000\"";
+    if bogus != first
+        && store
+            .put_if_match(key, Bytes::from_static(b"3"), bogus)
+            .await?
+            .is_some()
+    {
+        return Ok(false); // If-Match ignored
+    }
+    let replaced = store
+        .put_if_match(key, Bytes::from_static(b"4"), &first)
+        .await?;
+    if replaced.is_none() {
+        return Ok(false); // the store's ETags do not match what it returned on PUT
+    }
+    Ok(store.get(key).await?.as_deref() == Some(&b"4"[..]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::memory::MemoryStore;
+    use crate::backend::ETag;
+    use async_trait::async_trait;
+
+    #[tokio::test]
+    async fn honest_store_passes_and_probe_is_removed() {
+        let s = MemoryStore::new();
+        s.insert("p/nbd-s3.probe", Bytes::from_static(b"stale"));
+        assert!(supports_conditional_writes(&s, "p/nbd-s3.probe")
+            .await
+            .unwrap());
+        assert!(s.is_empty());
+    }
+
+    /// A store that accepts conditional writes but ignores the conditions.
+    #[derive(Debug, Default)]
+    struct Careless(MemoryStore);
+
+    #[async_trait]
+    impl ObjectStore for Careless {
+        async fn get(&self, key: &str) -> Result<Option<Bytes>, BackendError> {
+            self.0.get(key).await
+        }
+        async fn put(&self, key: &str, data: Bytes) -> Result<(), BackendError> {
+            self.0.put(key, data).await
+        }
+        async fn delete(&self, key: &str) -> Result<(), BackendError> {
+            self.0.delete(key).await
+        }
+        async fn list(&self, prefix: &str) -> Result<Vec<String>, BackendError> {
+            self.0.list(prefix).await
+        }
+        async fn put_if_absent(
+            &self,
+            key: &str,
+            data: Bytes,
+        ) -> Result<Option<ETag>, BackendError> {
+            self.0.put(key, data).await.map(|()| Some("\"x\"".into()))
+        }
+        async fn put_if_match(
+            &self,
+            key: &str,
+            data: Bytes,
+            _etag: &str,
+        ) -> Result<Option<ETag>, BackendError> {
+            self.0.put(key, data).await.map(|()| Some("\"x\"".into()))
+        }
+    }
+
+    #[tokio::test]
+    async fn store_ignoring_conditions_fails() {
+        let s = Careless::default();
+        assert!(!supports_conditional_writes(&s, "probe").await.unwrap());
+        assert!(s.0.is_empty());
+    }
+
+    #[tokio::test]
+    async fn store_without_conditional_methods_fails() {
+        #[derive(Debug, Default)]
+        struct Plain(MemoryStore);
+        #[async_trait]
+        impl ObjectStore for Plain {
+            async fn get(&self, key: &str) -> Result<Option<Bytes>, BackendError> {
+                self.0.get(key).await
+            }
+            async fn put(&self, key: &str, data: Bytes) -> Result<(), BackendError> {
+                self.0.put(key, data).await
+            }
+            async fn delete(&self, key: &str) -> Result<(), BackendError> {
+                self.0.delete(key).await
+            }
+            async fn list(&self, prefix: &str) -> Result<Vec<String>, BackendError> {
+                self.0.list(prefix).await
+            }
+        }
+        assert!(!supports_conditional_writes(&Plain::default(), "probe")
+            .await
+            .unwrap());
+    }
+
+    #[tokio::test]
+    async fn unreachable_store_is_an_error() {
+        let s = MemoryStore::new();
+        s.fail_next(1);
+        assert!(supports_conditional_writes(&s, "probe").await.is_err());
+    }
+}
