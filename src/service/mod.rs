@@ -52,11 +52,22 @@ async fn serve(config: Config, config_path: Option<PathBuf>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let daemon = match Daemon::start(config, config_path.clone()).await {
-        Ok(d) => d,
-        Err(e) => {
-            error!("startup failed: {e}");
-            return ExitCode::FAILURE;
+    // Watch before starting, so an edit made while exports open (or right after READY=1) is
+    // not missed.
+    let mut watcher = config_path.as_deref().and_then(start_watcher);
+    // A SIGTERM while exports are still opening ends the process at once: no client has
+    // written anything yet, so there is nothing to flush.
+    let daemon = tokio::select! {
+        started = Daemon::start(config, config_path.clone()) => match started {
+            Ok(d) => d,
+            Err(e) => {
+                error!("startup failed: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        name = signals.next_stop() => {
+            info!("{name} during startup: exiting");
+            return ExitCode::SUCCESS;
         }
     };
     let status = daemon.status();
@@ -71,22 +82,25 @@ async fn serve(config: Config, config_path: Option<PathBuf>) -> ExitCode {
             interval,
         ));
     }
-    let mut watcher = config_path.as_deref().and_then(start_watcher);
     let mut status_tick = tokio::time::interval(STATUS_EVERY);
+    // The last reload's failure stays in the status line until a reload succeeds.
+    let mut reload_error: Option<String> = None;
     let stop = loop {
         tokio::select! {
             request = signals.next() => match request {
                 Request::Reload => {
                     info!("SIGHUP: reloading the configuration");
-                    reload(&daemon, &notifier).await;
+                    reload_error = reload(&daemon, &notifier).await;
                 }
                 Request::Stop(name) => break name,
             },
             Some(()) = next_change(&mut watcher) => {
                 info!("configuration file changed: reloading");
-                reload(&daemon, &notifier).await;
+                reload_error = reload(&daemon, &notifier).await;
             }
-            _ = status_tick.tick() => notifier.status(&daemon.status()),
+            _ = status_tick.tick() => {
+                notifier.status(&status_line(&daemon, reload_error.as_deref()));
+            }
         }
     };
     info!("{stop}: shutting down");
@@ -97,17 +111,22 @@ async fn serve(config: Config, config_path: Option<PathBuf>) -> ExitCode {
 }
 
 /// One reload, framed by RELOADING=1 … READY=1 (READY even when the file was refused: the
-/// daemon keeps serving the previous configuration).
-async fn reload(daemon: &Daemon, notifier: &Notifier) {
+/// daemon keeps serving the previous configuration). Returns the failure, if any.
+async fn reload(daemon: &Daemon, notifier: &Notifier) -> Option<String> {
     notifier.reloading();
-    let status = match daemon.reload().await {
-        Ok(()) => daemon.status(),
-        Err(e) => {
-            let first = e.to_string().lines().next().unwrap_or_default().to_owned();
-            format!("{}; last reload failed: {first}", daemon.status())
-        }
+    let failure = match daemon.reload().await {
+        Ok(()) => None,
+        Err(e) => Some(e.to_string().lines().next().unwrap_or_default().to_owned()),
     };
-    notifier.ready(&status);
+    notifier.ready(&status_line(daemon, failure.as_deref()));
+    failure
+}
+
+fn status_line(daemon: &Daemon, reload_error: Option<&str>) -> String {
+    match reload_error {
+        Some(e) => format!("{}; last reload failed: {e}", daemon.status()),
+        None => daemon.status(),
+    }
 }
 
 fn start_watcher(path: &std::path::Path) -> Option<crate::reload::ConfigWatcher> {
