@@ -428,3 +428,22 @@ fn s3_refusing_the_final_flush_exits_1_naming_the_export() {
         "the log must name the block that was not stored:\n{logs}"
     );
 }
+
+#[test]
+fn refused_reload_is_reported_in_status_and_changes_nothing() {
+    let s3 = S3Server::start();
+    let d = NbdS3::with_export(&s3, "disk");
+    d.write_config_raw("[server]\nlisten = [\"127.0.0.1:0\"]\nbogus_key = 1\n");
+    d.sighup();
+    let status = d.wait_for_notify("last reload failed", DAEMON_TIMEOUT);
+    let path = d.config_path().display().to_string();
+    assert!(
+        status.starts_with("STATUS=serving 1 export") && status.contains(&format!("{path}:")),
+        "STATUS should keep the export and name the file:line: {status}"
+    );
+    let list = crate::common::nbdinfo(&["--list", &d.uri("disk")]);
+    assert!(
+        list.contains("disk"),
+        "export gone after a refused reload:\n{list}"
+    );
+}
