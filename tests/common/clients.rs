@@ -162,6 +162,11 @@ pub fn nbd_client(args: &[&str]) -> String {
 }
 
 /// `fio ARGS...`; asserts success (fio exits non-zero on verify failures) and returns stdout.
+/// Runs in a throwaway directory: fio drops `*-verify.state` files in its working directory.
 pub fn fio(args: &[&str]) -> String {
-    stdout(&run_ok(tool("fio").args(args)))
+    let dir = tempfile::Builder::new()
+        .prefix("fio.")
+        .tempdir()
+        .expect("tempdir");
+    stdout(&run_ok(tool("fio").current_dir(dir.path()).args(args)))
 }

@@ -212,9 +212,10 @@ fn nbdinfo_list_and_nbd_client_list_every_export() {
         .collect();
     names.retain(|l| !l.starts_with("Negotiation"));
     names.sort();
+    // NBD_REP_SERVER carries the name and, after it, the description
     assert_eq!(
         names,
-        vec!["disk", "ro"],
+        vec!["disk: test disk", "ro: read-only disk"],
         "nbd-client -l printed:\n{listed}"
     );
 }
