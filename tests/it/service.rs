@@ -30,7 +30,15 @@ impl Raw {
         notify
             .set_read_timeout(Some(Duration::from_millis(100)))
             .expect("timeout");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_nbd-s3"));
+        let bin = env!("CARGO_BIN_EXE_nbd-s3");
+        let mut cmd = if env.iter().any(|(k, _)| *k == "WATCHDOG_USEC") {
+            // systemd sets WATCHDOG_PID to the service's pid; a shell's pid survives `exec`.
+            let mut sh = Command::new("/bin/sh");
+            sh.args(["-c", "export WATCHDOG_PID=$$; exec \"$0\" \"$@\"", bin]);
+            sh
+        } else {
+            Command::new(bin)
+        };
         cmd.arg("serve").arg("--config").arg(&config_path);
         for k in [
             "RUST_LOG",
@@ -445,5 +453,36 @@ fn refused_reload_is_reported_in_status_and_changes_nothing() {
     assert!(
         list.contains("disk"),
         "export gone after a refused reload:\n{list}"
+    );
+}
+
+#[test]
+fn watchdog_pings_only_when_systemd_asks_for_it() {
+    let s3 = S3Server::start();
+    let cfg = config_with(&s3, vec!["127.0.0.1:0".into()]);
+    // WatchdogSec=0.4s → a ping every 0.2s.
+    let mut d = Raw::spawn(&cfg, &[("WATCHDOG_USEC", "400000".into())], Stdio::null());
+    for n in 1..=3 {
+        assert!(
+            d.wait_notify("WATCHDOG=1", DAEMON_TIMEOUT).is_some(),
+            "WATCHDOG=1 #{n} missing; got {:?}",
+            d.received
+        );
+    }
+    assert!(d.received.iter().any(|l| l == "READY=1"));
+
+    // Without WATCHDOG_USEC there is no watchdog: READY, then nothing but STATUS updates.
+    let mut quiet = Raw::spawn(&cfg, &[], Stdio::null());
+    assert!(quiet.wait_notify("READY=1", DAEMON_TIMEOUT).is_some());
+    quiet.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(quiet.wait_exit(DAEMON_TIMEOUT).success());
+    while quiet
+        .wait_notify("WATCHDOG=1", Duration::from_millis(200))
+        .is_some()
+    {}
+    assert!(
+        !quiet.received.iter().any(|l| l == "WATCHDOG=1"),
+        "WATCHDOG=1 sent although systemd did not ask: {:?}",
+        quiet.received
     );
 }
