@@ -7,7 +7,7 @@
 //! rename + fsync(dir): a crash leaves the old object or the new one, never a torn one.
 
 use super::integrity::{crc32c_hex, verify};
-use super::{BackendError, ETag, ObjectStore};
+use super::{BackendError, ETag, ObjectStore, MAX_OBJECT_SIZE};
 use async_trait::async_trait;
 use bytes::Bytes;
 use std::fs::{self, File, OpenOptions};
@@ -116,6 +116,12 @@ fn read_object(path: &Path, key: &str) -> Result<Option<(Bytes, ETag)>, BackendE
     if meta.is_dir() {
         // `a` when only `a/…` exists: S3 would say "no such key".
         return Ok(None);
+    }
+    if meta.len() > MAX_OBJECT_SIZE {
+        return Err(BackendError::Corrupt {
+            key: key.to_string(),
+            reason: format!("file is {} bytes, more than any block", meta.len()),
+        });
     }
     let stored = read_checksum(&file).map_err(|e| map_io("getxattr", path, e))?;
     let mut buf = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));

@@ -233,3 +233,13 @@ async fn many_parallel_puts_then_list() {
     let got = s.get(&keys[42]).await.unwrap().unwrap();
     assert_eq!(got, &42u32.to_le_bytes()[..]);
 }
+
+#[tokio::test]
+async fn oversized_file_is_refused_before_reading() {
+    let (root, s) = store();
+    fs::create_dir_all(root.path().join("bkt/p")).unwrap();
+    let f = File::create(root.path().join("bkt/p/huge")).unwrap();
+    f.set_len(crate::backend::MAX_OBJECT_SIZE + 1).unwrap(); // sparse: no disk used
+    let err = s.get("p/huge").await.unwrap_err();
+    assert!(matches!(err, BackendError::Corrupt { .. }), "{err:?}");
+}

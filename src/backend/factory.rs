@@ -13,12 +13,22 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 /// Where the objects go.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 enum Target {
     /// `file:///root`: [`DirStore`]s under this directory.
     Dir(PathBuf),
     /// A shared aws-sdk-s3 client (cheap to clone; clones share the pool).
     S3(aws_sdk_s3::Client),
+}
+
+impl std::fmt::Debug for Target {
+    /// Never the client: its configuration holds credentials.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Dir(root) => f.debug_tuple("Dir").field(root).finish(),
+            Target::S3(_) => f.write_str("S3"),
+        }
+    }
 }
 
 /// Builds object stores for buckets, sharing one client and one set of retry counters.

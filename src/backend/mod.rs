@@ -15,6 +15,10 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use std::sync::Arc;
 
+/// The largest object a read accepts (8 MiB is the largest block size; leave headroom). A
+/// bucket is outside input: a huge object at a block key must not exhaust memory.
+pub const MAX_OBJECT_SIZE: u64 = 64 * 1024 * 1024;
+
 /// Why an object-store call failed, phrased as what the caller should do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {

@@ -7,7 +7,7 @@
 //! [`super::integrity`].
 
 use super::integrity::{crc32c_hex, verify, S3_METADATA_KEY};
-use super::{BackendError, ETag, ObjectStore};
+use super::{BackendError, ETag, ObjectStore, MAX_OBJECT_SIZE};
 use crate::config::S3Config;
 use async_trait::async_trait;
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
@@ -75,10 +75,19 @@ pub async fn build_client(cfg: &S3Config) -> Result<Client, BackendError> {
 }
 
 /// One bucket on an S3 server. Cloning is cheap and shares the client's connection pool.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct S3Store {
     client: Client,
     bucket: String,
+}
+
+impl std::fmt::Debug for S3Store {
+    /// Only the bucket: the client's configuration holds credentials.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Store")
+            .field("bucket", &self.bucket)
+            .finish()
+    }
 }
 
 impl S3Store {
@@ -114,6 +123,12 @@ impl S3Store {
             Err(e) => return Err(self.map_err("GET", key, e)),
         };
         let expected_len = out.content_length().and_then(|l| u64::try_from(l).ok());
+        if let Some(len) = expected_len.filter(|&l| l > MAX_OBJECT_SIZE) {
+            return Err(BackendError::Corrupt {
+                key: key.to_string(),
+                reason: format!("object is {len} bytes, more than any block ({MAX_OBJECT_SIZE})"),
+            });
+        }
         let crc = out.metadata().and_then(|m| m.get(S3_METADATA_KEY)).cloned();
         let etag = out.e_tag().map(str::to_string);
         let body = out.body.collect().await.map_err(|e| {

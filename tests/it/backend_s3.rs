@@ -178,6 +178,19 @@ async fn objects_without_checksum_are_read() {
 }
 
 #[tokio::test]
+async fn oversized_object_is_refused_before_download() {
+    let (s3, store) = setup().await;
+    s3.write_object(BUCKET, "vm1/huge", b"");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(s3.object_path(BUCKET, "vm1/huge"))
+        .unwrap();
+    f.set_len(nbd_s3::backend::MAX_OBJECT_SIZE + 1).unwrap(); // sparse
+    let err = store.get("vm1/huge").await.unwrap_err();
+    assert!(matches!(err, BackendError::Corrupt { .. }), "{err:?}");
+}
+
+#[tokio::test]
 async fn missing_bucket_is_permanent_and_named() {
     let (s3, _store) = setup().await;
     let client = build_client(&s3_config(&s3)).await.unwrap();
