@@ -351,6 +351,7 @@ pub fn format_mib(bytes: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     #[test]
     fn status_units() {
@@ -359,5 +360,89 @@ mod tests {
         assert_eq!(plural(1), "");
         assert_eq!(plural(3), "s");
         assert_eq!(show_addr(&ListenAddr::Unix("/run/x".into())), "unix:/run/x");
+    }
+
+    fn write_config(dir: &Path, listen: &str, exports: &[&str]) -> PathBuf {
+        let mut text = format!(
+            "[server]\nlisten = {listen}\n[s3]\nendpoint = \"file://{}\"\n",
+            dir.join("store").display()
+        );
+        for name in exports {
+            text.push_str(&format!(
+                "[[export]]\nname = \"{name}\"\nsize = \"1MiB\"\nbucket = \"b\"\nprefix = \"{name}/\"\n"
+            ));
+        }
+        std::fs::create_dir_all(dir.join("store/b")).unwrap();
+        let path = dir.join("exports.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn names(d: &Daemon) -> Vec<String> {
+        d.registry()
+            .list()
+            .iter()
+            .map(|e| e.name().to_owned())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn reload_applies_exports_and_listeners_and_refuses_bad_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_config(dir.path(), "\"127.0.0.1:0\"", &["a"]);
+        let config = Config::load(&path).unwrap();
+        let d = Daemon::start(config, Some(path.clone())).await.unwrap();
+        assert_eq!(names(&d), ["a"]);
+        assert_eq!(d.status(), "serving 1 export, 0 clients, 0.0 MiB dirty");
+
+        let sock = dir.path().join("nbd.sock");
+        let listen = format!("[\"127.0.0.1:0\", \"unix:{}\"]", sock.display());
+        write_config(dir.path(), &listen, &["a", "b"]);
+        d.reload().await.unwrap();
+        assert_eq!(names(&d), ["a", "b"]);
+        assert!(sock.exists(), "new unix listener bound");
+        assert_eq!(d.config().server.listen.len(), 2);
+
+        std::fs::write(&path, "[server]\nnope = 1\n").unwrap();
+        let err = d.reload().await.unwrap_err();
+        assert!(err.to_string().contains("exports.toml:2"), "{err}");
+        assert_eq!(names(&d), ["a", "b"], "a refused file changes nothing");
+
+        write_config(dir.path(), "\"127.0.0.1:0\"", &["b"]);
+        d.reload().await.unwrap();
+        assert_eq!(names(&d), ["b"]);
+        // Closing aborts the accept task; the socket file goes when the task is dropped.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while sock.exists() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(!sock.exists(), "removed unix listener closed");
+
+        let report = d.shutdown(Duration::from_secs(1)).await;
+        assert!(report.failed.is_empty(), "{report:?}");
+    }
+
+    #[tokio::test]
+    async fn a_taken_address_fails_start_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = taken.local_addr().unwrap().to_string();
+        let path = write_config(dir.path(), &format!("\"{addr}\""), &["a"]);
+        let err = Daemon::start(Config::load(&path).unwrap(), None)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StartError::Bind { .. }), "{err}");
+        assert!(err.to_string().contains(&addr), "{err}");
+    }
+
+    #[tokio::test]
+    async fn reload_without_a_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_config(dir.path(), "\"127.0.0.1:0\"", &["a"]);
+        let d = Daemon::start(Config::load(&path).unwrap(), None)
+            .await
+            .unwrap();
+        assert!(matches!(d.reload().await, Err(ReloadError::NoConfigFile)));
+        assert!(d.shutdown(Duration::from_secs(1)).await.failed.is_empty());
     }
 }
