@@ -27,5 +27,6 @@ EXPOSE 10809
 # SIGTERM (docker stop) flushes every export to S3 before exit: give it time
 # (docker stop -t 300, or stop_grace_period in compose).
 STOPSIGNAL SIGTERM
+# Reads /etc/nbd-s3/exports.toml (mounted by compose / a ConfigMap); NBD_EXPORT_NAME & co.
+# select the single-export ad-hoc mode instead.
 ENTRYPOINT ["/usr/bin/nbd-s3", "serve"]
-CMD ["--config", "/etc/nbd-s3/exports.toml"]
