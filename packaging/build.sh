@@ -1,6 +1,6 @@
 #!/bin/sh
 # Builds the release binary once, then the .deb (cargo-deb) and the .rpm (cargo-generate-rpm)
-# from the same binary, and runs lintian on the .deb when available.
+# from that same binary, and runs lintian on the .deb when it is installed.
 # Usage: packaging/build.sh [--no-build]   (--no-build reuses target/release/nbd-s3)
 set -eu
 
@@ -18,15 +18,20 @@ need generate-rpm cargo-generate-rpm
 if [ "${1:-}" != "--no-build" ]; then
     cargo build --release --locked --bin nbd-s3
 fi
-strip --strip-debug -o target/release/nbd-s3.stripped target/release/nbd-s3 2>/dev/null \
-    && mv target/release/nbd-s3.stripped target/release/nbd-s3 || true
+# Line tables stay out of the package (the release profile keeps them for local profiling).
+strip --strip-debug -o target/release/nbd-s3.stripped target/release/nbd-s3
+mv target/release/nbd-s3.stripped target/release/nbd-s3
 
-deb=$(cargo deb --no-build --no-strip 2>/dev/null | tail -n 1)
-echo "deb: $deb"
+cargo deb --no-build --no-strip --output target/debian/
+deb=$(ls -t target/debian/nbd-s3_*.deb | head -n 1)
 cargo generate-rpm
-rpm=$(ls -t target/generate-rpm/*.rpm | head -n 1)
+rpm=$(ls -t target/generate-rpm/nbd-s3-*.rpm | head -n 1)
+echo "deb: $deb"
 echo "rpm: $rpm"
 
 if command -v lintian >/dev/null 2>&1; then
     lintian --fail-on error "$deb"
+fi
+if command -v rpm >/dev/null 2>&1; then
+    rpm -qlp "$rpm"
 fi
