@@ -3,8 +3,9 @@
 //! bucket. Reloads that keep `[s3]` keep the factory, so connections stay warm.
 
 use super::dir::DirStore;
-use super::retry::{RetryPolicy, RetryStats, Retrying};
+use super::retry::{RetryPolicy, Retrying};
 use super::s3::{build_client, S3Store};
+use super::stats::BackendStats;
 use super::{BackendError, DynObjectStore, ObjectStore};
 use crate::config::S3Config;
 use async_trait::async_trait;
@@ -36,7 +37,7 @@ impl std::fmt::Debug for Target {
 pub struct StoreFactory {
     target: Target,
     policy: RetryPolicy,
-    stats: Arc<RetryStats>,
+    stats: Arc<BackendStats>,
 }
 
 impl StoreFactory {
@@ -50,7 +51,7 @@ impl StoreFactory {
         Ok(Self {
             target,
             policy: RetryPolicy::default(),
-            stats: Arc::new(RetryStats::default()),
+            stats: Arc::new(BackendStats::default()),
         })
     }
 
@@ -74,8 +75,8 @@ impl StoreFactory {
         Arc::new(Retrying::new(inner, self.policy, self.stats.clone()))
     }
 
-    /// Retry counters of every store this factory made (for metrics).
-    pub fn retry_stats(&self) -> &Arc<RetryStats> {
+    /// Request, latency, byte and retry counters of every store this factory made (metrics).
+    pub fn stats(&self) -> &Arc<BackendStats> {
         &self.stats
     }
 

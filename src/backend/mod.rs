@@ -8,6 +8,7 @@ pub mod integrity;
 pub mod memory;
 pub mod retry;
 pub mod s3;
+pub mod stats;
 
 pub use factory::StoreFactory;
 

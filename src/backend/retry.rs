@@ -3,12 +3,12 @@
 //! Longer outages are the block store's business: its write-back keeps dirty data and retries
 //! on top of this, and a FLUSH gives up after its own timeout.
 
+use super::stats::{BackendStats, Op, Outcome};
 use super::{BackendError, DynObjectStore, ETag, ObjectStore};
 use async_trait::async_trait;
 use bytes::Bytes;
 use rand::Rng;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -51,26 +51,6 @@ impl RetryPolicy {
     }
 }
 
-/// Counters shared by every `Retrying` a factory hands out, for metrics and test notes.
-#[derive(Debug, Default)]
-pub struct RetryStats {
-    /// Transient failures that were retried.
-    pub retries: AtomicU64,
-    /// Calls that failed even after retrying (the error went to the caller).
-    pub exhausted: AtomicU64,
-}
-
-impl RetryStats {
-    /// Retries so far.
-    pub fn retries(&self) -> u64 {
-        self.retries.load(Ordering::Relaxed)
-    }
-    /// Calls that gave up so far.
-    pub fn exhausted(&self) -> u64 {
-        self.exhausted.load(Ordering::Relaxed)
-    }
-}
-
 /// An `ObjectStore` that retries the transient failures of the store it wraps.
 ///
 /// Conditional writes are retried too; if a first attempt succeeded but its reply was lost,
@@ -80,12 +60,12 @@ impl RetryStats {
 pub struct Retrying {
     inner: DynObjectStore,
     policy: RetryPolicy,
-    stats: Arc<RetryStats>,
+    stats: Arc<BackendStats>,
 }
 
 impl Retrying {
     /// Wraps `inner`; `stats` may be shared among many wrappers.
-    pub fn new(inner: DynObjectStore, policy: RetryPolicy, stats: Arc<RetryStats>) -> Self {
+    pub fn new(inner: DynObjectStore, policy: RetryPolicy, stats: Arc<BackendStats>) -> Self {
         Self {
             inner,
             policy,
@@ -94,12 +74,13 @@ impl Retrying {
     }
 
     /// The shared counters.
-    pub fn stats(&self) -> &Arc<RetryStats> {
+    pub fn stats(&self) -> &Arc<BackendStats> {
         &self.stats
     }
 
-    /// Runs `op` until it succeeds, fails for good, or the policy runs out.
-    async fn run<T, F, Fut>(&self, what: &str, key: &str, mut op: F) -> Result<T, BackendError>
+    /// Runs `call` until it succeeds, fails for good, or the policy runs out; every attempt
+    /// is counted in the stats.
+    async fn run<T, F, Fut>(&self, op: Op, key: &str, mut call: F) -> Result<T, BackendError>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, BackendError>>,
@@ -107,8 +88,17 @@ impl Retrying {
         let start = Instant::now();
         let mut attempt: u32 = 0;
         loop {
-            let err = match op().await {
+            let began = Instant::now();
+            let result = call().await;
+            self.stats.record(op, Outcome::of(&result), began.elapsed());
+            let err = match result {
                 Ok(v) => return Ok(v),
+                Err(e @ BackendError::Corrupt { .. }) => {
+                    // Issue 7: a checksum or length mismatch always leaves a log line naming
+                    // the key, whatever the caller does with the error.
+                    tracing::error!("{} {key}: {e}", op.name());
+                    return Err(e);
+                }
                 Err(e) if !e.is_retryable() => return Err(e),
                 Err(e) => e,
             };
@@ -117,12 +107,13 @@ impl Retrying {
             if attempt >= self.policy.max_attempts
                 || start.elapsed() + delay > self.policy.max_elapsed
             {
-                self.stats.exhausted.fetch_add(1, Ordering::Relaxed);
+                self.stats.record_exhausted();
                 return Err(err);
             }
-            self.stats.retries.fetch_add(1, Ordering::Relaxed);
+            self.stats.record_retry();
             tracing::debug!(
-                "{what} {key}: attempt {attempt} failed ({err}); retrying in {delay:?}"
+                "{} {key}: attempt {attempt} failed ({err}); retrying in {delay:?}",
+                op.name()
             );
             tokio::time::sleep(delay).await;
         }
@@ -132,29 +123,41 @@ impl Retrying {
 #[async_trait]
 impl ObjectStore for Retrying {
     async fn get(&self, key: &str) -> Result<Option<Bytes>, BackendError> {
-        self.run("GET", key, || self.inner.get(key)).await
+        let got = self.run(Op::Get, key, || self.inner.get(key)).await?;
+        self.stats.add_read(got.as_ref().map_or(0, Bytes::len));
+        Ok(got)
     }
 
     async fn put(&self, key: &str, data: Bytes) -> Result<(), BackendError> {
-        self.run("PUT", key, || self.inner.put(key, data.clone()))
-            .await
+        let len = data.len();
+        self.run(Op::Put, key, || self.inner.put(key, data.clone()))
+            .await?;
+        self.stats.add_written(len);
+        Ok(())
     }
 
     async fn delete(&self, key: &str) -> Result<(), BackendError> {
-        self.run("DELETE", key, || self.inner.delete(key)).await
+        self.run(Op::Delete, key, || self.inner.delete(key)).await
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<String>, BackendError> {
-        self.run("LIST", prefix, || self.inner.list(prefix)).await
+        self.run(Op::List, prefix, || self.inner.list(prefix)).await
     }
 
     async fn get_with_etag(&self, key: &str) -> Result<Option<(Bytes, ETag)>, BackendError> {
-        self.run("GET", key, || self.inner.get_with_etag(key)).await
+        let got = self
+            .run(Op::Get, key, || self.inner.get_with_etag(key))
+            .await?;
+        self.stats
+            .add_read(got.as_ref().map_or(0, |(b, _)| b.len()));
+        Ok(got)
     }
 
     async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<Option<ETag>, BackendError> {
-        self.run("PUT", key, || self.inner.put_if_absent(key, data.clone()))
-            .await
+        self.run(Op::ConditionalPut, key, || {
+            self.inner.put_if_absent(key, data.clone())
+        })
+        .await
     }
 
     async fn put_if_match(
@@ -163,7 +166,7 @@ impl ObjectStore for Retrying {
         data: Bytes,
         etag: &str,
     ) -> Result<Option<ETag>, BackendError> {
-        self.run("PUT", key, || {
+        self.run(Op::ConditionalPut, key, || {
             self.inner.put_if_match(key, data.clone(), etag)
         })
         .await
@@ -186,7 +189,7 @@ mod tests {
 
     fn wrap(policy: RetryPolicy) -> (Arc<MemoryStore>, Retrying) {
         let mem = Arc::new(MemoryStore::new());
-        let r = Retrying::new(mem.clone(), policy, Arc::new(RetryStats::default()));
+        let r = Retrying::new(mem.clone(), policy, Arc::new(BackendStats::default()));
         (mem, r)
     }
 
@@ -202,6 +205,11 @@ mod tests {
         assert_eq!(mem.gets(), 6);
         assert_eq!(r.stats().retries(), 8);
         assert_eq!(r.stats().exhausted(), 0);
+        assert_eq!(r.stats().requests(Op::Put, Outcome::Transient), 3);
+        assert_eq!(r.stats().requests(Op::Put, Outcome::Ok), 1);
+        assert_eq!(r.stats().requests(Op::Get, Outcome::Ok), 1);
+        assert_eq!(r.stats().latency(Op::Get).count, 6);
+        assert_eq!((r.stats().bytes_read(), r.stats().bytes_written()), (1, 1));
     }
 
     #[tokio::test]

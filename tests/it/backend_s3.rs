@@ -256,7 +256,7 @@ async fn outage_is_retried_then_reported_transient() {
     s3.stop();
     let err = store.get("vm1/a").await.unwrap_err();
     assert!(err.is_retryable(), "{err:?}");
-    assert!(factory.retry_stats().retries() >= 1);
+    assert!(factory.stats().retries() >= 1);
     s3.resume();
     assert_eq!(store.get("vm1/a").await.unwrap().unwrap(), &b"before"[..]);
 }

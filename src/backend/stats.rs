@@ -1,0 +1,228 @@
+//! Object-store counters for operators (issue 8 metrics): S3 requests by operation and outcome,
+//! their latency, bytes moved and retries. Plain atomics, so the hot path pays a few relaxed
+//! increments and the metrics endpoint reads a snapshot whenever it likes.
+
+use super::BackendError;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// The kinds of object-store request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Get,
+    Put,
+    Delete,
+    List,
+    /// `put_if_absent` / `put_if_match` (leases).
+    ConditionalPut,
+}
+
+impl Op {
+    /// Every operation, in a fixed order (for rendering).
+    pub const ALL: [Op; 5] = [Op::Get, Op::Put, Op::Delete, Op::List, Op::ConditionalPut];
+
+    /// Label value for metrics and log lines.
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::Get => "get",
+            Op::Put => "put",
+            Op::Delete => "delete",
+            Op::List => "list",
+            Op::ConditionalPut => "conditional_put",
+        }
+    }
+}
+
+/// How one request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Ok,
+    Transient,
+    Permanent,
+    Corrupt,
+    Unsupported,
+}
+
+impl Outcome {
+    /// Every outcome, in a fixed order (for rendering).
+    pub const ALL: [Outcome; 5] = [
+        Outcome::Ok,
+        Outcome::Transient,
+        Outcome::Permanent,
+        Outcome::Corrupt,
+        Outcome::Unsupported,
+    ];
+
+    /// Label value for metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Transient => "transient",
+            Outcome::Permanent => "permanent",
+            Outcome::Corrupt => "corrupt",
+            Outcome::Unsupported => "unsupported",
+        }
+    }
+
+    /// The outcome of a finished request.
+    pub fn of<T>(result: &Result<T, BackendError>) -> Outcome {
+        match result {
+            Ok(_) => Outcome::Ok,
+            Err(BackendError::Transient(_)) => Outcome::Transient,
+            Err(BackendError::Permanent(_)) => Outcome::Permanent,
+            Err(BackendError::Corrupt { .. }) => Outcome::Corrupt,
+            Err(BackendError::Unsupported(_)) => Outcome::Unsupported,
+        }
+    }
+}
+
+/// Upper bounds (seconds) of the latency histogram buckets; `+Inf` is implied.
+pub const LATENCY_BUCKETS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// A fixed-bucket latency histogram (Prometheus style, but not cumulative in storage).
+#[derive(Debug, Default)]
+struct Histogram {
+    buckets: [AtomicU64; LATENCY_BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+/// A histogram as read at one moment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistogramSnapshot {
+    /// `(upper bound in seconds, requests at or below it)`, cumulative like Prometheus `le`.
+    pub buckets: Vec<(f64, u64)>,
+    /// All requests (the `+Inf` bucket).
+    pub count: u64,
+    /// Sum of latencies in seconds.
+    pub sum_seconds: f64,
+}
+
+impl Histogram {
+    fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        if let Some(i) = LATENCY_BUCKETS.iter().position(|&b| secs <= b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        let micros = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        self.sum_micros.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> HistogramSnapshot {
+        let mut total = 0;
+        let buckets = LATENCY_BUCKETS
+            .iter()
+            .zip(&self.buckets)
+            .map(|(&le, n)| {
+                total += n.load(Ordering::Relaxed);
+                (le, total)
+            })
+            .collect();
+        HistogramSnapshot {
+            buckets,
+            count: self.count.load(Ordering::Relaxed),
+            sum_seconds: self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6,
+        }
+    }
+}
+
+/// Counters shared by every store a factory hands out.
+#[derive(Debug, Default)]
+pub struct BackendStats {
+    retries: AtomicU64,
+    exhausted: AtomicU64,
+    /// Requests (attempts) by `[op][outcome]`.
+    requests: [[AtomicU64; Outcome::ALL.len()]; Op::ALL.len()],
+    latency: [Histogram; Op::ALL.len()],
+    bytes_read: AtomicU64,
+    bytes_written: AtomicU64,
+}
+
+impl BackendStats {
+    /// Records one request (one attempt) and how long it took.
+    pub fn record(&self, op: Op, outcome: Outcome, took: Duration) {
+        self.requests[op as usize][outcome as usize].fetch_add(1, Ordering::Relaxed);
+        self.latency[op as usize].observe(took);
+    }
+    /// Records a retry about to happen.
+    pub fn record_retry(&self) {
+        self.retries.fetch_add(1, Ordering::Relaxed);
+    }
+    /// Records a call that failed after all its retries.
+    pub fn record_exhausted(&self) {
+        self.exhausted.fetch_add(1, Ordering::Relaxed);
+    }
+    /// Records object bytes received (GET bodies).
+    pub fn add_read(&self, bytes: usize) {
+        self.bytes_read.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+    /// Records object bytes sent (PUT bodies).
+    pub fn add_written(&self, bytes: usize) {
+        self.bytes_written
+            .fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    /// Transient failures that were retried.
+    pub fn retries(&self) -> u64 {
+        self.retries.load(Ordering::Relaxed)
+    }
+    /// Calls that still failed after retrying (the error went to the caller).
+    pub fn exhausted(&self) -> u64 {
+        self.exhausted.load(Ordering::Relaxed)
+    }
+    /// Requests of `op` that ended with `outcome`.
+    pub fn requests(&self, op: Op, outcome: Outcome) -> u64 {
+        self.requests[op as usize][outcome as usize].load(Ordering::Relaxed)
+    }
+    /// Latency histogram of `op`'s requests.
+    pub fn latency(&self, op: Op) -> HistogramSnapshot {
+        self.latency[op as usize].snapshot()
+    }
+    /// Object bytes received.
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes_read.load(Ordering::Relaxed)
+    }
+    /// Object bytes sent.
+    pub fn bytes_written(&self) -> u64 {
+        self.bytes_written.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_and_cumulative_histogram() {
+        let s = BackendStats::default();
+        s.record(Op::Get, Outcome::Ok, Duration::from_micros(500));
+        s.record(Op::Get, Outcome::Ok, Duration::from_millis(20));
+        s.record(Op::Get, Outcome::Transient, Duration::from_secs(60));
+        s.record(Op::Put, Outcome::Permanent, Duration::from_millis(3));
+        assert_eq!(s.requests(Op::Get, Outcome::Ok), 2);
+        assert_eq!(s.requests(Op::Get, Outcome::Transient), 1);
+        assert_eq!(s.requests(Op::Put, Outcome::Permanent), 1);
+        assert_eq!(s.requests(Op::Put, Outcome::Ok), 0);
+        let h = s.latency(Op::Get);
+        assert_eq!(h.count, 3);
+        assert_eq!(h.buckets[0], (0.001, 1));
+        assert_eq!(h.buckets[4], (0.025, 2));
+        // 60 s lands only in +Inf.
+        assert_eq!(h.buckets.last().unwrap().1, 2);
+        assert!((h.sum_seconds - 60.0205).abs() < 1e-6, "{}", h.sum_seconds);
+    }
+
+    #[test]
+    fn outcome_follows_error_kind() {
+        let e: Result<(), _> = Err(BackendError::Corrupt {
+            key: "k".into(),
+            reason: "r".into(),
+        });
+        assert_eq!(Outcome::of(&e), Outcome::Corrupt);
+        assert_eq!(Outcome::of(&Ok::<_, BackendError>(1)), Outcome::Ok);
+        assert_eq!(Op::ConditionalPut.name(), "conditional_put");
+    }
+}
