@@ -39,6 +39,8 @@ pub struct MemoryStore {
     fail_next: AtomicU64,
     /// Number of upcoming calls (of any kind) that fail with `Permanent`.
     fail_next_permanent: AtomicU64,
+    /// Number of upcoming calls (of any kind) that fail with `Corrupt`.
+    fail_next_corrupt: AtomicU64,
     /// `true` while calls are held at the gate (see [`MemoryStore::pause`]).
     gate: watch::Sender<bool>,
     /// Calls currently waiting at the gate.
@@ -63,6 +65,7 @@ impl MemoryStore {
             lists: AtomicU64::new(0),
             fail_next: AtomicU64::new(0),
             fail_next_permanent: AtomicU64::new(0),
+            fail_next_corrupt: AtomicU64::new(0),
             gate: watch::channel(false).0,
             waiting: AtomicU64::new(0),
         }
@@ -77,6 +80,11 @@ impl MemoryStore {
     /// Makes the next `n` calls fail with `BackendError::Permanent`.
     pub fn fail_next_permanent(&self, n: u64) {
         self.fail_next_permanent.store(n, Ordering::SeqCst);
+    }
+
+    /// Makes the next `n` calls fail with `BackendError::Corrupt` (a checksum mismatch).
+    pub fn fail_next_corrupt(&self, n: u64) {
+        self.fail_next_corrupt.store(n, Ordering::SeqCst);
     }
 
     /// Holds every call at its start until [`MemoryStore::resume`], so a test can pile up
@@ -181,6 +189,12 @@ impl MemoryStore {
             return Err(BackendError::Transient(format!(
                 "injected failure: {what} {key}"
             )));
+        }
+        if take_one(&self.fail_next_corrupt) {
+            return Err(BackendError::Corrupt {
+                key: key.to_string(),
+                reason: format!("injected failure: {what}"),
+            });
         }
         if take_one(&self.fail_next_permanent) {
             return Err(BackendError::Permanent(format!(
@@ -313,6 +327,12 @@ mod tests {
         s.fail_next_permanent(1);
         assert!(matches!(s.list("").await, Err(BackendError::Permanent(_))));
         assert_eq!(s.list("").await.unwrap(), vec!["k"]);
+        s.fail_next_corrupt(1);
+        assert!(matches!(
+            s.get("k").await,
+            Err(BackendError::Corrupt { .. })
+        ));
+        assert!(s.get("k").await.unwrap().is_some());
     }
 
     #[tokio::test]
