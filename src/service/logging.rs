@@ -70,8 +70,17 @@ fn env_filter() -> EnvFilter {
 }
 
 fn journald_layer() -> std::io::Result<tracing_journald::Layer> {
+    use tracing_journald::{Priority, PriorityMappings};
+    // The same priorities as the `<N>` stderr fallback, so `journalctl -p info` means the same
+    // whichever path a line took; fields unprefixed so `journalctl EXPORT=vm1` works.
+    let priorities = PriorityMappings {
+        info: Priority::Informational,
+        debug: Priority::Debug,
+        ..PriorityMappings::new()
+    };
     Ok(tracing_journald::layer()?
         .with_field_prefix(None)
+        .with_priority_mappings(priorities)
         .with_syslog_identifier("nbd-s3".to_owned()))
 }
 
