@@ -369,3 +369,125 @@ where
     }
     start.elapsed()
 }
+
+/// A loopback HTTP server answering every request with one canned response (status line,
+/// body, and optionally a Content-Length larger than the body to cut it short). Lets the
+/// error classification be checked against the exact replies S3 servers send.
+async fn canned_server(
+    status: &'static str,
+    body: &'static str,
+    claimed_len: Option<usize>,
+) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                // Read the request head and any body so the client sees a clean exchange.
+                let mut req = Vec::new();
+                let mut buf = [0u8; 65536];
+                let head_end = loop {
+                    let n = conn.read(&mut buf).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    req.extend_from_slice(&buf[..n]);
+                    if let Some(i) = req.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break i + 4;
+                    }
+                };
+                let head = String::from_utf8_lossy(&req[..head_end]).to_lowercase();
+                let want = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse::<usize>().ok())
+                    .unwrap_or(0);
+                let mut have = req.len() - head_end;
+                while have < want {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => have += n,
+                    }
+                }
+                let len = claimed_len.unwrap_or(body.len());
+                let resp = format!(
+                    "HTTP/1.1 {status}\r\nContent-Type: application/xml\r\n\
+                     Content-Length: {len}\r\nConnection: close\r\n\r\n{body}"
+                );
+                let _ = conn.write_all(resp.as_bytes()).await;
+                let _ = conn.shutdown().await;
+            });
+        }
+    });
+    port
+}
+
+fn error_xml(code: &str) -> String {
+    format!("<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{code}</Code><Message>canned</Message></Error>")
+}
+
+async fn store_at(port: u16) -> S3Store {
+    let cfg = S3Config {
+        endpoint: Some(format!("http://127.0.0.1:{port}")),
+        region: None,
+        path_style: true,
+        access_key_id: Some("a".into()),
+        secret_access_key: Some("b".into()),
+    };
+    S3Store::new(build_client(&cfg).await.unwrap(), BUCKET)
+}
+
+#[tokio::test]
+async fn server_error_replies_are_classified() {
+    let cases: [(&'static str, &'static str, bool); 6] = [
+        ("503 Service Unavailable", "SlowDown", true),
+        ("500 Internal Server Error", "InternalError", true),
+        ("429 Too Many Requests", "Throttling", true),
+        ("400 Bad Request", "RequestTimeout", true),
+        ("403 Forbidden", "AccessDenied", false),
+        ("400 Bad Request", "InvalidArgument", false),
+    ];
+    for (status, code, retryable) in cases {
+        let body: &'static str = Box::leak(error_xml(code).into_boxed_str());
+        let store = store_at(canned_server(status, body, None).await).await;
+        for result in [
+            store
+                .put("vm1/k", Bytes::from_static(b"x"))
+                .await
+                .map(|_| ()),
+            store.get("vm1/k").await.map(|_| ()),
+            store.list("vm1/").await.map(|_| ()),
+        ] {
+            let err = result.expect_err(status);
+            assert_eq!(err.is_retryable(), retryable, "{status} {code}: {err:?}");
+            if !retryable {
+                assert!(matches!(err, BackendError::Permanent(_)), "{err:?}");
+                assert!(
+                    err.to_string().contains(&format!("s3://{BUCKET}/vm1/")),
+                    "{err}"
+                );
+                assert!(err.to_string().contains(code), "{err}");
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn body_cut_short_is_transient() {
+    // Promises 1000 bytes, sends 10, closes: a proxy or server dying mid-response.
+    let store = store_at(canned_server("200 OK", "0123456789", Some(1000)).await).await;
+    let err = store.get("vm1/k").await.unwrap_err();
+    assert!(err.is_retryable(), "{err:?}");
+}
+
+#[tokio::test]
+async fn conditional_put_on_server_without_support_is_unsupported() {
+    let body: &'static str = Box::leak(error_xml("NotImplemented").into_boxed_str());
+    let store = store_at(canned_server("501 Not Implemented", body, None).await).await;
+    let err = store
+        .put_if_absent("vm1/nbd-s3.lock", Bytes::from_static(b"x"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, BackendError::Unsupported(_)), "{err:?}");
+}
