@@ -1,5 +1,14 @@
 //! Object stores: the only place that talks to S3 or the disk. Everything above sees whole
 //! objects addressed by key, so the block cache never depends on which store is behind it.
+//!
+//! - [`StoreFactory`] turns `[s3]` into per-bucket stores: one shared S3 client ([`s3`]) or
+//!   the `file://` directory store ([`dir`]), each wrapped in [`retry::Retrying`] (blip
+//!   retries, [`stats::BackendStats`] counters).
+//! - [`integrity`]: every object carries a CRC32C, checked on every read (`Corrupt`, never
+//!   wrong data).
+//! - [`conditional`]: conditional writes for export leases, and a probe for stores that
+//!   silently ignore them.
+//! - [`memory`]: an in-process store with fault injection, for unit tests only.
 
 pub mod conditional;
 pub mod dir;
