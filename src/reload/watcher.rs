@@ -11,6 +11,7 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 /// Quiet time after the last change before reloading: long enough for an editor's
 /// write-fsync-rename sequence, short enough that an added export appears "at once".
@@ -37,6 +38,8 @@ pub struct ConfigWatcher {
     /// Kept alive: dropping it stops the watch.
     _watcher: RecommendedWatcher,
     events: mpsc::UnboundedReceiver<()>,
+    /// When a change was seen: the end of its quiet period (survives a cancelled `changed`).
+    quiet_at: Option<Instant>,
 }
 
 /// Whether an event may have changed the file's contents (reads and opens cannot).
@@ -85,19 +88,25 @@ impl ConfigWatcher {
         Ok(Self {
             _watcher: watcher,
             events,
+            quiet_at: None,
         })
     }
 
     /// Waits for the next change, then for `DEBOUNCE` of quiet; `None` if the watch ended.
+    /// Cancel-safe (it is used in `select!`): a change already seen is remembered in `self`,
+    /// so dropping the future mid-debounce loses nothing.
     pub async fn changed(&mut self) -> Option<()> {
-        self.events.recv().await?;
-        loop {
-            match tokio::time::timeout(DEBOUNCE, self.events.recv()).await {
-                Ok(Some(())) => continue,
-                Ok(None) => return Some(()),
-                Err(_quiet) => return Some(()),
+        if self.quiet_at.is_none() {
+            self.events.recv().await?;
+            self.quiet_at = Some(Instant::now() + DEBOUNCE);
+        }
+        while let Some(deadline) = self.quiet_at {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Ok(Some(())) => self.quiet_at = Some(Instant::now() + DEBOUNCE),
+                Ok(None) | Err(_) => self.quiet_at = None,
             }
         }
+        Some(())
     }
 }
 
@@ -132,6 +141,23 @@ mod tests {
         expect_change(&mut w).await;
         let f = std::fs::File::options().append(true).open(&path).unwrap();
         f.set_modified(std::time::SystemTime::now()).unwrap();
+        expect_change(&mut w).await;
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_wait_keeps_the_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("exports.toml");
+        let mut w = ConfigWatcher::new(&path).unwrap();
+        std::fs::write(&path, "a").unwrap();
+        // Give up during the debounce, as `select!` does when another branch wins, until the
+        // change has been seen; the next call must still report it without a new event.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while w.quiet_at.is_none() {
+            assert!(Instant::now() < deadline, "change not seen within 10 s");
+            let cut = tokio::time::timeout(Duration::from_millis(10), w.changed()).await;
+            assert!(cut.is_err(), "debounce ended within 10 ms");
+        }
         expect_change(&mut w).await;
     }
 

@@ -40,12 +40,18 @@ fn names(list: &[&str]) -> BTreeSet<String> {
 fn wait_listed(d: &NbdS3, want: &[&str], within: Duration) -> Duration {
     let start = Instant::now();
     let want = names(want);
-    let mut last = None;
-    wait_until(&format!("nbdinfo --list to show {want:?}"), within, || {
-        last = listed(d);
-        last.as_ref() == Some(&want)
-    });
-    start.elapsed()
+    loop {
+        let last = listed(d);
+        if last.as_ref() == Some(&want) {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < within,
+            "nbdinfo --list shows {last:?}, not {want:?}, after {within:?}; daemon log:\n{}",
+            d.logs()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// Whether a new connection to `export` succeeds (nbdinfo prints its size).
@@ -197,21 +203,28 @@ impl Session {
             stdin,
             stdout,
         };
-        s.answer("connect");
+        if let Err(e) = s.answer("connect") {
+            panic!("{e}");
+        }
         s
     }
 
-    fn answer(&mut self, what: &str) {
+    fn answer(&mut self, what: &str) -> Result<(), String> {
         let mut line = String::new();
         self.stdout.read_line(&mut line).expect("read nbdsh");
-        assert_eq!(line.trim(), "ok", "nbdsh session: {what} failed");
+        match line.trim() {
+            "ok" => Ok(()),
+            other => Err(format!("nbdsh session: {what} failed: {other:?}")),
+        }
     }
 
-    /// Runs one line of Python in the session; panics if it raised.
-    fn run(&mut self, python: &str) {
+    /// Runs one line of Python in the session; panics (with the daemon's log) if it raised.
+    fn run(&mut self, python: &str, d: &NbdS3) {
         writeln!(self.stdin, "{python}").expect("write to nbdsh");
         self.stdin.flush().unwrap();
-        self.answer(python);
+        if let Err(e) = self.answer(python) {
+            panic!("{e}\ndaemon log:\n{}", d.logs());
+        }
     }
 
     fn close(mut self) {
@@ -233,7 +246,7 @@ fn removed_export_keeps_attached_client_and_readding_serves_same_data() {
     wait_listed(&d, &["a", "keep"], SLOW);
     let mut session = Session::open(&d.uri("a"));
     // Block 0 (default block size 128KiB) written but not flushed: the removal must flush it.
-    session.run("h.pwrite(b'\\x41' * 131072, 0)");
+    session.run("h.pwrite(b'\\x41' * 131072, 0)", &d);
     d.rewrite_config(|c| c.exports.retain(|e| e.name != "a"));
     wait_listed(&d, &["keep"], VISIBLE_WITHIN);
     assert!(
@@ -242,9 +255,12 @@ fn removed_export_keeps_attached_client_and_readding_serves_same_data() {
     );
     assert!(connects(&d, "keep"), "an unrelated export stopped serving");
     // The attached session still reads and writes, and its data reaches S3.
-    session.run("assert h.pread(131072, 0) == b'\\x41' * 131072");
-    session.run("h.pwrite(b'\\x42' * 4096, 1048576)");
-    session.run("h.flush()");
+    session.run(
+        "d = h.pread(131072, 0); assert d == b'\\x41' * 131072, (bytes(d[:8]), d.count(0))",
+        &d,
+    );
+    session.run("h.pwrite(b'\\x42' * 4096, 1048576)", &d);
+    session.run("h.flush()", &d);
     let block0 = "a/0000000000000000";
     wait_until("block 0 of the removed export in S3", SLOW, || {
         s3.read_object("nbd", block0)
