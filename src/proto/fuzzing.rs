@@ -97,6 +97,23 @@ pub fn request(data: &[u8]) {
 mod tests {
     use proptest::prelude::*;
 
+    /// The seed corpora of the cargo-fuzz targets run through the same entry points.
+    #[test]
+    fn fuzz_seed_corpora_run_clean() {
+        let root = concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/corpus");
+        let mut seen = 0;
+        for (target, entry) in [
+            ("fuzz_options", super::options as fn(&[u8])),
+            ("fuzz_request", super::request),
+        ] {
+            for file in std::fs::read_dir(format!("{root}/{target}")).unwrap() {
+                entry(&std::fs::read(file.unwrap().path()).unwrap());
+                seen += 1;
+            }
+        }
+        assert!(seen >= 10, "seed corpora missing ({seen} files)");
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(2000))]
         #[test]
