@@ -18,8 +18,9 @@ need generate-rpm cargo-generate-rpm
 if [ "${1:-}" != "--no-build" ]; then
     cargo build --release --locked --bin nbd-s3
 fi
-# Line tables stay out of the package (the release profile keeps them for local profiling).
-strip --strip-debug -o target/release/nbd-s3.stripped target/release/nbd-s3
+# Symbols and line tables stay out of the package (the release profile keeps line tables
+# for local profiling; a packaged binary is stripped as Debian policy asks).
+strip --strip-all -o target/release/nbd-s3.stripped target/release/nbd-s3
 mv target/release/nbd-s3.stripped target/release/nbd-s3
 
 cargo deb --no-build --no-strip --output target/debian/
