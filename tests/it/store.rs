@@ -565,26 +565,48 @@ fn block_size_mismatch_refuses_only_that_export() {
     );
 }
 
-/// Offsets bs±1, 2bs±1 × lengths 1, 511, bs, 3bs+7, over stored and absent blocks.
+/// Each write of the grid gets a window of this many blocks to itself, so no later write
+/// hides it: offsets up to 2bs+1 plus lengths up to 3bs+7 stay below 6 blocks.
+const WINDOW: u64 = 6;
+/// Windows 0..16 and 32 hold stored data before the writes; 16..32 and 33 start absent.
+const WINDOWS: u64 = 34;
+
+/// Offsets bs±1, 2bs±1 × lengths 1, 511, bs, 3bs+7, each in its own window, over stored
+/// (windows 0..16) and absent (16..32) blocks; then the whole grid again piled up in one
+/// window of each kind (32, 33), so later writes modify blocks that are still dirty.
 fn alignment_ops(bs: u64) -> Vec<(u64, Vec<u8>)> {
+    let offs = [bs - 1, bs + 1, 2 * bs - 1, 2 * bs + 1];
+    let lens = [1, 511, bs, 3 * bs + 7];
+    let grid: Vec<(u64, u64)> = offs
+        .iter()
+        .flat_map(|&o| lens.iter().map(move |&l| (o, l)))
+        .collect();
     let mut ops = Vec::new();
     let mut seed = 100;
-    for base in [0, 8 * bs] {
-        for off in [bs - 1, bs + 1, 2 * bs - 1, 2 * bs + 1] {
-            for len in [1, 511, bs, 3 * bs + 7] {
-                seed += 1;
-                ops.push((base + off, pattern(seed, base + off, len as usize)));
-            }
+    let mut push = |at: u64, len: u64| {
+        seed += 1;
+        ops.push((at, pattern(seed, at, len as usize)));
+    };
+    for (i, &(off, len)) in grid.iter().enumerate() {
+        push(i as u64 * WINDOW * bs + off, len);
+        push((16 + i as u64) * WINDOW * bs + off, len);
+    }
+    for w in [32, 33] {
+        for &(off, len) in &grid {
+            push(w * WINDOW * bs + off, len);
         }
     }
     ops
 }
 
-fn check_alignment(bed: &mut Bed, name: &str, size: u64, bs: u64) {
+fn check_alignment(bed: &mut Bed, name: &str, bs: u64) {
+    let size = WINDOWS * WINDOW * bs;
     let uri = bed.uri(name);
     let prefix = format!("{name}/");
-    // Stored data under the first region; the second region (from block 8) starts absent.
-    let base = vec![(0, pattern(99, 0, 7 * bs as usize))];
+    let base: Vec<(u64, Vec<u8>)> = (0..16)
+        .chain([32])
+        .map(|w| (w * WINDOW * bs, pattern(99, w, (WINDOW * bs) as usize)))
+        .collect();
     let mut image = vec![0u8; size as usize];
     apply(&mut image, &base);
     nbd_write(&uri, &base, true);
@@ -620,15 +642,15 @@ fn check_alignment(bed: &mut Bed, name: &str, size: u64, bs: u64) {
 
 #[test]
 fn partial_block_writes_at_every_alignment_4k() {
-    let mut bed = Bed::start(vec![ExportSpec::new("p4")
-        .size("128KiB")
-        .block_size("4KiB")]);
-    check_alignment(&mut bed, "p4", 128 * KIB, 4 * KIB);
+    let size = format!("{}B", WINDOWS * WINDOW * 4 * KIB);
+    let mut bed = Bed::start(vec![ExportSpec::new("p4").size(&size).block_size("4KiB")]);
+    check_alignment(&mut bed, "p4", 4 * KIB);
 }
 
 #[test]
 fn partial_block_writes_at_every_alignment_default_block_size() {
-    let mut bed = Bed::start(vec![ExportSpec::new("p128").size("2MiB")]);
-    check_alignment(&mut bed, "p128", 2 * MIB, 128 * KIB);
-    check_manifest(&bed, "p128/", 2 * MIB, 128 * KIB);
+    let size = WINDOWS * WINDOW * 128 * KIB;
+    let mut bed = Bed::start(vec![ExportSpec::new("p128").size(&format!("{size}B"))]);
+    check_alignment(&mut bed, "p128", 128 * KIB);
+    check_manifest(&bed, "p128/", size, 128 * KIB);
 }
