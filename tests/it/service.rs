@@ -397,6 +397,11 @@ fn second_sigterm_aborts_flush_with_exit_2_naming_what_was_lost() {
     write_block_no_flush(&d, "disk");
     d.sigterm();
     d.wait_for_notify("STOPPING=1", DAEMON_TIMEOUT);
+    let status = d.wait_for_notify("STATUS=stopping: flushing", DAEMON_TIMEOUT);
+    assert!(
+        status.contains("0.1 MiB"),
+        "STATUS should say how much is left to flush (128 KiB): {status}"
+    );
     d.wait_for_log("stopping: flushing", DAEMON_TIMEOUT);
     d.sigterm();
     let status = d.wait_exit(DAEMON_TIMEOUT);
