@@ -215,35 +215,31 @@ pub struct Applied {
     pub effective: Config,
 }
 
-/// Applies the export part of a plan: builds the next map (reusing unchanged exports), opens
-/// new stores concurrently, swaps the map in with ONE `Registry::replace`, then retires
-/// removed exports.
-pub async fn apply_exports<F: BucketSource + ?Sized>(
-    plan: ReloadPlan,
-    registry: &Registry,
-    factory: &F,
-    budget: &Arc<CacheBudget>,
-    flush_timeout: Duration,
-) -> Applied {
-    // `plan.restart_needed` is logged by the daemon (`Daemon::reload`), once per reload.
-    let current = registry.snapshot();
-    let mut next = BTreeMap::new();
-    let mut retire = Vec::new();
-    let mut to_open = Vec::new();
-    for (name, action) in plan.exports {
-        let running = current.get(&name).cloned();
+/// The next registry map being assembled from a plan.
+struct Staging {
+    next: BTreeMap<String, Arc<Export>>,
+    /// Exports leaving service once the new map is in.
+    retire: Vec<Arc<Export>>,
+    /// Definitions needing a store (new, or replacing a running one).
+    to_open: Vec<ExportConfig>,
+    effective: Config,
+}
+
+impl Staging {
+    /// Sorts one export's action into keep / retire / open.
+    async fn stage(&mut self, name: String, action: ExportAction, running: Option<Arc<Export>>) {
         match (action, running) {
-            (ExportAction::Keep, Some(e)) => drop(next.insert(name, e)),
+            (ExportAction::Keep, Some(e)) => drop(self.next.insert(name, e)),
             (ExportAction::Refuse { reason }, running) => {
                 warn!(
                     export = name.as_str(),
                     "change refused, keeping the old definition: {reason}"
                 );
                 if let Some(e) = running {
-                    next.insert(name, e);
+                    self.next.insert(name, e);
                 }
             }
-            (ExportAction::Remove, Some(e)) => retire.push(e),
+            (ExportAction::Remove, Some(e)) => self.retire.push(e),
             (ExportAction::Remove, None) => {}
             (ExportAction::Update { new, grow }, Some(e)) => {
                 if let (true, Ok(store)) = (grow, &e.store) {
@@ -253,32 +249,71 @@ pub async fn apply_exports<F: BucketSource + ?Sized>(
                     export = name.as_str(),
                     "export changed; new connections see the new definition"
                 );
-                next.insert(name, e.with_config(new));
+                self.next.insert(name, e.with_config(new));
+            }
+            (ExportAction::Reopen { .. }, Some(old)) if old.store.is_ok() && old.attached() > 0 => {
+                // A client attached between planning and now: never two stores on its objects.
+                warn!(
+                    export = name.as_str(),
+                    "change refused, keeping the old definition: a client attached during the reload; reload again once it disconnects"
+                );
+                if let Some(e) = self.effective.exports.iter_mut().find(|e| e.name == name) {
+                    *e = old.config.clone();
+                }
+                self.next.insert(name, old);
             }
             (ExportAction::Reopen { new, reason }, running) => {
                 info!(export = name.as_str(), "reopening export: {reason}");
                 if let Some(old) = running {
                     quiesce(&old).await;
-                    retire.push(old);
+                    self.retire.push(old);
                 }
-                to_open.push(new);
+                self.to_open.push(new);
             }
-            (ExportAction::Add(new), _) => to_open.push(new),
+            (ExportAction::Add(new), _) => self.to_open.push(new),
             // Planned against a registry that lacks the export: open it from the file.
             (ExportAction::Keep | ExportAction::Update { .. }, None) => {
-                if let Some(cfg) = plan.effective.export(&name) {
-                    to_open.push(cfg.clone());
+                if let Some(cfg) = self.effective.export(&name) {
+                    self.to_open.push(cfg.clone());
                 }
             }
         }
     }
+}
+
+/// Applies the export part of a plan: builds the next map (reusing unchanged exports), opens
+/// new stores concurrently, swaps the map in with ONE `Registry::replace`, then retires
+/// removed exports. `plan.restart_needed` is left to the caller to log (the daemon does).
+pub async fn apply_exports<F: BucketSource + ?Sized>(
+    plan: ReloadPlan,
+    registry: &Registry,
+    factory: &F,
+    budget: &Arc<CacheBudget>,
+    flush_timeout: Duration,
+) -> Applied {
+    let current = registry.snapshot();
+    let mut staging = Staging {
+        next: BTreeMap::new(),
+        retire: Vec::new(),
+        to_open: Vec::new(),
+        effective: plan.effective,
+    };
+    for (name, action) in plan.exports {
+        let running = current.get(&name).cloned();
+        staging.stage(name, action, running).await;
+    }
+    let Staging {
+        mut next,
+        retire,
+        to_open,
+        effective,
+    } = staging;
     let draining = registry.draining();
     let opens = to_open
         .iter()
         .map(|cfg| open_or_reuse(cfg, &draining, registry, factory, budget, flush_timeout));
-    let opened = futures_util::future::join_all(opens).await;
     let mut added = Vec::new();
-    for (export, fresh) in opened {
+    for (export, fresh) in futures_util::future::join_all(opens).await {
         info!(
             export = export.name(),
             "export added; served to new connections"
@@ -292,10 +327,7 @@ pub async fn apply_exports<F: BucketSource + ?Sized>(
     for export in retire {
         registry.retire(export);
     }
-    Applied {
-        added,
-        effective: plan.effective,
-    }
+    Applied { added, effective }
 }
 
 /// Flushes an export about to be replaced by a new store on possibly the same objects, so the

@@ -320,3 +320,29 @@ async fn unopenable_export_is_refused_then_retried() {
         "refused exports were not retried"
     );
 }
+
+#[tokio::test]
+async fn client_attaching_during_reload_blocks_a_reopen() {
+    let registry = Registry::new();
+    let buckets = Buckets::default();
+    let budget = CacheBudget::new(1 << 30, 256 << 20);
+    let one = config(vec![export("a")]);
+    apply(&config(vec![]), &one, &registry, &buckets).await;
+    let mut moved = export("a");
+    moved.prefix = "elsewhere/".into();
+    let moved_cfg = config(vec![moved]);
+    let p = plan(&one, &moved_cfg, &registry);
+    assert!(matches!(p.exports["a"], ExportAction::Reopen { .. }));
+    let before = registry.get("a").unwrap();
+    let client = before.attach();
+    let applied = apply_exports(p, &registry, &buckets, &budget, Duration::from_secs(5)).await;
+    assert!(
+        Arc::ptr_eq(&registry.get("a").unwrap(), &before),
+        "store replaced under a client"
+    );
+    assert_eq!(
+        applied.effective.exports, one.exports,
+        "effective config must keep the old definition"
+    );
+    drop(client);
+}
