@@ -90,13 +90,19 @@ async fn serve(config: Config, config_path: Option<PathBuf>) -> ExitCode {
             request = signals.next() => match request {
                 Request::Reload => {
                     info!("SIGHUP: reloading the configuration");
-                    reload_error = reload(&daemon, &notifier).await;
+                    match reload_unless_stopped(&daemon, &notifier, &mut signals).await {
+                        Ok(outcome) => reload_error = outcome,
+                        Err(name) => break name,
+                    }
                 }
                 Request::Stop(name) => break name,
             },
             Some(()) = next_change(&mut watcher) => {
                 info!("configuration file changed: reloading");
-                reload_error = reload(&daemon, &notifier).await;
+                match reload_unless_stopped(&daemon, &notifier, &mut signals).await {
+                    Ok(outcome) => reload_error = outcome,
+                    Err(name) => break name,
+                }
             }
             _ = status_tick.tick() => {
                 notifier.status(&status_line(&daemon, reload_error.as_deref()));
@@ -108,6 +114,23 @@ async fn serve(config: Config, config_path: Option<PathBuf>) -> ExitCode {
     let code = shutdown::run(Arc::clone(&daemon), &notifier, &mut signals).await;
     background.abort_all();
     code
+}
+
+/// A reload that a SIGTERM/SIGINT cancels: opening exports may wait on a slow S3, and the
+/// flush must not wait for it (systemd would SIGKILL us at TimeoutStopSec). Cancelling is safe:
+/// the registry swap is one synchronous step, so it either happened or did not.
+async fn reload_unless_stopped(
+    daemon: &Daemon,
+    notifier: &Notifier,
+    signals: &mut Signals,
+) -> Result<Option<String>, &'static str> {
+    tokio::select! {
+        outcome = reload(daemon, notifier) => Ok(outcome),
+        name = signals.next_stop() => {
+            warn!("{name} during a reload: reload abandoned");
+            Err(name)
+        }
+    }
 }
 
 /// One reload, framed by RELOADING=1 … READY=1 (READY even when the file was refused: the

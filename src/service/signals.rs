@@ -44,7 +44,9 @@ impl Signals {
         loop {
             match self.next().await {
                 Request::Stop(name) => return name,
-                Request::Reload => tracing::info!("SIGHUP ignored: shutting down"),
+                Request::Reload => {
+                    tracing::info!("SIGHUP ignored: a reload or shutdown is already running")
+                }
             }
         }
     }

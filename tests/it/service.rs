@@ -491,3 +491,23 @@ fn watchdog_pings_only_when_systemd_asks_for_it() {
         quiet.received
     );
 }
+
+#[test]
+fn sigterm_cancels_a_reload_stuck_on_s3() {
+    let s3 = S3Server::start();
+    let mut d = NbdS3::with_export(&s3, "disk");
+    // Opening the added export needs S3, which now hangs.
+    s3.freeze();
+    d.rewrite_config(|c| c.exports.push(ExportSpec::new("second")));
+    d.sighup();
+    d.wait_for_notify("RELOADING=1", DAEMON_TIMEOUT);
+    d.sigterm();
+    let status = d.wait_exit(DAEMON_TIMEOUT);
+    s3.thaw();
+    let logs = d.logs();
+    assert!(status.success(), "exit {status:?}:\n{logs}");
+    assert!(
+        logs.contains("reload abandoned"),
+        "the stuck reload should have been cancelled:\n{logs}"
+    );
+}
