@@ -158,6 +158,44 @@ pub fn assert_objects_match(bed: &Bed, prefix: &str, image: &[u8], bs: u64) {
     }
 }
 
+/// `nbdinfo --map` (base:allocation) as `(offset, length, type)`.
+pub fn allocation_map(uri: &str) -> Vec<(u64, u64, u32)> {
+    let text = nbdinfo(&["--map", uri]);
+    text.lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let num = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok());
+            match (num(0), num(1), num(2)) {
+                (Some(o), Some(n), Some(t)) => (o, n, t as u32),
+                _ => panic!("unparsable nbdinfo --map line {l:?} in:\n{text}"),
+            }
+        })
+        .collect()
+}
+
+/// After a FLUSH, BLOCK_STATUS must agree with the bucket: blocks with an object are data
+/// (type 0), blocks without are hole|zero (3), and the map covers the export exactly.
+pub fn assert_map_matches_objects(bed: &Bed, uri: &str, prefix: &str, size: u64, bs: u64) {
+    let map = allocation_map(uri);
+    let mut at = 0;
+    for &(off, len, typ) in &map {
+        assert_eq!(off, at, "map not contiguous: {map:?}");
+        at += len;
+        for block in off / bs..(off + len).div_ceil(bs) {
+            let stored = bed
+                .s3
+                .read_object(BUCKET, &block_key(prefix, block))
+                .is_some();
+            let want = if stored { 0 } else { 3 };
+            assert_eq!(
+                typ, want,
+                "block {block} (stored: {stored}) in map entry {off}+{len}: {map:?}"
+            );
+        }
+    }
+    assert_eq!(at, size, "map covers the export: {map:?}");
+}
+
 /// A field of /proc/PID/status in KiB (`VmRSS:`, `VmHWM:`).
 pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/PID/status");
@@ -375,6 +413,7 @@ fn sparse_export_stores_only_nonzero_blocks() {
     apply(&mut image, &ops);
     nbd_write(&uri, &ops, true);
     assert_eq!(bed.keys("sp/"), expected_keys("sp/", &image, bs));
+    assert_map_matches_objects(&bed, &uri, "sp/", size, bs);
 
     // Block 0: zeros written; 1: trimmed; 2: WRITE_ZEROES; 3 + first half of 4: one trim;
     // 5: a partial zero (kept, zeroed in place); 6-7 zeroed by two half-block writes;
@@ -420,7 +459,10 @@ fn sparse_export_stores_only_nonzero_blocks() {
     );
     assert_objects_match(&bed, "sp/", &image, bs);
     assert_image("after zeroing", &nbd_read(&uri, 0, size), &image, bs);
+    assert_map_matches_objects(&bed, &uri, "sp/", size, bs);
     bed.stop_and_restart();
+    // The presence map rebuilt from listing the prefix at open says the same.
+    assert_map_matches_objects(&bed, &bed.uri("sp"), "sp/", size, bs);
     assert_image(
         "after restart",
         &nbd_read(&bed.uri("sp"), 0, size),
@@ -494,6 +536,7 @@ fn object_layout_keys_and_sizes() {
         &image,
         bs,
     );
+    assert_map_matches_objects(&bed, &bed.uri("lay"), prefix, size, bs);
 }
 
 #[test]
