@@ -21,7 +21,7 @@ pub(crate) struct ConnCtx {
 
 /// A simple reply with no data.
 pub(crate) fn simple(errno: u32, cookie: u64) -> Reply {
-    Reply::One(Head::build(|b| reply::simple_reply(b, errno, cookie)))
+    Reply::one(Head::build(|b| reply::simple_reply(b, errno, cookie)))
 }
 
 /// The error reply for `command`: an ERROR chunk where the client expects chunks (READ and
@@ -37,7 +37,7 @@ pub(crate) fn error(
     if ctx.structured && chunked {
         let mut v = Vec::with_capacity(32 + msg.len());
         reply::error_chunk(&mut v, cookie, errno, msg);
-        Reply::Many(vec![Part::Data(Bytes::from(v))])
+        Reply::many(vec![Part::Data(Bytes::from(v))])
     } else {
         simple(errno, cookie)
     }
@@ -82,7 +82,7 @@ pub(crate) async fn execute(ctx: &ConnCtx, req: Request, payload: Bytes) -> Repl
 async fn read(ctx: &ConnCtx, req: &Request) -> Reply {
     if req.length == 0 {
         return if ctx.structured {
-            Reply::One(Head::build(|b| reply::none_chunk(b, req.cookie)))
+            Reply::one(Head::build(|b| reply::none_chunk(b, req.cookie)))
         } else {
             simple(0, req.cookie)
         };
@@ -106,7 +106,7 @@ async fn read(ctx: &ConnCtx, req: &Request) -> Reply {
             reply::simple_reply(b, 0, req.cookie)
         })));
         parts.extend(extents.into_iter().map(data_part));
-        return Reply::Many(parts);
+        return Reply::many(parts);
     }
     if req.flags.df() {
         let mut parts = Vec::with_capacity(extents.len() + 1);
@@ -115,9 +115,9 @@ async fn read(ctx: &ConnCtx, req: &Request) -> Reply {
             reply::offset_data_header(b, REPLY_FLAG_DONE, cookie, off, len)
         })));
         parts.extend(extents.into_iter().map(data_part));
-        return Reply::Many(parts);
+        return Reply::many(parts);
     }
-    Reply::Many(chunks(req, extents))
+    Reply::many(chunks(req, extents))
 }
 
 fn extent_len(e: &Extent) -> u64 {
@@ -191,7 +191,7 @@ fn block_status(ctx: &ConnCtx, req: &Request) -> Reply {
         super::handshake::BASE_ALLOCATION_ID,
         &extents,
     );
-    Reply::Many(vec![Part::Data(Bytes::from(v))])
+    Reply::many(vec![Part::Data(Bytes::from(v))])
 }
 
 const CHUNK_LEN: usize = reply::CHUNK_HEADER_LEN + 4;

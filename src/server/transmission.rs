@@ -9,7 +9,7 @@ use super::listener::Accepted;
 use super::writer::{self, Reply};
 use super::{Inner, State, HANDSHAKE_TIMEOUT, MAX_IN_FLIGHT};
 use crate::proto::consts::*;
-use crate::proto::{parse_header, validate, Command, FatalError, Limits, Request};
+use crate::proto::{parse_header, validate, Command, FatalError, Limits, Request, RequestHeader};
 use bytes::{Bytes, BytesMut};
 use std::future::pending;
 use std::io;
@@ -22,6 +22,21 @@ const READ_BUF: usize = 256 * 1024;
 const WRITE_BUF: usize = 256 * 1024;
 /// Replies queued for the writer; request tasks wait (not the reader) when it is full.
 const REPLY_QUEUE: usize = MAX_IN_FLIGHT * 2;
+/// Data bytes (WRITE payloads read, READ replies not yet written) one connection may hold,
+/// in units of 64 KiB: 128 MiB, four maximum-size requests. Without it, 128 pipelined 32 MiB
+/// READs from a client that never reads its replies would pin 4 GiB.
+const BUDGET_UNIT: u32 = 64 * 1024;
+const BUDGET_UNITS: u32 = 2048;
+
+/// Budget units a request needs before its payload is read or its data fetched.
+fn budget_cost(h: &RequestHeader) -> u32 {
+    let moves_data = matches!(h.command, CMD_READ | CMD_WRITE) && h.length <= MAX_PAYLOAD;
+    if moves_data {
+        h.length.div_ceil(BUDGET_UNIT).max(1)
+    } else {
+        0
+    }
+}
 
 /// Why a connection in transmission ended abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +86,7 @@ struct Conn {
     limits: Limits,
     tx: mpsc::Sender<Reply>,
     sem: Arc<Semaphore>,
+    budget: Arc<Semaphore>,
     state: watch::Receiver<State>,
 }
 
@@ -110,6 +126,7 @@ where
         },
         tx,
         sem: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+        budget: Arc::new(Semaphore::new(BUDGET_UNITS as usize)),
         state: inner.state.subscribe(),
     };
     let result = read_loop(&conn, &mut reader).await;
@@ -145,7 +162,9 @@ async fn read_loop<R: AsyncRead + Unpin>(
             }
         }
         let header = parse_header(&hb)?;
-        let payload = match header.payload_len()? {
+        let payload_len = header.payload_len()?;
+        let budget = acquire_budget(c, &header).await;
+        let payload = match payload_len {
             0 => Bytes::new(),
             n => read_payload(reader, &mut payload_buf, n as usize).await?,
         };
@@ -181,9 +200,18 @@ async fn read_loop<R: AsyncRead + Unpin>(
             ctx: Arc::clone(&c.ctx),
             tx: c.tx.clone(),
             permit,
+            budget,
             state: c.state.clone(),
         };
         tokio::spawn(task.run(req, payload));
+    }
+}
+
+async fn acquire_budget(c: &Conn, header: &RequestHeader) -> Option<OwnedSemaphorePermit> {
+    match budget_cost(header) {
+        0 => None,
+        // The semaphore is never closed, so this only waits.
+        n => Arc::clone(&c.budget).acquire_many_owned(n).await.ok(),
     }
 }
 
@@ -233,6 +261,8 @@ struct RequestTask {
     ctx: Arc<ConnCtx>,
     tx: mpsc::Sender<Reply>,
     permit: OwnedSemaphorePermit,
+    /// Released by the writer once the reply is out (see `BUDGET_UNITS`).
+    budget: Option<OwnedSemaphorePermit>,
     state: watch::Receiver<State>,
 }
 
@@ -252,7 +282,38 @@ impl RequestTask {
                 return;
             }
         };
-        let _ = self.tx.send(reply).await;
+        let _ = self.tx.send(reply.hold(self.budget)).await;
         drop(self.permit);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(command: u16, length: u32) -> RequestHeader {
+        RequestHeader {
+            flags: 0,
+            command,
+            cookie: 0,
+            offset: 0,
+            length,
+        }
+    }
+
+    #[test]
+    fn budget_cost_covers_data_commands_only() {
+        assert_eq!(budget_cost(&h(CMD_READ, 0)), 1);
+        assert_eq!(budget_cost(&h(CMD_WRITE, 4096)), 1);
+        assert_eq!(budget_cost(&h(CMD_READ, BUDGET_UNIT + 1)), 2);
+        assert_eq!(
+            budget_cost(&h(CMD_READ, MAX_PAYLOAD)),
+            MAX_PAYLOAD / BUDGET_UNIT
+        );
+        assert!(budget_cost(&h(CMD_READ, MAX_PAYLOAD)) * 4 <= BUDGET_UNITS);
+        // oversized requests are refused before they could use memory
+        assert_eq!(budget_cost(&h(CMD_READ, MAX_PAYLOAD + 1)), 0);
+        assert_eq!(budget_cost(&h(CMD_TRIM, u32::MAX)), 0);
+        assert_eq!(budget_cost(&h(CMD_BLOCK_STATUS, 1 << 30)), 0);
     }
 }

@@ -5,7 +5,7 @@
 use bytes::Bytes;
 use std::io;
 use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
 /// Size of the small inline header buffer; every fixed-size reply or chunk header fits.
 const HEAD_CAP: usize = 32;
@@ -39,10 +39,39 @@ pub(crate) enum Part {
     Zeros(u32),
 }
 
-/// A complete reply; the writer never interleaves two replies.
-pub(crate) enum Reply {
+enum Body {
     One(Head),
     Many(Vec<Part>),
+}
+
+/// A complete reply; the writer never interleaves two replies. It may carry the connection's
+/// memory-budget permit of its request, released only once the bytes are on the socket, so a
+/// client that stops reading cannot make us queue unbounded read data.
+pub(crate) struct Reply {
+    body: Body,
+    budget: Option<OwnedSemaphorePermit>,
+}
+
+impl Reply {
+    /// A reply that is a single small header.
+    pub fn one(head: Head) -> Reply {
+        Reply {
+            body: Body::One(head),
+            budget: None,
+        }
+    }
+    /// A reply made of several pieces (headers and data).
+    pub fn many(parts: Vec<Part>) -> Reply {
+        Reply {
+            body: Body::Many(parts),
+            budget: None,
+        }
+    }
+    /// Keeps `permit` until this reply has been written.
+    pub fn hold(mut self, permit: Option<OwnedSemaphorePermit>) -> Reply {
+        self.budget = permit;
+        self
+    }
 }
 
 static ZEROS: [u8; 64 * 1024] = [0u8; 64 * 1024];
@@ -64,15 +93,16 @@ async fn write_part<W: AsyncWrite + Unpin>(w: &mut BufWriter<W>, part: &Part) ->
 }
 
 async fn write_reply<W: AsyncWrite + Unpin>(w: &mut BufWriter<W>, reply: Reply) -> io::Result<()> {
-    match reply {
-        Reply::One(h) => w.write_all(h.bytes()).await,
-        Reply::Many(parts) => {
-            for p in &parts {
+    match &reply.body {
+        Body::One(h) => w.write_all(h.bytes()).await,
+        Body::Many(parts) => {
+            for p in parts {
                 write_part(w, p).await?;
             }
             Ok(())
         }
     }
+    // `reply.budget` drops here: the bytes are in the buffer or on the socket.
 }
 
 /// Writes replies until every sender is gone, then flushes and shuts the write half down.
