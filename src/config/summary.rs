@@ -19,21 +19,23 @@ pub fn summary_table(cfg: &Config) -> String {
     if let Some(m) = cfg.server.metrics {
         out.push_str(&format!("metrics: {m}\n"));
     }
-    let endpoint = cfg
-        .s3
-        .endpoint
-        .as_deref()
-        .unwrap_or("AWS (default endpoint)");
-    let creds = if cfg.s3.access_key_id.is_some() {
-        "static key"
-    } else {
-        "AWS credential chain"
-    };
-    out.push_str(&format!(
-        "s3: {endpoint} (region {}, path style {}, {creds})\n",
-        cfg.s3.region.as_deref().unwrap_or("default"),
-        if cfg.s3.path_style { "on" } else { "off" },
-    ));
+    match cfg.s3.endpoint.as_deref() {
+        Some(e) if e.starts_with("file://") => {
+            out.push_str(&format!("s3: {e} (local directory store)\n"));
+        }
+        endpoint => {
+            let creds = match &cfg.s3.access_key_id {
+                Some(id) => format!("access key {id}"),
+                None => "AWS credential chain".to_string(),
+            };
+            out.push_str(&format!(
+                "s3: {} (region {}, path style {}, {creds})\n",
+                endpoint.unwrap_or("AWS (default endpoint)"),
+                cfg.s3.region.as_deref().unwrap_or("default"),
+                if cfg.s3.path_style { "on" } else { "off" },
+            ));
+        }
+    }
     out.push_str(&format!(
         "cache: memory {}, dirty {}, flush timeout {}\n",
         format_size(cfg.cache.memory),
