@@ -580,6 +580,79 @@ fn bad_request_magic_closes_only_that_connection() {
     bed.check_served();
 }
 
+#[test]
+fn export_name_unknown_closes_and_abort_is_acknowledged() {
+    let mut bed = Bed::new();
+    let mut r = Raw::connect(&bed.addr);
+    r.send_opt(OPT_EXPORT_NAME, b"no-such-export");
+    let tail = r.expect_closed("EXPORT_NAME of an unknown export");
+    assert!(
+        tail.is_empty(),
+        "server answered EXPORT_NAME of an unknown export: {tail:?}"
+    );
+
+    let mut r = Raw::connect(&bed.addr);
+    r.send_opt(OPT_ABORT, &[]);
+    let rep = r.try_opt_reply();
+    if let Some(rep) = rep {
+        assert_eq!((rep.option, rep.kind), (OPT_ABORT, REP_ACK), "ABORT reply");
+    }
+    r.expect_closed("after ABORT");
+
+    // EXPORT_NAME of the real export: size, flags, no zeroes (NO_ZEROES negotiated).
+    let mut r = Raw::connect(&bed.addr);
+    r.send_opt(OPT_EXPORT_NAME, EXPORT.as_bytes());
+    assert_eq!(r.u64(), SIZE, "EXPORT_NAME size");
+    let _flags = r.u16();
+    let d = pattern(77, 0, 4096);
+    assert_eq!(r.write_at(1, 8192, &d), 0);
+    assert_bytes(
+        "EXPORT_NAME session read",
+        &r.read_at(2, 8192, 4096).unwrap(),
+        &d,
+    );
+    bed.check_served();
+}
+
+#[test]
+fn stalled_handshakes_do_not_block_other_clients() {
+    let mut bed = Bed::new();
+    // Clients stuck at every handshake stage, held open for the whole test.
+    let mut stalled = Vec::new();
+    for i in 0..48 {
+        let mut r = Raw::greet(&bed.addr);
+        match i % 3 {
+            0 => {}
+            1 => r.send(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes()),
+            _ => {
+                r.send(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+                r.send_opt_raw(OPT_GO, 100, &[0, 0]);
+            }
+        }
+        stalled.push(r);
+    }
+    // Connections that completed GO and then sent half a request header.
+    for _ in 0..16 {
+        let mut r = bed.open();
+        r.send(&req_bytes(0, CMD_READ, 1, 0, 512, &[])[..13]);
+        stalled.push(r);
+    }
+    bed.check_served();
+    let mut more = Vec::new();
+    for _ in 0..8 {
+        more.push(bed.open());
+    }
+    for (i, r) in more.iter_mut().enumerate() {
+        assert_eq!(
+            r.read_at(i as u64, 0, 4096).map(|d| d.len()),
+            Ok(4096),
+            "client {i}"
+        );
+    }
+    drop(stalled);
+    bed.check_served();
+}
+
 /// SET/LIST_META_CONTEXT data: export name, query count, queries.
 fn meta_data(export: &str, queries: &[&str]) -> Vec<u8> {
     let mut d = Vec::new();
