@@ -295,7 +295,15 @@ fn ad_hoc_export_from_environment_flags_win() {
     let s3 = S3Server::start();
     std::fs::create_dir_all(s3.root().join("adhoc-bucket")).unwrap();
     let d = NbdS3::builder(&s3)
-        .args(&["serve", "--port", "0", "--size", "16MiB"])
+        .args(&[
+            "serve",
+            "--port",
+            "0",
+            "--size",
+            "16MiB",
+            "--log-level",
+            "debug",
+        ])
         .env("NBD_EXPORT_NAME", "scratch")
         .env("NBD_HOST", "127.0.0.1")
         .env("NBD_PORT", "1") // the --port flag wins
@@ -305,10 +313,16 @@ fn ad_hoc_export_from_environment_flags_win() {
         .env("NBD_S3_SECRET_KEY", &s3.secret_key)
         .env("NBD_S3_BUCKET", "adhoc-bucket")
         .env("NBD_S3_REGION", &s3.region)
+        .env("NBD_LOG_LEVEL", "error") // --log-level wins (else no `listening on` line at all)
         .start();
     let list = nbdinfo(&["--list", &format!("nbd://127.0.0.1:{}", d.port())]);
     assert!(list.contains("scratch"), "{list}");
     let info = nbdinfo(&["--size", &d.uri("scratch")]);
     assert_eq!(info.trim(), (16u64 << 20).to_string());
     assert!(!d.logs().contains(&s3.secret_key), "secret key logged");
+    assert!(
+        d.logs().contains("DEBUG"),
+        "--log-level debug ignored:\n{}",
+        d.logs()
+    );
 }
