@@ -45,6 +45,17 @@ impl Config {
     /// Parses and validates `src` (the contents of the file shown as `path`); relative
     /// `secret_access_key_file` paths are resolved against `base_dir`.
     pub fn parse(src: &str, path: &str, base_dir: &Path) -> Result<Config, ConfigError> {
+        if src.trim().is_empty() {
+            // Almost always a file caught mid-save (truncated, not yet written): applying it
+            // would withdraw every export.
+            return Err(ConfigError::Invalid(vec![Diagnostic {
+                path: path.to_string(),
+                line: 1,
+                message:
+                    "the file is empty (an empty configuration needs at least a [server] section)"
+                        .into(),
+            }]));
+        }
         let raw = raw::parse(src)
             .map_err(|e| ConfigError::Invalid(vec![locate::diagnose(path, src, &e)]))?;
         let mut checker = validate::Checker::new(path, src, base_dir);

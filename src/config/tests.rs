@@ -69,8 +69,12 @@ fn defaults_without_sections() {
     assert_eq!(cfg.s3.endpoint, None);
     assert!(!cfg.s3.path_style, "path style defaults off for AWS");
     assert_eq!(cfg.exports[0].prefix, "vm1/");
-    let empty = parse("").unwrap();
-    assert!(empty.exports.is_empty());
+    let no_exports = parse("[server]\n").unwrap();
+    assert!(no_exports.exports.is_empty());
+    assert_eq!(
+        error_line(" \n\n"),
+        "exports.toml:1: the file is empty (an empty configuration needs at least a [server] section)"
+    );
 }
 
 #[test]
