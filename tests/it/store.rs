@@ -578,6 +578,7 @@ fn block_size_mismatch_refuses_only_that_export() {
     let err = r.go("mm").expect_err("GO on the refused export");
     assert_eq!(err.kind, REP_ERR_UNKNOWN, "refused export error type");
     let msg = String::from_utf8_lossy(&err.data).into_owned();
+    eprintln!("refused export: ERR_UNKNOWN {msg:?}");
     assert!(
         names_both(&msg),
         "ERR_UNKNOWN message {msg:?} must name both block sizes"
