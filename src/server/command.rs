@@ -71,7 +71,9 @@ pub(crate) async fn execute(ctx: &ConnCtx, req: Request, payload: Bytes) -> Repl
         Command::Trim => store.trim(off, len, fua).await,
         // FAST_ZERO: zeroing is always fast here (it only drops blocks), so just do it.
         Command::WriteZeroes => store.write_zeroes(off, len, fua).await,
-        Command::Cache => store.prefetch(off, len).await,
+        // CACHE is only a hint: warm at most one maximum-size request's worth, so a 4 GiB
+        // CACHE cannot make us fetch (and hold) gigabytes (the spec allows refusing it).
+        Command::Cache => store.prefetch(off, len.min(MAX_PAYLOAD)).await,
     };
     match result {
         Ok(()) => simple(0, req.cookie),
