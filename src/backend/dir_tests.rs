@@ -243,3 +243,40 @@ async fn oversized_file_is_refused_before_reading() {
     let err = s.get("p/huge").await.unwrap_err();
     assert!(matches!(err, BackendError::Corrupt { .. }), "{err:?}");
 }
+
+/// PUT/GET rate of 128 KiB objects with 32 in flight, fsyncs included: what the `file://`
+/// store can give the block store. A benchmark, not a test: run with
+/// `cargo test --release --lib backend::dir::tests::rate -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "benchmark; run explicitly"]
+async fn rate_of_parallel_put_get() {
+    let (_root, s) = store();
+    let data = Bytes::from(vec![0x5au8; 128 * 1024]);
+    let n = 2000usize;
+    for op in ["PUT", "GET"] {
+        let start = std::time::Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..n {
+            let (s, data) = (s.clone(), data.clone());
+            tasks.spawn(async move {
+                let key = format!("b/{i:016x}");
+                if op == "PUT" {
+                    s.put(&key, data).await.unwrap();
+                } else {
+                    assert_eq!(s.get(&key).await.unwrap().unwrap().len(), data.len());
+                }
+            });
+            while tasks.len() >= 32 {
+                tasks.join_next().await.unwrap().unwrap();
+            }
+        }
+        while let Some(r) = tasks.join_next().await {
+            r.unwrap();
+        }
+        let secs = start.elapsed().as_secs_f64();
+        eprintln!(
+            "dir {op}: {n} x 128 KiB, 32 in flight: {:.0} objects/s",
+            n as f64 / secs
+        );
+    }
+}
