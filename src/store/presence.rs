@@ -1,0 +1,176 @@
+//! Which blocks hold data, as seen by readers: built by one LIST at open, then kept current by
+//! every write. A read of a block that is neither cached nor present costs no S3 call, and
+//! BLOCK_STATUS is answered from here alone.
+//!
+//! Stored as a sparse bitmap (4096 blocks per 512-byte leaf), so memory follows the data
+//! written, not the export size: a 100 TiB thin export that holds 1 GiB costs a few KiB.
+
+use parking_lot::RwLock;
+use std::collections::BTreeMap;
+
+const LEAF_BITS: u64 = 4096;
+const WORDS: usize = (LEAF_BITS / 64) as usize;
+
+/// Sparse set of block indices holding non-zero data.
+#[derive(Debug, Default)]
+pub(crate) struct Presence {
+    leaves: RwLock<BTreeMap<u64, Box<[u64; WORDS]>>>,
+}
+
+fn split(block: u64) -> (u64, usize, u64) {
+    let leaf = block / LEAF_BITS;
+    let bit = block % LEAF_BITS;
+    (leaf, (bit / 64) as usize, 1u64 << (bit % 64))
+}
+
+impl Presence {
+    /// Builds the map from the listed keys; keys that are not `<prefix><16 hex digits>` are
+    /// ignored (the manifest, lease objects, foreign files).
+    pub fn from_keys<'a>(prefix: &str, keys: impl IntoIterator<Item = &'a str>) -> Self {
+        let p = Self::default();
+        for key in keys {
+            if let Some(block) = parse_block_key(prefix, key) {
+                p.set(block, true);
+            }
+        }
+        p
+    }
+
+    /// Whether the block holds data.
+    pub fn get(&self, block: u64) -> bool {
+        let (leaf, word, mask) = split(block);
+        self.leaves
+            .read()
+            .get(&leaf)
+            .is_some_and(|w| w[word] & mask != 0)
+    }
+
+    /// Records that the block now holds data (`true`) or reads as zeros (`false`).
+    pub fn set(&self, block: u64, present: bool) {
+        let (leaf, word, mask) = split(block);
+        if self.get(block) == present {
+            return;
+        }
+        let mut leaves = self.leaves.write();
+        if present {
+            leaves.entry(leaf).or_insert_with(|| Box::new([0; WORDS]))[word] |= mask;
+        } else if let Some(w) = leaves.get_mut(&leaf) {
+            w[word] &= !mask;
+            if w.iter().all(|x| *x == 0) {
+                leaves.remove(&leaf);
+            }
+        }
+    }
+
+    /// Number of present blocks (metrics, tests).
+    pub fn count(&self) -> u64 {
+        let leaves = self.leaves.read();
+        leaves
+            .values()
+            .flat_map(|w| w.iter())
+            .map(|x| u64::from(x.count_ones()))
+            .sum()
+    }
+
+    /// Runs of equal presence over `[first, first+count)`, in order, adjacent runs merged.
+    pub fn runs(&self, first: u64, count: u64) -> Vec<(bool, u64)> {
+        let leaves = self.leaves.read();
+        let mut out: Vec<(bool, u64)> = Vec::new();
+        let end = first.saturating_add(count);
+        let mut b = first;
+        while b < end {
+            let (leaf, _, _) = split(b);
+            let leaf_end = (leaf + 1).saturating_mul(LEAF_BITS).min(end);
+            match leaves.get(&leaf) {
+                None => push_run(&mut out, false, leaf_end - b),
+                Some(words) => {
+                    for x in b..leaf_end {
+                        let (_, word, mask) = split(x);
+                        push_run(&mut out, words[word] & mask != 0, 1);
+                    }
+                }
+            }
+            b = leaf_end;
+        }
+        out
+    }
+}
+
+fn push_run(out: &mut Vec<(bool, u64)>, present: bool, n: u64) {
+    match out.last_mut() {
+        Some((p, len)) if *p == present => *len += n,
+        _ => out.push((present, n)),
+    }
+}
+
+/// The object key of a block: prefix + 16 lowercase hex digits.
+pub(crate) fn block_key(prefix: &str, block: u64) -> String {
+    format!("{prefix}{block:016x}")
+}
+
+/// The block index named by `key`, if it is a block object of this prefix.
+pub(crate) fn parse_block_key(prefix: &str, key: &str) -> Option<u64> {
+    let suffix = key.strip_prefix(prefix)?;
+    if suffix.len() != 16
+        || !suffix
+            .bytes()
+            .all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'))
+    {
+        return None;
+    }
+    u64::from_str_radix(suffix, 16).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_round_trip_and_foreign_keys_are_ignored() {
+        assert_eq!(block_key("vm1/", 42), "vm1/000000000000002a");
+        assert_eq!(parse_block_key("vm1/", "vm1/000000000000002a"), Some(42));
+        for bad in [
+            "vm1/nbd-s3.json",
+            "vm1/000000000000002A",
+            "vm1/00000000000002a",
+            "vm2/000000000000002a",
+            "vm1/000000000000002a.tmp",
+        ] {
+            assert_eq!(parse_block_key("vm1/", bad), None, "{bad}");
+        }
+        let p = Presence::from_keys(
+            "vm1/",
+            [
+                "vm1/nbd-s3.json",
+                "vm1/0000000000000003",
+                "vm1/0000000000001000",
+            ],
+        );
+        assert_eq!(p.count(), 2);
+        assert!(p.get(3) && p.get(4096) && !p.get(4));
+    }
+
+    #[test]
+    fn set_and_runs_merge_adjacent_equal_blocks() {
+        let p = Presence::default();
+        for b in [1, 2, 5, 4095, 4096, 9000] {
+            p.set(b, true);
+        }
+        p.set(9000, false);
+        assert!(!p.get(9000));
+        assert_eq!(
+            p.runs(0, 10000),
+            vec![
+                (false, 1),
+                (true, 2),
+                (false, 2),
+                (true, 1),
+                (false, 4089),
+                (true, 2),
+                (false, 5903)
+            ]
+        );
+        assert_eq!(p.runs(2, 2), vec![(true, 1), (false, 1)]);
+        assert_eq!(p.count(), 5);
+    }
+}

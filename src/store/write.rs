@@ -1,0 +1,264 @@
+//! Writes, TRIM and WRITE_ZEROES land in the cache: a whole-block write replaces the buffer
+//! (never reads), a partial one reads the block once (read-modify-write), and content that
+//! becomes all zeros drops its buffer so write-back turns it into a DELETE, never a zero PUT.
+//! Room (memory, dirty limit) is reserved before the shard lock is taken, never under it.
+
+use super::block::{is_zero, Chunk};
+use super::budget::{Charge, DirtyToken};
+use super::cache::{BlockBuf, Buf, Content, LoadResult, Shard, Slot};
+use super::{Inner, StoreError};
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::Arc;
+use tokio::sync::watch;
+
+/// What a piece of a write puts into its block.
+#[derive(Debug, Clone, Copy)]
+enum Src<'a> {
+    Data(&'a [u8]),
+    Zero,
+}
+
+/// Why applying a piece must step out of the lock first.
+enum Step {
+    Done,
+    Wait(watch::Receiver<LoadResult>),
+    NeedDirty,
+    NeedMemory,
+}
+
+/// Room reserved for one piece; whatever is left unused is returned on drop.
+#[derive(Default)]
+struct Room {
+    dirty: Option<DirtyToken>,
+    memory: Option<Charge>,
+}
+
+impl Inner {
+    /// Writes `data` (or zeros when `None`) over `len` bytes at `offset`.
+    pub(crate) async fn write(
+        self: &Arc<Self>,
+        offset: u64,
+        data: Option<&[u8]>,
+        len: u64,
+        fua: bool,
+    ) -> Result<(), StoreError> {
+        if self.read_only {
+            return Err(StoreError::ReadOnly);
+        }
+        let chunks = self.geo.chunks(offset, len, self.size.load(SeqCst))?;
+        let bs = self.bs();
+        // The (at most two) partial blocks start their GETs together.
+        for c in [chunks.first(), chunks.last()].into_iter().flatten() {
+            if !c.is_whole(bs) {
+                self.ensure_loading(c.block);
+            }
+        }
+        for c in &chunks {
+            let src = match data {
+                Some(d) => {
+                    let piece = &d[c.buf_off..c.buf_off + c.len];
+                    if is_zero(piece) {
+                        Src::Zero
+                    } else {
+                        Src::Data(piece)
+                    }
+                }
+                None => Src::Zero,
+            };
+            self.write_chunk(c, src).await?;
+        }
+        if fua {
+            let target = self.next_seq.load(SeqCst);
+            self.write_through(chunks.iter().map(|c| c.block), target)
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn write_chunk(self: &Arc<Self>, c: &Chunk, src: Src<'_>) -> Result<(), StoreError> {
+        let mut room = Room::default();
+        loop {
+            let step = {
+                let mut shard = self.cache.lock(c.block);
+                self.apply(&mut shard, c, src, &mut room)
+            };
+            match step {
+                Step::Done => return Ok(()),
+                Step::Wait(rx) => self.wait_load(c.block, rx).await?,
+                Step::NeedDirty => {
+                    room.dirty = Some(self.budget.reserve_dirty(self.geo.block_size).await)
+                }
+                Step::NeedMemory => {
+                    room.memory = Some(self.budget.reserve_memory(self.geo.block_size).await)
+                }
+            }
+        }
+    }
+
+    /// Under the shard lock: applies the piece, or says what must happen first.
+    fn apply(
+        self: &Arc<Self>,
+        shard: &mut Shard,
+        c: &Chunk,
+        src: Src<'_>,
+        room: &mut Room,
+    ) -> Step {
+        let bs = self.bs();
+        let whole = c.is_whole(bs);
+        let Some(slot) = shard.slots.get_mut(&c.block) else {
+            let present = self.presence.get(c.block);
+            if !present && matches!(src, Src::Zero) {
+                return Step::Done; // zeroing a block that has no object: nothing to do
+            }
+            if present && !whole {
+                return Step::Wait(self.start_load(shard, c.block));
+            }
+            if room.dirty.is_none() {
+                return Step::NeedDirty;
+            }
+            let content = match src {
+                Src::Zero => None,
+                Src::Data(d) => match room.memory.take() {
+                    Some(charge) => Some(new_buf(bs, charge, c.start, d)),
+                    None => return Step::NeedMemory,
+                },
+            };
+            self.presence.set(c.block, content.is_some());
+            let slot = Slot {
+                content: Content::Ready(content),
+                dirty_seq: None,
+                inflight_seq: None,
+                stored: present,
+                tick: 0,
+            };
+            shard.slots.insert(c.block, slot);
+            self.mark_dirty(shard, c.block, whole, room);
+            return Step::Done;
+        };
+        let needs_token = slot.is_clean();
+        let cur = match &mut slot.content {
+            Content::Loading(rx) => return Step::Wait(rx.clone()),
+            Content::Ready(cur) => cur,
+        };
+        if cur.is_none() && matches!(src, Src::Zero) {
+            return Step::Done; // already all zeros
+        }
+        if needs_token && room.dirty.is_none() {
+            return Step::NeedDirty;
+        }
+        if !modify(cur, bs, c, src, &mut room.memory) {
+            return Step::NeedMemory;
+        }
+        let has_data = cur.is_some();
+        self.presence.set(c.block, has_data);
+        self.mark_dirty(shard, c.block, whole, room);
+        Step::Done
+    }
+
+    /// Under the shard lock, after a change: gives the change a sequence number and, when the
+    /// block was clean, counts it dirty and queues it for write-back.
+    fn mark_dirty(&self, shard: &mut Shard, block: u64, whole: bool, room: &mut Room) {
+        let Some(slot) = shard.slots.get_mut(&block) else {
+            return;
+        };
+        if slot.dirty_seq.is_some() {
+            return;
+        }
+        let seq = self.next_seq.fetch_add(1, SeqCst);
+        slot.dirty_seq = Some(seq);
+        if slot.inflight_seq.is_some() {
+            return; // the write-back task picks the change up when its PUT ends
+        }
+        shard.unlink(block);
+        if let Some(token) = room.dirty.take() {
+            token.commit();
+        }
+        self.dirty.fetch_add(self.geo.block_size, SeqCst);
+        let now = tokio::time::Instant::now();
+        // A fully written block is unlikely to change again soon (sequential writers): store
+        // it at once. Partial writes wait a little so neighbouring writes share one PUT.
+        let due = if whole {
+            now
+        } else {
+            now + self.write_back_age()
+        };
+        self.wb.lock().add(seq, block, due);
+        self.kick.notify_one();
+    }
+}
+
+/// A fresh block of zeros with `data` at `start`.
+fn new_buf(bs: usize, charge: Charge, start: usize, data: &[u8]) -> Buf {
+    let v = if start == 0 && data.len() == bs {
+        data.to_vec()
+    } else {
+        let mut v = vec![0u8; bs];
+        v[start..start + data.len()].copy_from_slice(data);
+        v
+    };
+    Arc::new(BlockBuf {
+        data: v.into_boxed_slice(),
+        _charge: charge,
+    })
+}
+
+/// Applies `src` to the block content in place (copy-on-write if an in-flight PUT shares the
+/// buffer). Returns false when a new buffer is needed and `memory` holds no charge for it.
+fn modify(
+    cur: &mut Option<Buf>,
+    bs: usize,
+    c: &Chunk,
+    src: Src<'_>,
+    memory: &mut Option<Charge>,
+) -> bool {
+    let range = c.start..c.start + c.len;
+    let whole = c.is_whole(bs);
+    match (src, cur.as_mut()) {
+        (Src::Zero, _) if whole => *cur = None,
+        (Src::Zero, None) => {}
+        (Src::Zero, Some(buf)) => {
+            let Some(bytes) = writable(buf, memory) else {
+                return false;
+            };
+            bytes[range].fill(0);
+            if is_zero(bytes) {
+                *cur = None;
+            }
+        }
+        (Src::Data(d), Some(buf)) if !whole => {
+            let Some(bytes) = writable(buf, memory) else {
+                return false;
+            };
+            bytes[range].copy_from_slice(d);
+        }
+        (Src::Data(d), Some(buf)) => match Arc::get_mut(buf) {
+            Some(b) => b.data.copy_from_slice(d),
+            // A PUT still holds the buffer: a whole-block write needs no copy of it.
+            None => {
+                let Some(charge) = memory.take() else {
+                    return false;
+                };
+                *cur = Some(new_buf(bs, charge, c.start, d));
+            }
+        },
+        (Src::Data(d), None) => {
+            let Some(charge) = memory.take() else {
+                return false;
+            };
+            *cur = Some(new_buf(bs, charge, c.start, d));
+        }
+    }
+    true
+}
+
+/// The buffer's bytes for writing; copies it first if an in-flight PUT shares it.
+fn writable<'b>(buf: &'b mut Buf, memory: &mut Option<Charge>) -> Option<&'b mut [u8]> {
+    if Arc::get_mut(buf).is_none() {
+        let charge = memory.take()?;
+        *buf = Arc::new(BlockBuf {
+            data: buf.data.clone(),
+            _charge: charge,
+        });
+    }
+    Arc::get_mut(buf).map(|b| &mut b.data[..])
+}
