@@ -281,6 +281,30 @@ fn flush_durability_survives_kill9() {
 }
 
 #[test]
+fn flush_on_another_connection_covers_every_connections_writes() {
+    let (size, bs) = (4 * MIB, 64 * KIB);
+    let mut bed = Bed::start(vec![ExportSpec::new("mc").size("4MiB").block_size("64KiB")]);
+    let uri = bed.uri("mc");
+    // Writes on one connection (closed without FLUSH), FLUSH on another (multi-conn contract).
+    let image = mixed_writes(&uri, size, bs, 15, false);
+    nbdsh(&uri, &["h.flush()"]);
+    assert_eq!(
+        bed.keys("mc/"),
+        expected_keys("mc/", &image, bs),
+        "objects after FLUSH"
+    );
+    assert_objects_match(&bed, "mc/", &image, bs);
+    bed.nbd.kill9();
+    bed.nbd.restart();
+    assert_image(
+        "after kill -9 + restart",
+        &nbd_read(&bed.uri("mc"), 0, size),
+        &image,
+        bs,
+    );
+}
+
+#[test]
 fn sigterm_flushes_unflushed_writes() {
     let (size, bs) = (4 * MIB, 64 * KIB);
     let mut bed = Bed::start(vec![ExportSpec::new("st").size("4MiB").block_size("64KiB")]);
