@@ -167,7 +167,14 @@ impl S3Store {
         req: aws_sdk_s3::operation::put_object::builders::PutObjectFluentBuilder,
     ) -> Result<Option<ETag>, BackendError> {
         match req.send().await {
-            Ok(out) => Ok(Some(out.e_tag().unwrap_or_default().to_string())),
+            Ok(out) => match out.e_tag() {
+                Some(etag) => Ok(Some(etag.to_string())),
+                // Without an ETag there is nothing to renew a lease with.
+                None => Err(BackendError::Unsupported(format!(
+                    "ETags (conditional PUT s3://{}/{key} returned none)",
+                    self.bucket
+                ))),
+            },
             Err(e) if status_of(&e) == Some(412) => Ok(None),
             // If-Match on a missing object.
             Err(e) if is_no_such_key(&e) => Ok(None),
