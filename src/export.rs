@@ -131,8 +131,12 @@ impl Drop for Attachment {
     }
 }
 
-/// Flushes an export in the background and logs the outcome; the task keeps the export (and so
-/// its dirty data) alive until the flush is done.
+/// Longest pause between flush attempts of a removed export while S3 refuses its data.
+const RETIRED_FLUSH_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// Flushes an export in the background and logs the outcome. The task keeps the export (and so
+/// its dirty data) alive until the flush succeeds: a removed export whose data S3 refuses is
+/// retried with backoff, never dropped; it stops early only if the export is served again.
 pub fn spawn_flush(export: Arc<Export>, why: &'static str) {
     let Ok(handle) = tokio::runtime::Handle::try_current() else {
         warn!(export = export.name(), "{why}: no runtime to flush on");
@@ -140,13 +144,24 @@ pub fn spawn_flush(export: Arc<Export>, why: &'static str) {
     };
     handle.spawn(async move {
         let Ok(store) = &export.store else { return };
-        match store.flush().await {
-            Ok(()) => info!(export = export.name(), "{why}: flushed"),
-            Err(e) => error!(
-                export = export.name(),
-                "{why}: flush failed ({e}); {} dirty bytes stay queued",
-                store.dirty_bytes()
-            ),
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            match store.flush().await {
+                Ok(()) => {
+                    info!(export = export.name(), "{why}: flushed");
+                    break;
+                }
+                Err(e) => error!(
+                    export = export.name(),
+                    "{why}: flush failed ({e}); {} dirty bytes stay queued, retrying in {backoff:?}",
+                    store.dirty_bytes()
+                ),
+            }
+            if !export.is_removed() {
+                return; // served again: its normal life cycle flushes it
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(RETIRED_FLUSH_BACKOFF_MAX);
         }
         if export.is_removed() && export.attached() == 0 {
             info!(export = export.name(), "removed export released");
@@ -260,5 +275,94 @@ impl Registry {
     /// Brings a draining export back (re-added with the same bucket, prefix and block size).
     pub fn revive(&self, export: &Export) {
         export.shared.removed.store(false, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::memory::MemoryStore;
+
+    /// Every bucket is the same in-memory store, so the test can look inside.
+    struct One(Arc<MemoryStore>);
+
+    impl BucketSource for One {
+        fn bucket(&self, _bucket: &str) -> Result<DynObjectStore, BackendError> {
+            Ok(Arc::clone(&self.0) as DynObjectStore)
+        }
+    }
+
+    fn cfg() -> ExportConfig {
+        ExportConfig {
+            name: "a".into(),
+            size: 1 << 20,
+            bucket: "nbd".into(),
+            prefix: "a/".into(),
+            block_size: 4096,
+            read_only: false,
+            description: None,
+        }
+    }
+
+    async fn wait_until(what: &str, cond: impl Fn() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !cond() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn removed_export_is_kept_until_s3_takes_its_data() {
+        let mem = Arc::new(MemoryStore::new());
+        let budget = CacheBudget::new(64 << 20, 32 << 20);
+        let export = open_export(
+            &cfg(),
+            &One(Arc::clone(&mem)),
+            &budget,
+            Duration::from_millis(50),
+        )
+        .await;
+        let store = export.store.clone().expect("store opens");
+        mem.fail_next_permanent(u64::MAX);
+        store
+            .write(0, bytes::Bytes::from(vec![7u8; 4096]), false)
+            .await
+            .expect("write lands in the cache");
+        drop(store);
+        let registry = Registry::new();
+        registry.retire(export);
+        let puts = mem.puts();
+        wait_until("repeated failed flush attempts", || mem.puts() >= puts + 3).await;
+        assert_eq!(
+            registry.draining().len(),
+            1,
+            "removed export dropped with dirty data"
+        );
+        mem.fail_next_permanent(0);
+        wait_until("the block in S3", || {
+            mem.peek("a/0000000000000000").is_some()
+        })
+        .await;
+        wait_until("the export released", || registry.draining().is_empty()).await;
+    }
+
+    #[tokio::test]
+    async fn attachments_are_counted_across_versions() {
+        let e = Export::new(cfg(), Err("refused".into()));
+        let a1 = e.attach();
+        let grown = e.with_config(ExportConfig {
+            size: 2 << 20,
+            ..cfg()
+        });
+        let a2 = grown.attach();
+        assert_eq!((e.attached(), grown.attached()), (2, 2));
+        assert!(grown.same_instance(&e) && grown.size() == 2 << 20 && e.size() == 1 << 20);
+        drop(a1);
+        drop(a2);
+        assert_eq!(e.attached(), 0);
     }
 }
