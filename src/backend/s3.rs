@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::Client;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use std::time::Duration;
 
 /// How long establishing a TCP/TLS connection may take before the attempt counts as failed.
@@ -131,16 +131,40 @@ impl S3Store {
         }
         let crc = out.metadata().and_then(|m| m.get(S3_METADATA_KEY)).cloned();
         let etag = out.e_tag().map(str::to_string);
-        let body = out.body.collect().await.map_err(|e| {
-            BackendError::Transient(format!(
-                "GET s3://{}/{key}: reading body: {}",
-                self.bucket,
-                DisplayErrorContext(&e)
-            ))
-        })?;
-        let data = body.into_bytes();
+        let data = self.read_body(key, out.body, expected_len).await?;
         verify(key, &data, crc.as_deref(), expected_len)?;
         Ok(Some((data, etag)))
+    }
+
+    /// Reads a GET body into one buffer, never more than [`MAX_OBJECT_SIZE`] even when the
+    /// server sent no length (chunked encoding).
+    async fn read_body(
+        &self,
+        key: &str,
+        mut body: ByteStream,
+        expected_len: Option<u64>,
+    ) -> Result<Bytes, BackendError> {
+        let capacity = expected_len.unwrap_or(0).min(MAX_OBJECT_SIZE);
+        let mut buf = BytesMut::with_capacity(usize::try_from(capacity).unwrap_or(0));
+        loop {
+            let chunk = body.try_next().await.map_err(|e| {
+                BackendError::Transient(format!(
+                    "GET s3://{}/{key}: reading body: {}",
+                    self.bucket,
+                    DisplayErrorContext(&e)
+                ))
+            })?;
+            let Some(chunk) = chunk else {
+                return Ok(buf.freeze());
+            };
+            if (buf.len() + chunk.len()) as u64 > MAX_OBJECT_SIZE {
+                return Err(BackendError::Corrupt {
+                    key: key.to_string(),
+                    reason: format!("body exceeds {MAX_OBJECT_SIZE} bytes"),
+                });
+            }
+            buf.extend_from_slice(&chunk);
+        }
     }
 
     /// The shared part of every PUT: body, length and checksum metadata.
