@@ -17,7 +17,11 @@ S3FS=${S3S_FS:-$(command -v s3s-fs || echo "$HOME/.cargo/bin/s3s-fs")}
 BASE=${TMPDIR:-/tmp}; [ -d /dev/shm ] && BASE=/dev/shm
 W=$(mktemp -d "$BASE/protobench.XXXX")
 PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$W"; }
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done   # nbd-s3 flushes on SIGTERM
+  rm -rf "$W"
+}
 trap cleanup EXIT
 
 wait_nbd() { # URI PID LOG: until nbdinfo connects (the server is ready), 60 s at most
@@ -103,7 +107,7 @@ PIDS+=($!); wait_nbd "nbd://127.0.0.1:$port/bench" $! "$W/nbd-s3.log"
 run_workloads nbd-s3 "nbd://127.0.0.1:$port/bench"
 
 echo
-echo "protocol overhead: working set $WS, random jobs ${RT}s, iodepth 32 (4k) / 8 (1M), store=$STORE"
+echo "protocol overhead: working set $WS, random jobs ${RT}s, iodepth 32 (4k) / 8 (1M), store=$STORE, load: $(cut -d' ' -f1-3 /proc/loadavg)"
 python3 - "$W/results" <<'P'
 import sys
 rows = {}
