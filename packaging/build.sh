@@ -36,3 +36,13 @@ fi
 if command -v rpm >/dev/null 2>&1; then
     rpm -qlp "$rpm"
 fi
+
+# The unit as installed, pointed at the binary just built (verify checks that it exists).
+if command -v systemd-analyze >/dev/null 2>&1; then
+    unit_dir=$(mktemp -d)
+    sed "s#/usr/bin/nbd-s3#$(pwd)/target/release/nbd-s3#g" systemd/nbd-s3.service \
+        > "$unit_dir/nbd-s3.service"
+    systemd-analyze verify "$unit_dir/nbd-s3.service"
+    systemd-analyze security --offline=true "$unit_dir/nbd-s3.service" | tail -n 1
+    rm -rf "$unit_dir"
+fi
