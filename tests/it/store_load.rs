@@ -3,7 +3,7 @@
 //! used through qemu-storage-daemon's FUSE export and a loop mount, survives a daemon restart.
 
 use crate::common::{fio, run, run_ok, show, tool, wait_until, ExportSpec};
-use crate::store::{proc_status_kib, Bed, MIB};
+use crate::store_bed::{proc_status_kib, Bed, MIB};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -21,7 +21,7 @@ fn memory_stays_within_budget_under_a_write_storm() {
     let uri = bed.uri("storm");
     let pid = bed.nbd.pid();
     // Baseline after one connection has been served (threads, pools, HTTP client).
-    crate::store::nbd_read(&uri, 0, 4096);
+    crate::store_bed::nbd_read(&uri, 0, 4096);
     let idle_kib = proc_status_kib(pid, "VmRSS:");
     let limit_kib = idle_kib + budget_kib + SLACK_MIB * 1024;
     // 128 MiB of non-zero data (4× the budget), flushed at the end ...
