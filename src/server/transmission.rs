@@ -132,16 +132,43 @@ where
         state: inner.state.subscribe(),
     };
     let result = read_loop(&conn, &mut reader).await;
-    let Conn { tx, ctx, .. } = conn;
+    let Conn {
+        tx, ctx, mut state, ..
+    } = conn;
     drop(tx);
-    // The writer ends once every request task has sent its reply (DISC waits for them).
-    let written = match writer_task.await {
-        Ok(r) => r,
-        Err(e) => Err(io::Error::other(e)),
-    };
+    let written = finish_writer(writer_task, result.is_err(), &mut state).await;
     drop((ctx, attachment));
     result?;
     written.map_err(ConnError::Writer)
+}
+
+/// Lets the writer deliver the outstanding replies (DISC waits for them), except after a
+/// protocol violation, or once shutdown's grace time is over, when a client that does not
+/// read its replies must not keep the connection (and shutdown) alive.
+async fn finish_writer(
+    mut writer_task: tokio::task::JoinHandle<io::Result<()>>,
+    violated: bool,
+    state: &mut watch::Receiver<State>,
+) -> io::Result<()> {
+    if violated {
+        writer_task.abort();
+    }
+    let joined = tokio::select! {
+        r = &mut writer_task => r,
+        _ = async {
+            expired(state).await;
+            // Time for the ESHUTDOWN replies to go out.
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        } => {
+            writer_task.abort();
+            return Ok(());
+        }
+    };
+    match joined {
+        Ok(r) => r,
+        Err(e) if e.is_cancelled() => Ok(()),
+        Err(e) => Err(io::Error::other(e)),
+    }
 }
 
 async fn read_loop<R: AsyncRead + Unpin>(

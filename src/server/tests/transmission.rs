@@ -297,3 +297,25 @@ async fn unix_socket_listener_replaces_stale_socket() {
     assert_eq!(&ack[12..16], &REP_ACK.to_be_bytes());
     handle.close();
 }
+
+#[tokio::test]
+async fn violation_closes_even_when_the_client_never_reads() {
+    let f = fixture().await;
+    // simple replies: holes are sent as real zero bytes
+    let mut c = simple_client(&f, "disk").await;
+    let mut batch = Vec::new();
+    for i in 0..64u64 {
+        let h = RequestHeader {
+            flags: 0,
+            command: CMD_READ,
+            cookie: i,
+            offset: 0,
+            length: 1 << 20,
+        };
+        batch.extend_from_slice(&h.encode());
+    }
+    // 64 MiB of replies nobody reads (more than any socket buffer), then garbage.
+    batch.extend_from_slice(&[0xFF; 28]);
+    c.write(&batch).await;
+    f.wait_connections(0).await;
+}
