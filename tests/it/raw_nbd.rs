@@ -57,7 +57,7 @@ pub const EINVAL: u32 = 22;
 pub const ENOSPC: u32 = 28;
 
 /// How long any single read may block before the server is declared hung.
-pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
+pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// One option reply as it came off the wire.
 #[derive(Debug, Clone, PartialEq, Eq)]
