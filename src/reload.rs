@@ -226,6 +226,14 @@ struct Staging {
 }
 
 impl Staging {
+    /// Leaves `old` in service and in the effective configuration, so the next reload retries.
+    fn keep_old(&mut self, name: String, old: Arc<Export>) {
+        if let Some(e) = self.effective.exports.iter_mut().find(|e| e.name == name) {
+            *e = old.config.clone();
+        }
+        self.next.insert(name, old);
+    }
+
     /// Sorts one export's action into keep / retire / open.
     async fn stage(&mut self, name: String, action: ExportAction, running: Option<Arc<Export>>) {
         match (action, running) {
@@ -257,17 +265,21 @@ impl Staging {
                     export = name.as_str(),
                     "change refused, keeping the old definition: a client attached during the reload; reload again once it disconnects"
                 );
-                if let Some(e) = self.effective.exports.iter_mut().find(|e| e.name == name) {
-                    *e = old.config.clone();
-                }
-                self.next.insert(name, old);
+                self.keep_old(name, old);
             }
             (ExportAction::Reopen { new, reason }, running) => {
-                info!(export = name.as_str(), "reopening export: {reason}");
                 if let Some(old) = running {
-                    quiesce(&old).await;
+                    if let Err(e) = quiesce(&old).await {
+                        warn!(
+                            export = name.as_str(),
+                            "change refused, keeping the old definition: its data is not all in S3 yet ({e})"
+                        );
+                        self.keep_old(name, old);
+                        return;
+                    }
                     self.retire.push(old);
                 }
+                info!(export = name.as_str(), "reopening export: {reason}");
                 self.to_open.push(new);
             }
             (ExportAction::Add(new), _) => self.to_open.push(new),
@@ -332,14 +344,12 @@ pub async fn apply_exports<F: BucketSource + ?Sized>(
 
 /// Flushes an export about to be replaced by a new store on possibly the same objects, so the
 /// new store reads what the old one acknowledged.
-async fn quiesce(old: &Export) {
-    if let Ok(store) = &old.store {
-        if let Err(e) = store.flush().await {
-            warn!(
-                export = old.name(),
-                "flush before reopening failed: {e}; dirty data stays queued"
-            );
-        }
+/// `Err` (the flush error) means the old store still holds data S3 has not taken: opening a
+/// second store on its objects now would read stale blocks.
+async fn quiesce(old: &Export) -> Result<(), String> {
+    match &old.store {
+        Ok(store) => store.flush().await.map_err(|e| e.to_string()),
+        Err(_) => Ok(()),
     }
 }
 
@@ -385,7 +395,14 @@ async fn open_or_reuse<F: BucketSource + ?Sized>(
             warn!(export = cfg.name.as_str(), "export refused: {msg}");
             return (Export::new(cfg.clone(), Err(msg)), false);
         }
-        quiesce(d).await;
+        if let Err(e) = quiesce(d).await {
+            let msg = format!(
+                "objects overlap removed export {:?}, whose data is not all in S3 yet ({e}); reload again later",
+                d.name()
+            );
+            warn!(export = cfg.name.as_str(), "export refused: {msg}");
+            return (Export::new(cfg.clone(), Err(msg)), false);
+        }
     }
     (open_export(cfg, factory, budget, flush_timeout).await, true)
 }

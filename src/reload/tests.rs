@@ -346,3 +346,62 @@ async fn client_attaching_during_reload_blocks_a_reopen() {
     );
     drop(client);
 }
+
+/// Every bucket is one shared in-memory store.
+struct Shared(Arc<MemoryStore>);
+
+impl BucketSource for Shared {
+    fn bucket(&self, _bucket: &str) -> Result<DynObjectStore, BackendError> {
+        Ok(Arc::clone(&self.0) as DynObjectStore)
+    }
+}
+
+#[tokio::test]
+async fn reopen_waits_for_the_old_data_to_reach_s3() {
+    let mem = Arc::new(MemoryStore::new());
+    let buckets = Shared(Arc::clone(&mem));
+    let registry = Registry::new();
+    let budget = CacheBudget::new(1 << 30, 256 << 20);
+    let mut a = export("a");
+    a.block_size = 4096;
+    let one = config(vec![a.clone()]);
+    let p = plan(&config(vec![]), &one, &registry);
+    apply_exports(p, &registry, &buckets, &budget, Duration::from_millis(50)).await;
+    let running = registry.get("a").unwrap();
+    mem.fail_next_permanent(u64::MAX);
+    let store = running.store.clone().unwrap();
+    store
+        .write(0, bytes::Bytes::from(vec![1u8; 4096]), false)
+        .await
+        .unwrap();
+    let mut moved = a.clone();
+    moved.prefix = "moved/".into();
+    let moved_cfg = config(vec![moved]);
+    let p = plan(&one, &moved_cfg, &registry);
+    assert!(matches!(p.exports["a"], ExportAction::Reopen { .. }));
+    let applied = apply_exports(p, &registry, &buckets, &budget, Duration::from_millis(50)).await;
+    assert!(
+        Arc::ptr_eq(&registry.get("a").unwrap(), &running),
+        "moved away from unflushed data"
+    );
+    assert_eq!(applied.effective.exports, one.exports);
+    // Once S3 takes the data, a later reload (as the admin's next save or SIGHUP) moves it.
+    mem.fail_next_permanent(0);
+    let mut effective = applied.effective;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while registry.get("a").unwrap().config.prefix != "moved/" {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the move never applied"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let p = plan(&effective, &moved_cfg, &registry);
+        effective = apply_exports(p, &registry, &buckets, &budget, Duration::from_secs(5))
+            .await
+            .effective;
+    }
+    assert!(
+        mem.peek("a/0000000000000000").is_some(),
+        "old data not flushed before the move"
+    );
+}
