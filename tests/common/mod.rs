@@ -11,6 +11,7 @@
 pub mod clients;
 pub mod config;
 pub mod daemon;
+pub mod fault_proxy;
 pub mod nbdkit;
 pub mod proc;
 pub mod s3;

@@ -8,6 +8,8 @@ mod common;
 mod backend_s3;
 mod cli_config;
 mod clients;
+mod crash;
+mod faults;
 mod hostile;
 mod hostile_requests;
 mod raw_nbd;

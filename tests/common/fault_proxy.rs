@@ -1,0 +1,625 @@
+//! A fault-injecting HTTP/1.1 proxy between nbd-s3 and the S3 fixture, on its own loopback
+//! port. Point `[s3] endpoint` at `FaultProxy::endpoint()`; requests are forwarded byte for
+//! byte (the SigV4 signature covers the Host header the client sent, and s3s-fs checks it
+//! against the Host it receives, so nothing is rewritten).
+//!
+//! The proxy parses request and response framing (Content-Length or chunked bodies, 1xx
+//! interim replies, HEAD) so it can decide *per request*, not per pooled connection, whether to
+//! inject a fault. Rules (`Rule`) are set at runtime from the test; every injected fault is
+//! counted. Decisions use a seeded xorshift, so a run with the same seed and the same request
+//! order injects the same faults.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Largest request/response head the proxy accepts (S3 heads are a few KiB).
+const MAX_HEAD: usize = 64 * 1024;
+
+/// What the proxy does to a request a rule picked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Fault {
+    /// `503 SlowDown` with an S3 XML error body; the request never reaches S3.
+    SlowDown,
+    /// `500 InternalError`; the request never reaches S3.
+    InternalError,
+    /// The response is held back for the rule's delay, then sent intact.
+    Delay,
+    /// The connection is reset before the request is forwarded.
+    ResetBefore,
+    /// The request is forwarded (S3 executes it), then the connection is reset: a lost reply.
+    ResetAfter,
+    /// The response head and half the body are sent, then the connection is closed.
+    CutBody,
+    /// One byte in the middle of the response body is flipped in transit (length kept).
+    CorruptBody,
+}
+
+/// The kind of S3 request, from method, path and query (path-style addressing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Op {
+    Get,
+    Put,
+    Delete,
+    List,
+    Head,
+    Other,
+}
+
+/// One fault-injection rule: which requests, how often, for how long.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    fault: Fault,
+    ops: Vec<Op>,
+    key_contains: Option<String>,
+    rate: f64,
+    delay: Duration,
+    until: Option<Instant>,
+    remaining: Option<u64>,
+}
+
+impl Rule {
+    /// Injects `fault` into every request (narrow it with the other methods).
+    pub fn new(fault: Fault) -> Rule {
+        Rule {
+            fault,
+            ops: vec![],
+            key_contains: None,
+            rate: 1.0,
+            delay: Duration::from_millis(500),
+            until: None,
+            remaining: None,
+        }
+    }
+    /// Only these request kinds (default: all).
+    pub fn only(mut self, ops: &[Op]) -> Rule {
+        self.ops = ops.to_vec();
+        self
+    }
+    /// Only requests whose object key contains `s`.
+    pub fn key_contains(mut self, s: &str) -> Rule {
+        self.key_contains = Some(s.to_string());
+        self
+    }
+    /// Probability (0..=1) that a matching request gets the fault.
+    pub fn rate(mut self, rate: f64) -> Rule {
+        self.rate = rate;
+        self
+    }
+    /// How long `Fault::Delay` holds a response.
+    pub fn delay(mut self, d: Duration) -> Rule {
+        self.delay = d;
+        self
+    }
+    /// The rule expires `d` from now.
+    pub fn for_period(mut self, d: Duration) -> Rule {
+        self.until = Some(Instant::now() + d);
+        self
+    }
+    /// The rule expires after injecting `n` faults.
+    pub fn times(mut self, n: u64) -> Rule {
+        self.remaining = Some(n);
+        self
+    }
+
+    fn matches(&self, req: &Head) -> bool {
+        (self.ops.is_empty() || self.ops.contains(&req.op))
+            && self
+                .key_contains
+                .as_ref()
+                .is_none_or(|s| req.key().contains(s.as_str()))
+    }
+}
+
+/// State shared between the test and the proxy's tasks.
+#[derive(Debug)]
+struct State {
+    upstream: SocketAddr,
+    rules: Mutex<Vec<Rule>>,
+    outage: AtomicBool,
+    rng: Mutex<u64>,
+    injected: Mutex<HashMap<Fault, u64>>,
+    refused: AtomicU64,
+    requests: Mutex<HashMap<Op, u64>>,
+    log_heads: AtomicBool,
+    heads: Mutex<Vec<String>>,
+}
+
+impl State {
+    /// Picks the fault for this request (first matching rule whose dice roll hits), if any.
+    fn pick(&self, req: &Head) -> Option<(Fault, Duration)> {
+        let now = Instant::now();
+        let mut rules = self.rules.lock().unwrap();
+        rules.retain(|r| r.until.is_none_or(|u| now < u) && r.remaining != Some(0));
+        for r in rules.iter_mut() {
+            if !r.matches(req) || self.roll() >= r.rate {
+                continue;
+            }
+            if let Some(n) = r.remaining.as_mut() {
+                *n -= 1;
+            }
+            *self.injected.lock().unwrap().entry(r.fault).or_default() += 1;
+            return Some((r.fault, r.delay));
+        }
+        None
+    }
+
+    /// A uniform number in [0, 1) from the seeded xorshift.
+    fn roll(&self) -> f64 {
+        let mut x = self.rng.lock().unwrap();
+        *x ^= *x << 13;
+        *x ^= *x >> 7;
+        *x ^= *x << 17;
+        (*x >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// A running proxy; stops (and drops all its connections) when dropped.
+pub struct FaultProxy {
+    state: Arc<State>,
+    port: u16,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FaultProxy {
+    /// Starts a proxy to `127.0.0.1:upstream_port` on a kernel-chosen loopback port.
+    pub fn start(upstream_port: u16, seed: u64) -> FaultProxy {
+        let state = Arc::new(State {
+            upstream: SocketAddr::from(([127, 0, 0, 1], upstream_port)),
+            rules: Mutex::new(vec![]),
+            outage: AtomicBool::new(false),
+            rng: Mutex::new(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1),
+            injected: Mutex::new(HashMap::new()),
+            refused: AtomicU64::new(0),
+            requests: Mutex::new(HashMap::new()),
+            log_heads: AtomicBool::new(false),
+            heads: Mutex::new(vec![]),
+        });
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind fault proxy");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let port = listener.local_addr().expect("local addr").port();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let st = state.clone();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("proxy runtime");
+            rt.block_on(async move {
+                let listener = TcpListener::from_std(listener).expect("tokio listener");
+                tokio::select! {
+                    _ = accept_loop(listener, st) => {}
+                    _ = rx => {}
+                }
+            });
+            rt.shutdown_background();
+        });
+        FaultProxy {
+            state,
+            port,
+            stop: Some(tx),
+            thread: Some(thread),
+        }
+    }
+
+    /// `http://127.0.0.1:PORT`, the `[s3] endpoint` to give nbd-s3.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Adds a rule (rules are tried in the order added).
+    pub fn add(&self, rule: Rule) {
+        self.state.rules.lock().unwrap().push(rule);
+    }
+
+    /// Removes every rule (an outage is separate: see `set_outage`).
+    pub fn clear(&self) {
+        self.state.rules.lock().unwrap().clear();
+    }
+
+    /// While on, every connection and every request is reset: S3 is unreachable.
+    pub fn set_outage(&self, on: bool) {
+        self.state.outage.store(on, Ordering::SeqCst);
+    }
+
+    /// Faults injected so far of kind `f`.
+    pub fn injected(&self, f: Fault) -> u64 {
+        self.state
+            .injected
+            .lock()
+            .unwrap()
+            .get(&f)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Faults injected so far, all kinds, outage refusals included.
+    pub fn injected_total(&self) -> u64 {
+        let rules: u64 = self.state.injected.lock().unwrap().values().sum();
+        rules + self.refused()
+    }
+
+    /// Connections and requests reset because of an outage.
+    pub fn refused(&self) -> u64 {
+        self.state.refused.load(Ordering::SeqCst)
+    }
+
+    /// Requests of kind `op` seen (faulted or not).
+    pub fn requests(&self, op: Op) -> u64 {
+        self.state
+            .requests
+            .lock()
+            .unwrap()
+            .get(&op)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Starts recording request heads (for finding out what the SDK sends).
+    pub fn log_heads(&self, on: bool) {
+        self.state.log_heads.store(on, Ordering::SeqCst);
+    }
+
+    /// Request heads recorded so far.
+    pub fn heads(&self) -> Vec<String> {
+        self.state.heads.lock().unwrap().clone()
+    }
+
+    /// One line for test output: every counter.
+    pub fn summary(&self) -> String {
+        let inj = self.state.injected.lock().unwrap().clone();
+        let req = self.state.requests.lock().unwrap().clone();
+        format!(
+            "requests {req:?}; injected {inj:?}; outage resets {}",
+            self.refused()
+        )
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+async fn accept_loop(listener: TcpListener, st: Arc<State>) {
+    loop {
+        let Ok((sock, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = sock.set_nodelay(true);
+        if st.outage.load(Ordering::SeqCst) {
+            st.refused.fetch_add(1, Ordering::SeqCst);
+            reset(sock);
+            continue;
+        }
+        let st = st.clone();
+        tokio::spawn(async move {
+            let _ = serve(sock, st).await;
+        });
+    }
+}
+
+/// Closes with RST instead of FIN, like a crashed server or a middlebox dropping state.
+fn reset(sock: TcpStream) {
+    #[allow(deprecated)] // a zero linger never blocks
+    let _ = sock.set_linger(Some(Duration::ZERO));
+    drop(sock);
+}
+
+/// A parsed message head, with its raw bytes for forwarding unchanged.
+#[derive(Debug)]
+struct Head {
+    raw: Vec<u8>,
+    /// Request: method. Response: empty.
+    method: String,
+    /// Request: path and query. Response: empty.
+    target: String,
+    /// Response status (0 for requests).
+    status: u16,
+    op: Op,
+    content_length: Option<u64>,
+    chunked: bool,
+    close: bool,
+}
+
+impl Head {
+    /// The object key of a path-style request (`/bucket/key?query` → `key`).
+    fn key(&self) -> &str {
+        let path = self.target.split('?').next().unwrap_or("");
+        path.trim_start_matches('/')
+            .split_once('/')
+            .map_or("", |(_, k)| k)
+    }
+}
+
+/// Reads one head; `Ok(None)` on a clean EOF before any byte.
+async fn read_head<R: AsyncBufRead + Unpin>(r: &mut R, request: bool) -> io::Result<Option<Head>> {
+    let mut raw = Vec::new();
+    loop {
+        let before = raw.len();
+        let n = r.read_until(b'\n', &mut raw).await?;
+        if n == 0 {
+            return if raw.is_empty() {
+                Ok(None)
+            } else {
+                Err(io::ErrorKind::UnexpectedEof.into())
+            };
+        }
+        if raw.len() > MAX_HEAD {
+            return Err(io::Error::other("head too large"));
+        }
+        let line = &raw[before..];
+        if (line == b"\r\n" || line == b"\n") && before > 0 {
+            break;
+        }
+    }
+    Ok(Some(parse_head(raw, request)?))
+}
+
+fn parse_head(raw: Vec<u8>, request: bool) -> io::Result<Head> {
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let mut lines = text.lines();
+    let first = lines.next().unwrap_or("");
+    let mut parts = first.split_whitespace();
+    let (a, b) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let mut head = Head {
+        raw,
+        method: String::new(),
+        target: String::new(),
+        status: 0,
+        op: Op::Other,
+        content_length: None,
+        chunked: false,
+        close: false,
+    };
+    if request {
+        head.method = a.to_string();
+        head.target = b.to_string();
+        head.op = classify(a, b);
+    } else {
+        head.status = b
+            .parse()
+            .map_err(|_| io::Error::other(format!("bad status line {first:?}")))?;
+    }
+    for l in lines {
+        let Some((k, v)) = l.split_once(':') else {
+            continue;
+        };
+        let (k, v) = (k.trim().to_ascii_lowercase(), v.trim().to_ascii_lowercase());
+        match k.as_str() {
+            "content-length" => head.content_length = v.parse().ok(),
+            "transfer-encoding" => head.chunked = v.contains("chunked"),
+            "connection" => head.close = v.contains("close"),
+            _ => {}
+        }
+    }
+    Ok(head)
+}
+
+/// The request kind, from method and path-style target.
+fn classify(method: &str, target: &str) -> Op {
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let has_key = path
+        .trim_start_matches('/')
+        .split_once('/')
+        .is_some_and(|(_, k)| !k.is_empty());
+    match method {
+        "GET" if !has_key || query.contains("list-type") => Op::List,
+        "GET" => Op::Get,
+        "PUT" => Op::Put,
+        "DELETE" => Op::Delete,
+        "HEAD" => Op::Head,
+        _ => Op::Other,
+    }
+}
+
+/// Reads the body `head` announces, raw (chunk framing kept), so it can be forwarded as is.
+async fn read_body<R: AsyncBufRead + Unpin>(
+    r: &mut R,
+    head: &Head,
+    to_eof: bool,
+) -> io::Result<Vec<u8>> {
+    let mut body = Vec::new();
+    if head.chunked {
+        loop {
+            let start = body.len();
+            if r.read_until(b'\n', &mut body).await? == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            let line = String::from_utf8_lossy(&body[start..]).into_owned();
+            let size_hex = line.split(';').next().unwrap_or("").trim();
+            let size = u64::from_str_radix(size_hex, 16)
+                .map_err(|_| io::Error::other(format!("bad chunk size {line:?}")))?;
+            if size == 0 {
+                // Trailers, then the empty line.
+                loop {
+                    let s = body.len();
+                    if r.read_until(b'\n', &mut body).await? == 0 {
+                        return Err(io::ErrorKind::UnexpectedEof.into());
+                    }
+                    if body[s..] == *b"\r\n" || body[s..] == *b"\n" {
+                        return Ok(body);
+                    }
+                }
+            }
+            let s = body.len();
+            body.resize(s + size as usize + 2, 0);
+            r.read_exact(&mut body[s..]).await?;
+        }
+    } else if let Some(n) = head.content_length {
+        body.resize(n as usize, 0);
+        r.read_exact(&mut body).await?;
+    } else if to_eof {
+        r.read_to_end(&mut body).await?;
+    }
+    Ok(body)
+}
+
+/// Whether a response to `req` with head `resp` carries a body.
+fn response_has_body(req: &Head, resp: &Head) -> bool {
+    req.method != "HEAD" && !(100..200).contains(&resp.status) && !matches!(resp.status, 204 | 304)
+}
+
+/// A canned S3 error reply.
+fn s3_error(fault: Fault, req: &Head) -> Vec<u8> {
+    let (status, reason, code, msg) = match fault {
+        Fault::SlowDown => (
+            503,
+            "Slow Down",
+            "SlowDown",
+            "Please reduce your request rate.",
+        ),
+        _ => (
+            500,
+            "Internal Server Error",
+            "InternalError",
+            "We encountered an internal error. Please try again.",
+        ),
+    };
+    let body = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{code}</Code>\
+         <Message>{msg}</Message><Resource>{}</Resource><RequestId>fault-proxy</RequestId></Error>",
+        req.target
+    );
+    let len = if req.method == "HEAD" { 0 } else { body.len() };
+    let mut out = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/xml\r\n\
+         x-amz-request-id: fault-proxy\r\nContent-Length: {len}\r\n\r\n"
+    )
+    .into_bytes();
+    if req.method != "HEAD" {
+        out.extend_from_slice(body.as_bytes());
+    }
+    out
+}
+
+/// One client connection: requests in order, each forwarded (or faulted) in turn.
+async fn serve(client: TcpStream, st: Arc<State>) -> io::Result<()> {
+    let mut client = BufReader::new(client);
+    let mut up: Option<BufReader<TcpStream>> = None;
+    loop {
+        let Some(req) = read_head(&mut client, true).await? else {
+            return Ok(());
+        };
+        *st.requests.lock().unwrap().entry(req.op).or_default() += 1;
+        if st.log_heads.load(Ordering::SeqCst) {
+            let text = String::from_utf8_lossy(&req.raw).into_owned();
+            st.heads.lock().unwrap().push(text);
+        }
+        if st.outage.load(Ordering::SeqCst) {
+            st.refused.fetch_add(1, Ordering::SeqCst);
+            reset(client.into_inner());
+            return Ok(());
+        }
+        let body = read_body(&mut client, &req, false).await?;
+        let fault = st.pick(&req);
+        match fault {
+            Some((f @ (Fault::SlowDown | Fault::InternalError), _)) => {
+                client.get_mut().write_all(&s3_error(f, &req)).await?;
+                if req.close {
+                    return Ok(());
+                }
+                continue;
+            }
+            Some((Fault::ResetBefore, _)) => {
+                reset(client.into_inner());
+                return Ok(());
+            }
+            _ => {}
+        }
+        if up.is_none() {
+            match TcpStream::connect(st.upstream).await {
+                Ok(s) => {
+                    let _ = s.set_nodelay(true);
+                    up = Some(BufReader::new(s));
+                }
+                Err(_) => {
+                    reset(client.into_inner());
+                    return Ok(());
+                }
+            }
+        }
+        let upstream = up.as_mut().expect("connected above");
+        upstream.get_mut().write_all(&req.raw).await?;
+        upstream.get_mut().write_all(&body).await?;
+        let (resp, resp_body) = match relay_response(upstream, &mut client, &req).await {
+            Ok(r) => r,
+            Err(_) => {
+                reset(client.into_inner());
+                return Ok(());
+            }
+        };
+        if matches!(fault, Some((Fault::ResetAfter, _))) {
+            reset(client.into_inner());
+            return Ok(());
+        }
+        let close = req.close || resp.close || (resp.content_length.is_none() && !resp.chunked);
+        if !deliver(&mut client, fault, &resp, resp_body).await? || close {
+            return Ok(());
+        }
+    }
+}
+
+/// Reads the final response from upstream, passing 1xx interim replies straight through.
+async fn relay_response(
+    upstream: &mut BufReader<TcpStream>,
+    client: &mut BufReader<TcpStream>,
+    req: &Head,
+) -> io::Result<(Head, Vec<u8>)> {
+    loop {
+        let resp = read_head(upstream, false)
+            .await?
+            .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
+        if (100..200).contains(&resp.status) {
+            client.get_mut().write_all(&resp.raw).await?;
+            continue;
+        }
+        let body = if response_has_body(req, &resp) {
+            read_body(upstream, &resp, true).await?
+        } else {
+            Vec::new()
+        };
+        return Ok((resp, body));
+    }
+}
+
+/// Sends the response to the client, applying a response-side fault; false when the
+/// connection was closed on purpose.
+async fn deliver(
+    client: &mut BufReader<TcpStream>,
+    fault: Option<(Fault, Duration)>,
+    resp: &Head,
+    mut body: Vec<u8>,
+) -> io::Result<bool> {
+    let sock = client.get_mut();
+    match fault {
+        Some((Fault::Delay, d)) => tokio::time::sleep(d).await,
+        Some((Fault::CutBody, _)) => {
+            sock.write_all(&resp.raw).await?;
+            sock.write_all(&body[..body.len() / 2]).await?;
+            sock.flush().await?;
+            return Ok(false);
+        }
+        Some((Fault::CorruptBody, _)) if !resp.chunked && !body.is_empty() => {
+            let mid = body.len() / 2;
+            body[mid] ^= 0x5a;
+        }
+        _ => {}
+    }
+    sock.write_all(&resp.raw).await?;
+    sock.write_all(&body).await?;
+    Ok(true)
+}

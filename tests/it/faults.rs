@@ -1,0 +1,443 @@
+//! S3 faults between the daemon and a real S3 server (issue 7), injected by the fault proxy:
+//! transient 5xx never reach an NBD client; an outage fills the cache up to the dirty limit,
+//! FLUSH fails with EIO after `flush_timeout` and succeeds once S3 is back; cut-short,
+//! reset or corrupted replies never give wrong data; a corrupt object gives EIO and a log line
+//! naming its key. Every check is against a reference image kept in the test, after a
+//! kill -9 + restart so reads really come from S3.
+
+use crate::common::fault_proxy::{Fault, FaultProxy, Op, Rule};
+use crate::common::{self, nbdsh, show, tool, ExportSpec, NbdS3, S3Server};
+use rand::{Rng, SeedableRng};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+pub const KIB: u64 = 1024;
+pub const MIB: u64 = 1024 * 1024;
+pub const BUCKET: &str = "nbd";
+/// Log filter for the daemon: retries are logged at debug, so they can be counted.
+const RUST_LOG: &str = "info,nbd_s3::backend::retry=debug,nbd_s3::store=debug";
+
+/// S3, the fault proxy in front of it, and the daemon talking to the proxy (dropped first).
+pub struct FaultBed {
+    pub nbd: NbdS3,
+    pub proxy: FaultProxy,
+    pub s3: S3Server,
+}
+
+impl FaultBed {
+    /// Starts everything; `tweak` adjusts the daemon builder (cache sizes, flush timeout).
+    pub fn start(
+        exports: Vec<ExportSpec>,
+        seed: u64,
+        tweak: impl FnOnce(common::daemon::NbdS3Builder) -> common::daemon::NbdS3Builder,
+    ) -> FaultBed {
+        let s3 = S3Server::start();
+        let proxy = FaultProxy::start(s3.port(), seed);
+        let endpoint = proxy.endpoint();
+        let mut b = NbdS3::builder(&s3)
+            .config(|c| c.endpoint = endpoint)
+            .env("RUST_LOG", RUST_LOG);
+        for e in exports {
+            b = b.export(e);
+        }
+        let nbd = tweak(b).start();
+        FaultBed { nbd, proxy, s3 }
+    }
+
+    /// Retries the daemon logged so far (backend blip retries and store-level GET retries).
+    pub fn retries_logged(&self) -> usize {
+        self.nbd.log_lines("retrying").len()
+    }
+}
+
+/// Random writes (offset, data) inside `size`, of 1 byte to 200 KiB, any alignment.
+pub fn random_ops(rng: &mut impl Rng, size: u64, n: usize) -> Vec<(u64, Vec<u8>)> {
+    (0..n)
+        .map(|_| {
+            let len = rng.gen_range(1..=200 * KIB).min(size);
+            let off = rng.gen_range(0..=size - len);
+            (off, common::pattern(len as usize, rng.gen()))
+        })
+        .collect()
+}
+
+/// Applies writes to the reference image.
+pub fn apply(image: &mut [u8], ops: &[(u64, Vec<u8>)]) {
+    for (off, d) in ops {
+        image[*off as usize..*off as usize + d.len()].copy_from_slice(d);
+    }
+}
+
+/// Python code that loads `ops` from a payload file as `ops = [(offset, bytes), …]`.
+fn ops_code(dir: &Path, ops: &[(u64, Vec<u8>)]) -> String {
+    let pay = dir.join("payload");
+    let mut all = Vec::new();
+    let mut spans = Vec::new();
+    for (off, d) in ops {
+        spans.push(format!("({off},{},{})", all.len(), all.len() + d.len()));
+        all.extend_from_slice(d);
+    }
+    std::fs::write(&pay, &all).unwrap();
+    format!(
+        "d = open({:?}, 'rb').read()\nops = [(o, d[a:b]) for o, a, b in [{}]]\n",
+        pay.to_str().unwrap(),
+        spans.join(",")
+    )
+}
+
+/// Writes `ops` in order on one connection, then FLUSH if asked; any error fails the test.
+pub fn write_ops(uri: &str, ops: &[(u64, Vec<u8>)], flush: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let code = format!(
+        "{}for o, b in ops:\n    h.pwrite(b, o)\n{}",
+        ops_code(dir.path(), ops),
+        if flush { "h.flush()" } else { "" }
+    );
+    nbdsh(uri, &[&code]);
+}
+
+/// Reads `len` bytes at `off` (8 MiB requests); any error fails the test.
+pub fn read_range(uri: &str, off: u64, len: u64) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let code = format!(
+        "f = open({:?}, 'wb')\no, e = {off}, {}\nwhile o < e:\n    n = min(e - o, 8 << 20)\n    f.write(h.pread(n, o))\n    o += n\nf.close()",
+        out.to_str().unwrap(),
+        off + len
+    );
+    nbdsh(uri, &[&code]);
+    let d = std::fs::read(&out).unwrap();
+    assert_eq!(d.len() as u64, len, "read length");
+    d
+}
+
+/// Asserts equal bytes, naming the first difference and its block.
+pub fn assert_image(what: &str, got: &[u8], want: &[u8], bs: u64) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
+        let n = got[i..]
+            .iter()
+            .zip(&want[i..])
+            .take_while(|(a, b)| a != b)
+            .count();
+        panic!(
+            "{what}: WRONG DATA at byte {i} (block {}, +{}), {n} bytes differ: got {:02x?}, want {:02x?}",
+            i as u64 / bs,
+            i as u64 % bs,
+            &got[i..(i + 8).min(got.len())],
+            &want[i..(i + 8).min(want.len())]
+        );
+    }
+}
+
+/// `<prefix>` + 16 hex digits.
+pub fn block_key(prefix: &str, i: u64) -> String {
+    format!("{prefix}{i:016x}")
+}
+
+/// Every block of the image is in the bucket as written (non-zero blocks as exact objects,
+/// zero blocks absent or zero), read from s3s-fs's files, not through the daemon.
+pub fn assert_bucket_matches(s3: &S3Server, prefix: &str, image: &[u8], bs: u64) {
+    for (i, chunk) in image.chunks(bs as usize).enumerate() {
+        let key = block_key(prefix, i as u64);
+        let mut want = chunk.to_vec();
+        want.resize(bs as usize, 0);
+        match s3.read_object(BUCKET, &key) {
+            Some(obj) => assert_image(&format!("object {key}"), &obj, &want, bs),
+            None => assert!(
+                want.iter().all(|&b| b == 0),
+                "block {i} holds data but {key} is not in the bucket"
+            ),
+        }
+    }
+}
+
+/// Kill -9 and start again, so every later read is a GET through the proxy.
+fn crash_and_restart(bed: &mut FaultBed) {
+    bed.nbd.kill9();
+    bed.nbd.restart();
+}
+
+#[test]
+fn transient_5xx_never_reach_the_client() {
+    let (size, bs) = (8 * MIB, 64 * KIB);
+    let seed: u64 = rand::random();
+    eprintln!("seed {seed}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut bed = FaultBed::start(
+        vec![ExportSpec::new("t").size("8MiB").block_size("64KiB")],
+        seed,
+        |b| b,
+    );
+    // About a quarter of all requests fail: 15% SlowDown, then 12% of the rest InternalError.
+    bed.proxy.add(Rule::new(Fault::SlowDown).rate(0.15));
+    bed.proxy.add(Rule::new(Fault::InternalError).rate(0.12));
+    let mut image = vec![0u8; size as usize];
+    for round in 0..3 {
+        let ops = random_ops(&mut rng, size, 25);
+        apply(&mut image, &ops);
+        write_ops(&bed.nbd.uri("t"), &ops, round == 2);
+    }
+    assert_bucket_matches(&bed.s3, "t/", &image, bs);
+    let after_writes = bed.proxy.summary();
+    crash_and_restart(&mut bed);
+    let got = read_range(&bed.nbd.uri("t"), 0, size);
+    assert_image("read back through 5xx faults", &got, &image, bs);
+    let (slow, internal) = (
+        bed.proxy.injected(Fault::SlowDown),
+        bed.proxy.injected(Fault::InternalError),
+    );
+    eprintln!(
+        "after writes: {after_writes}\nat end: {}\nretries logged by the daemon (this run): {}",
+        bed.proxy.summary(),
+        bed.retries_logged()
+    );
+    assert!(
+        slow > 0 && internal > 0,
+        "no faults injected: {}",
+        bed.proxy.summary()
+    );
+    assert!(bed.proxy.requests(Op::Get) > 0 && bed.proxy.requests(Op::Put) > 0);
+    assert!(bed.retries_logged() > 0, "daemon logged no retry");
+}
+
+/// One nbdsh run on its own connection: writes `ops`, then FLUSH; prints `flushed` or
+/// `flush-errno N`, and the FLUSH's duration.
+fn write_then_try_flush(uri: &str, ops: &[(u64, Vec<u8>)]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let code = format!(
+        "{}import time\nfor o, b in ops:\n    h.pwrite(b, o)\nt = time.monotonic()\n\
+         try:\n    h.flush()\n    print('flushed')\nexcept nbd.Error as e:\n    print('flush-errno', e.errno)  # libnbd gives the name, e.g. EIO\n\
+         print('flush-seconds', time.monotonic() - t)\n",
+        ops_code(dir.path(), ops)
+    );
+    let out = nbdsh(uri, &[&code]);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn flush_seconds(out: &str) -> f64 {
+    out.lines()
+        .find_map(|l| l.strip_prefix("flush-seconds "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no flush-seconds in {out:?}"))
+}
+
+#[test]
+fn outage_fills_cache_to_dirty_limit_flush_eio_then_recovers() {
+    let (size, bs) = (8 * MIB, 64 * KIB);
+    let mut bed = FaultBed::start(
+        vec![ExportSpec::new("o").size("8MiB").block_size("64KiB")],
+        7,
+        |b| b.cache("32MiB", "1MiB").flush_timeout("2s"),
+    );
+    let uri = bed.nbd.uri("o");
+    let mut image = vec![0u8; size as usize];
+    let block = |i: u64, seed: u64| (i * bs, common::pattern(bs as usize, seed));
+    // Stored before the outage.
+    let before: Vec<_> = (0..4).map(|i| block(i, 100 + i)).collect();
+    apply(&mut image, &before);
+    write_ops(&uri, &before, true);
+
+    bed.proxy.set_outage(true);
+    // Half the dirty limit: the writes are taken into the cache, FLUSH fails after 2 s.
+    let during: Vec<_> = (8..16).map(|i| block(i, 200 + i)).collect();
+    apply(&mut image, &during);
+    let out = write_then_try_flush(&uri, &during);
+    assert!(
+        out.contains("flush-errno EIO"),
+        "FLUSH during the outage must fail with EIO: {out}"
+    );
+    assert!(
+        flush_seconds(&out) >= 1.9,
+        "FLUSH failed before its timeout: {out}"
+    );
+
+    // A writer of 2 MiB more (twice the dirty limit) must wait while S3 is away.
+    let more: Vec<_> = (32..64).map(|i| block(i, 300 + i)).collect();
+    apply(&mut image, &more);
+    let dir = tempfile::tempdir().unwrap();
+    let progress = dir.path().join("progress");
+    let code = format!(
+        "{}import sys\nfor i, (o, b) in enumerate(ops):\n    h.pwrite(b, o)\n    print('wrote', i + 1, flush=True)\n",
+        ops_code(dir.path(), &more)
+    );
+    let mut writer = tool("nbdsh")
+        .args(["-u", &uri, "-c", &code])
+        .stdout(std::fs::File::create(&progress).unwrap())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let wrote = || {
+        std::fs::read_to_string(&progress)
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    // Another FLUSH failing (2 s on the daemon's clock) is the yardstick for "waiting".
+    let out = write_then_try_flush(&uri, &[]);
+    assert!(out.contains("flush-errno EIO"), "second FLUSH: {out}");
+    let stuck_at = wrote();
+    assert!(
+        writer.try_wait().unwrap().is_none() && stuck_at < more.len(),
+        "a writer of twice the dirty limit finished during an S3 outage ({stuck_at} writes)"
+    );
+    eprintln!("writer blocked after {stuck_at} of {} writes", more.len());
+
+    bed.proxy.set_outage(false);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(st) = writer.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "writer still blocked after the outage"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        status.success(),
+        "writer failed: {:?}",
+        writer.wait_with_output()
+    );
+    assert_eq!(wrote(), more.len());
+    // FLUSH succeeds once S3 is back (write-back may still be in its backoff: retry FLUSH).
+    let code = "import time\nn = 0\nwhile True:\n    n += 1\n    try:\n        h.flush()\n        break\n    \
+                except nbd.Error as e:\n        assert e.errno == 'EIO', e\n        assert n < 30, 'FLUSH keeps failing after the outage'\n\
+                print('flush attempts', n)";
+    let out = nbdsh(&uri, &[code]);
+    eprintln!("{}", String::from_utf8_lossy(&out.stdout).trim());
+    assert_bucket_matches(&bed.s3, "o/", &image, bs);
+    eprintln!("{}", bed.proxy.summary());
+    assert!(bed.proxy.refused() > 0, "the outage refused nothing");
+    crash_and_restart(&mut bed);
+    let got = read_range(&bed.nbd.uri("o"), 0, size);
+    assert_image("after outage + kill -9 + restart", &got, &image, bs);
+}
+
+/// Reads every block on its own request; prints `fail BLOCK ERRNO` for failed ones and writes
+/// the successful ones at their place in `out`.
+fn read_blocks_tolerant(uri: &str, size: u64, bs: u64, out: &Path) -> Vec<(u64, String)> {
+    let code = format!(
+        "f = open({:?}, 'wb')\nfor i in range({}):\n    try:\n        d = h.pread({bs}, i * {bs})\n    \
+         except nbd.Error as e:\n        print('fail', i, e.errno)\n        d = bytes({bs})\n    f.write(d)\nf.close()",
+        out.to_str().unwrap(),
+        size / bs
+    );
+    let out = nbdsh(uri, &[&code]);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.first() == Some(&"fail")).then(|| (f[1].parse().unwrap(), f[2].to_string()))
+        })
+        .collect()
+}
+
+#[test]
+fn cut_reset_or_corrupted_replies_never_give_wrong_data() {
+    let (size, bs) = (8 * MIB, 64 * KIB);
+    let seed: u64 = rand::random();
+    eprintln!("seed {seed}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut bed = FaultBed::start(
+        vec![ExportSpec::new("c").size("8MiB").block_size("64KiB")],
+        seed,
+        |b| b,
+    );
+    let mut image = vec![0u8; size as usize];
+    let ops = random_ops(&mut rng, size, 60);
+    apply(&mut image, &ops);
+    write_ops(&bed.nbd.uri("c"), &ops, true);
+    crash_and_restart(&mut bed);
+    let get = [Op::Get];
+    bed.proxy
+        .add(Rule::new(Fault::CutBody).only(&get).rate(0.2));
+    bed.proxy
+        .add(Rule::new(Fault::CorruptBody).only(&get).rate(0.2));
+    bed.proxy
+        .add(Rule::new(Fault::ResetBefore).only(&get).rate(0.1));
+    bed.proxy
+        .add(Rule::new(Fault::ResetAfter).only(&get).rate(0.1));
+    bed.proxy.add(
+        Rule::new(Fault::Delay)
+            .only(&get)
+            .rate(0.1)
+            .delay(Duration::from_millis(200)),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let failed = read_blocks_tolerant(&bed.nbd.uri("c"), size, bs, &out);
+    let got = std::fs::read(&out).unwrap();
+    let mut want = image.clone();
+    for (b, errno) in &failed {
+        assert_eq!(errno, "EIO", "block {b} failed with errno {errno}, not EIO");
+        want[(b * bs) as usize..((b + 1) * bs) as usize].fill(0);
+    }
+    assert_image("blocks read through faulty replies", &got, &want, bs);
+    eprintln!(
+        "{}; {} of {} block reads failed (EIO); retries logged {}",
+        bed.proxy.summary(),
+        failed.len(),
+        size / bs,
+        bed.retries_logged()
+    );
+    for f in [Fault::CutBody, Fault::CorruptBody] {
+        assert!(bed.proxy.injected(f) > 0, "{f:?} never injected");
+    }
+    // Without faults every block reads back exactly (nothing wrong was cached).
+    bed.proxy.clear();
+    let got = read_range(&bed.nbd.uri("c"), 0, size);
+    assert_image("after faults cleared", &got, &image, bs);
+}
+
+#[test]
+fn corrupt_object_gives_eio_and_logs_its_key() {
+    let (size, bs) = (MIB, 64 * KIB);
+    let mut bed = FaultBed::start(
+        vec![ExportSpec::new("d").size("1MiB").block_size("64KiB")],
+        1,
+        |b| b,
+    );
+    let mut image = vec![0u8; size as usize];
+    let ops: Vec<_> = (0..8)
+        .map(|i| (i * bs, common::pattern(bs as usize, 40 + i)))
+        .collect();
+    apply(&mut image, &ops);
+    write_ops(&bed.nbd.uri("d"), &ops, true);
+    crash_and_restart(&mut bed);
+    let key = block_key("d/", 3);
+    let path = bed.s3.object_path(BUCKET, &key);
+    let mut obj = std::fs::read(&path).unwrap();
+    obj[1000] ^= 0x01;
+    std::fs::write(&path, &obj).unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let failed = read_blocks_tolerant(&bed.nbd.uri("d"), size, bs, &out);
+    assert_eq!(
+        failed,
+        vec![(3, "EIO".to_string())],
+        "only the corrupted block may fail, with EIO"
+    );
+    let mut want = image.clone();
+    want[(3 * bs) as usize..(4 * bs) as usize].fill(0);
+    assert_image("other blocks", &std::fs::read(&out).unwrap(), &want, bs);
+    let line = bed
+        .nbd
+        .wait_for_log(&key, Duration::from_secs(10))
+        .to_string();
+    eprintln!("daemon logged: {line}");
+    // Still EIO on a second try: a corrupt block is never cached or served.
+    let r = common::run(tool("nbdsh").args([
+        "-u",
+        &bed.nbd.uri("d"),
+        "-c",
+        &format!("h.pread({bs}, {})", 3 * bs),
+    ]));
+    assert!(
+        !r.status.success(),
+        "second read of the corrupt block: {}",
+        show(&r)
+    );
+}
