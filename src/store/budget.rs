@@ -67,9 +67,10 @@ pub(crate) struct DirtyToken {
 }
 
 impl DirtyToken {
-    /// The block is now dirty: its bytes stay counted until write-back calls `release_dirty`.
-    pub fn commit(mut self) {
-        self.bytes = 0;
+    /// `bytes` of the reservation became dirty data: they stay counted until write-back
+    /// calls `release_dirty`; the rest is returned when the token drops.
+    pub fn commit(&mut self, bytes: u64) {
+        self.bytes = self.bytes.saturating_sub(bytes);
     }
 }
 
@@ -292,7 +293,8 @@ mod tests {
         let t1 = b.reserve_dirty(10).await;
         let t2 = b.reserve_dirty(10).await;
         assert!(b.under_pressure());
-        t1.commit();
+        let mut t1 = t1;
+        t1.commit(10);
         assert_eq!(b.dirty_bytes(), 20);
         let b2 = Arc::clone(&b);
         let waiter = tokio::spawn(async move { b2.reserve_dirty(10).await });

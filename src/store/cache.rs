@@ -53,17 +53,28 @@ pub(crate) struct Slot {
     pub stored: bool,
     /// LRU position while the block is clean and has a buffer (0 = not in the LRU).
     pub tick: u64,
+    /// Pages changed since write-back last took the block (counted as dirty bytes).
+    pub pages: super::dirty::PageMap,
+    /// Dirty pages the in-flight write-back covers (released when it succeeds).
+    pub inflight_pages: u32,
 }
 
 impl Slot {
     /// A slot whose GET is in flight.
     pub fn loading(rx: watch::Receiver<LoadResult>) -> Self {
+        Self::new(Content::Loading(rx), true)
+    }
+
+    /// A clean slot.
+    pub fn new(content: Content, stored: bool) -> Self {
         Self {
-            content: Content::Loading(rx),
+            content,
             dirty_seq: None,
             inflight_seq: None,
-            stored: true,
+            stored,
             tick: 0,
+            pages: Default::default(),
+            inflight_pages: 0,
         }
     }
 

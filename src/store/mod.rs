@@ -15,6 +15,7 @@ mod backoff;
 mod block;
 mod budget;
 mod cache;
+mod dirty;
 mod manifest;
 mod presence;
 mod read;
@@ -110,6 +111,7 @@ pub(crate) struct Inner {
     objects: DynObjectStore,
     prefix: String,
     geo: Geometry,
+    pages: dirty::Pages,
     read_only: bool,
     flush_timeout: Duration,
     size: AtomicU64,
@@ -192,6 +194,7 @@ impl BlockStore {
             objects,
             prefix: cfg.prefix,
             geo: Geometry { block_size: bs },
+            pages: dirty::Pages::new(bs as usize),
             read_only: cfg.read_only,
             flush_timeout: cfg.flush_timeout,
             size: AtomicU64::new(cfg.size),

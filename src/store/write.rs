@@ -86,7 +86,9 @@ impl Inner {
                 Step::Done => return Ok(()),
                 Step::Wait(rx) => self.wait_load(c.block, rx).await?,
                 Step::NeedDirty => {
-                    room.dirty = Some(self.budget.reserve_dirty(self.geo.block_size).await)
+                    let (first, last) = self.pages.span(c.start, c.len);
+                    let bytes = self.pages.bytes((last - first + 1) as u32);
+                    room.dirty = Some(self.budget.reserve_dirty(bytes).await)
                 }
                 Step::NeedMemory => {
                     room.memory = Some(self.budget.reserve_memory(self.geo.block_size).await)
@@ -105,6 +107,7 @@ impl Inner {
     ) -> Step {
         let bs = self.bs();
         let whole = c.is_whole(bs);
+        let (first, last) = self.pages.span(c.start, c.len);
         let Some(slot) = shard.slots.get_mut(&c.block) else {
             let present = self.presence.get(c.block);
             if !present && matches!(src, Src::Zero) {
@@ -124,18 +127,13 @@ impl Inner {
                 },
             };
             self.presence.set(c.block, content.is_some());
-            let slot = Slot {
-                content: Content::Ready(content),
-                dirty_seq: None,
-                inflight_seq: None,
-                stored: present,
-                tick: 0,
-            };
-            shard.slots.insert(c.block, slot);
-            self.mark_dirty(shard, c.block, whole, room);
+            shard
+                .slots
+                .insert(c.block, Slot::new(Content::Ready(content), present));
+            self.mark_dirty(shard, c, room);
             return Step::Done;
         };
-        let needs_token = slot.is_clean();
+        let fresh = slot.pages.clean_in(first, last);
         let cur = match &mut slot.content {
             Content::Loading(rx) => return Step::Wait(rx.clone()),
             Content::Ready(cur) => cur,
@@ -143,7 +141,7 @@ impl Inner {
         if cur.is_none() && matches!(src, Src::Zero) {
             return Step::Done; // already all zeros
         }
-        if needs_token && room.dirty.is_none() {
+        if fresh > 0 && room.dirty.is_none() {
             return Step::NeedDirty;
         }
         if !modify(cur, bs, c, src, &mut room.memory) {
@@ -151,17 +149,33 @@ impl Inner {
         }
         let has_data = cur.is_some();
         self.presence.set(c.block, has_data);
-        self.mark_dirty(shard, c.block, whole, room);
+        self.mark_dirty(shard, c, room);
         Step::Done
     }
 
-    /// Under the shard lock, after a change: gives the change a sequence number and, when the
-    /// block was clean, counts it dirty and queues it for write-back.
-    fn mark_dirty(&self, shard: &mut Shard, block: u64, whole: bool, room: &mut Room) {
+    /// Under the shard lock, after a change: counts the newly dirty pages, gives the block's
+    /// first change a sequence number and queues the block for write-back.
+    fn mark_dirty(&self, shard: &mut Shard, c: &Chunk, room: &mut Room) {
+        let block = c.block;
         let Some(slot) = shard.slots.get_mut(&block) else {
             return;
         };
-        if slot.dirty_seq.is_some() {
+        let (first, last) = self.pages.span(c.start, c.len);
+        let fresh = self.pages.bytes(slot.pages.mark(self.pages, first, last));
+        if fresh > 0 {
+            if let Some(token) = room.dirty.as_mut() {
+                token.commit(fresh);
+            }
+            self.dirty.fetch_add(fresh, SeqCst);
+        }
+        // A fully written block is unlikely to change again soon (sequential writers): store
+        // it at once. Partly written ones wait a little so neighbouring writes share one PUT.
+        let full = slot.pages.is_full(self.pages);
+        let now = tokio::time::Instant::now();
+        if let Some(seq) = slot.dirty_seq {
+            if full && slot.inflight_seq.is_none() && self.wb.lock().make_due(seq, now) {
+                self.kick.notify_one();
+            }
             return;
         }
         let seq = self.next_seq.fetch_add(1, SeqCst);
@@ -170,14 +184,7 @@ impl Inner {
             return; // the write-back task picks the change up when its PUT ends
         }
         shard.unlink(block);
-        if let Some(token) = room.dirty.take() {
-            token.commit();
-        }
-        self.dirty.fetch_add(self.geo.block_size, SeqCst);
-        let now = tokio::time::Instant::now();
-        // A fully written block is unlikely to change again soon (sequential writers): store
-        // it at once. Partial writes wait a little so neighbouring writes share one PUT.
-        let due = if whole {
+        let due = if full {
             now
         } else {
             now + self.write_back_age()

@@ -50,6 +50,20 @@ impl Queue {
         self.by_seq.insert(seq, (block, due));
         self.by_due.insert((due, seq), block);
     }
+    /// Moves a queued block to the front of the due order (it became fully written);
+    /// true if it moved.
+    pub fn make_due(&mut self, seq: u64, now: Instant) -> bool {
+        match self.by_seq.get_mut(&seq) {
+            Some((block, due)) if *due > now => {
+                let block = *block;
+                self.by_due.remove(&(*due, seq));
+                *due = now;
+                self.by_due.insert((now, seq), block);
+                true
+            }
+            _ => false,
+        }
+    }
     /// Takes the block queued under `seq` (a write-back task now owns it).
     fn take(&mut self, seq: u64) -> Option<u64> {
         let (block, due) = self.by_seq.remove(&seq)?;
@@ -177,6 +191,7 @@ impl Inner {
         if let Some(d) = slot.dirty_seq.take() {
             slot.inflight_seq.get_or_insert(d);
         }
+        slot.inflight_pages += slot.pages.take();
         match &slot.content {
             Content::Ready(c) => Some((c.clone(), slot.stored)),
             Content::Loading(_) => {
@@ -189,14 +204,20 @@ impl Inner {
     /// After a successful PUT/DELETE: the block is clean unless it changed meanwhile, in
     /// which case it is queued again.
     fn finish_store(&self, block: u64, has_data: bool) {
-        {
+        let stored_bytes = {
             let mut shard = self.cache.lock(block);
             let Some(slot) = shard.slots.get_mut(&block) else {
                 return;
             };
             slot.stored = has_data;
             let done = slot.inflight_seq.take();
+            let stored_bytes = self.pages.bytes(std::mem::take(&mut slot.inflight_pages));
             let again = slot.dirty_seq;
+            let due = if slot.pages.is_full(self.pages) {
+                Instant::now()
+            } else {
+                Instant::now() + self.write_back_age()
+            };
             let empty = matches!(slot.content, Content::Ready(None));
             let mut wb = self.wb.lock();
             if let Some(s) = done {
@@ -204,13 +225,11 @@ impl Inner {
             }
             if let Some(d) = again {
                 wb.unstored.insert(d, block);
-                wb.requeue(d, block, Instant::now() + self.write_back_age());
+                wb.requeue(d, block, due);
                 drop(wb);
                 self.kick.notify_one();
             } else {
                 drop(wb);
-                self.dirty.fetch_sub(self.geo.block_size, SeqCst);
-                self.budget.release_dirty(self.geo.block_size);
                 if empty {
                     shard.slots.remove(&block); // absent and zero: the presence map says so
                 } else {
@@ -218,8 +237,14 @@ impl Inner {
                 }
                 self.budget.block_cleaned();
             }
-        }
+            stored_bytes
+        };
+        self.dirty.fetch_sub(stored_bytes, SeqCst);
+        self.budget.release_dirty(stored_bytes);
         self.stored.notify_waiters();
+        if self.closed.load(SeqCst) {
+            self.kick.notify_one(); // a dropped store's dispatcher exits once all is stored
+        }
     }
 
     /// Waits until no change numbered below `target` is unstored, or `limit` passes.

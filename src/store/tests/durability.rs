@@ -3,11 +3,17 @@
 use super::*;
 
 const HOUR: Duration = Duration::from_secs(3600);
+/// Blocks of several dirty pages, so a small write leaves its block partly written.
+const BIG: u32 = 4 * BS;
+
+async fn open_big(mem: &Arc<MemoryStore>) -> Arc<BlockStore> {
+    open_with(mem, config(BIG, 16 * u64::from(BIG)), big_budget()).await
+}
 
 #[tokio::test]
 async fn flush_waits_for_earlier_writes_only() {
     let mem = Arc::new(MemoryStore::new());
-    let store = open(&mem, 16).await;
+    let store = open_big(&mem).await;
     store.set_write_back_age(HOUR);
     let a = pattern(100, 1);
     store
@@ -21,7 +27,7 @@ async fn flush_waits_for_earlier_writes_only() {
     // Written after the flush started: the flush must not wait for it.
     let b = pattern(100, 2);
     store
-        .write(2 * u64::from(BS) + 10, Bytes::from(b.clone()), false)
+        .write(2 * u64::from(BIG) + 10, Bytes::from(b.clone()), false)
         .await
         .unwrap();
     assert!(
@@ -35,7 +41,7 @@ async fn flush_waits_for_earlier_writes_only() {
         mem.peek(&key(2)).is_none(),
         "a later write was stored by an earlier flush"
     );
-    assert_eq!(store.dirty_bytes(), u64::from(BS));
+    assert_eq!(store.dirty_bytes(), 4096, "one dirty page");
     store.flush().await.unwrap();
     assert_eq!(&mem.peek(&key(2)).unwrap()[10..110], &b[..]);
     assert_eq!(store.dirty_bytes(), 0);
@@ -44,7 +50,7 @@ async fn flush_waits_for_earlier_writes_only() {
 #[tokio::test]
 async fn a_block_rewritten_during_its_put_is_stored_again() {
     let mem = Arc::new(MemoryStore::new());
-    let store = open(&mem, 16).await;
+    let store = open_big(&mem).await;
     store.set_write_back_age(HOUR);
     store
         .write(0, Bytes::from(pattern(100, 1)), false)
@@ -72,20 +78,20 @@ async fn a_block_rewritten_during_its_put_is_stored_again() {
 #[tokio::test]
 async fn fua_write_is_in_the_store_when_it_returns() {
     let mem = Arc::new(MemoryStore::new());
-    let store = open(&mem, 16).await;
+    let store = open_big(&mem).await;
     store.set_write_back_age(HOUR);
     store
-        .write(3 * u64::from(BS), Bytes::from(pattern(10, 5)), false)
+        .write(3 * u64::from(BIG), Bytes::from(pattern(10, 5)), false)
         .await
         .unwrap();
     let data = pattern(300, 4);
     store
-        .write(u64::from(BS) - 100, Bytes::from(data.clone()), true)
+        .write(u64::from(BIG) - 100, Bytes::from(data.clone()), true)
         .await
         .unwrap();
     let b0 = mem.peek(&key(0)).expect("block 0 stored");
     let b1 = mem.peek(&key(1)).expect("block 1 stored");
-    assert_eq!(&b0[BS as usize - 100..], &data[..100]);
+    assert_eq!(&b0[BIG as usize - 100..], &data[..100]);
     assert_eq!(&b1[..200], &data[100..]);
     assert!(
         mem.peek(&key(3)).is_none(),
@@ -96,10 +102,10 @@ async fn fua_write_is_in_the_store_when_it_returns() {
 #[tokio::test]
 async fn write_back_retries_injected_failures_until_stored() {
     let mem = Arc::new(MemoryStore::new());
-    let store = open(&mem, 16).await;
+    let store = open_big(&mem).await;
     mem.reset_counts();
     mem.fail_next(3);
-    let data = pattern(BS as usize, 6);
+    let data = pattern(BIG as usize, 6);
     store
         .write(0, Bytes::from(data.clone()), false)
         .await
@@ -109,7 +115,7 @@ async fn write_back_retries_injected_failures_until_stored() {
     assert_eq!(mem.puts(), 4, "three failed attempts, then success");
     assert_eq!(store.stats().write_back_failures, 3);
     mem.fail_next_permanent(2);
-    store.trim(0, BS, false).await.unwrap();
+    store.trim(0, BIG, false).await.unwrap();
     store.flush().await.unwrap();
     assert!(
         mem.peek(&key(0)).is_none(),
@@ -120,11 +126,11 @@ async fn write_back_retries_injected_failures_until_stored() {
 #[tokio::test]
 async fn flush_timeout_is_eio_and_the_data_stays_dirty() {
     let mem = Arc::new(MemoryStore::new());
-    let mut cfg = config(BS, 16 * u64::from(BS));
+    let mut cfg = config(BIG, 16 * u64::from(BIG));
     cfg.flush_timeout = Duration::from_millis(200);
     let store = open_with(&mem, cfg, big_budget()).await;
     mem.pause();
-    let data = pattern(BS as usize, 8);
+    let data = pattern(BIG as usize, 8);
     store
         .write(0, Bytes::from(data.clone()), false)
         .await
@@ -133,14 +139,14 @@ async fn flush_timeout_is_eio_and_the_data_stays_dirty() {
     assert!(matches!(err, StoreError::FlushTimeout(_)), "{err}");
     assert_eq!(err.errno(), 5);
     let err = store
-        .write(u64::from(BS), Bytes::from(data.clone()), true)
+        .write(u64::from(BIG), Bytes::from(data.clone()), true)
         .await
         .unwrap_err();
     assert!(
         matches!(err, StoreError::FlushTimeout(_)),
         "FUA is bounded too: {err}"
     );
-    assert_eq!(store.dirty_bytes(), 2 * u64::from(BS));
+    assert_eq!(store.dirty_bytes(), 2 * u64::from(BIG));
     mem.resume();
     store.flush().await.unwrap();
     assert_eq!(mem.peek(&key(0)).unwrap(), &data[..]);
@@ -150,11 +156,11 @@ async fn flush_timeout_is_eio_and_the_data_stays_dirty() {
 #[tokio::test]
 async fn shutdown_flush_names_blocks_the_store_refuses_then_succeeds() {
     let mem = Arc::new(MemoryStore::new());
-    let store = open(&mem, 16).await;
+    let store = open_big(&mem).await;
     store.set_write_back_age(HOUR);
     for b in [2u64, 7] {
         store
-            .write(b * u64::from(BS) + 1, Bytes::from(pattern(10, 1)), false)
+            .write(b * u64::from(BIG) + 1, Bytes::from(pattern(10, 1)), false)
             .await
             .unwrap();
     }
@@ -177,7 +183,7 @@ async fn shutdown_flush_names_blocks_the_store_refuses_then_succeeds() {
 #[tokio::test]
 async fn dropping_the_store_still_writes_dirty_data_back() {
     let mem = Arc::new(MemoryStore::new());
-    let store = open(&mem, 16).await;
+    let store = open_big(&mem).await;
     store.set_write_back_age(HOUR);
     store
         .write(5, Bytes::from(pattern(10, 3)), false)
