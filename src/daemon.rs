@@ -80,12 +80,23 @@ impl std::fmt::Debug for Daemon {
 }
 
 impl Daemon {
-    /// Opens every export and binds every listener; returns only when clients can connect,
-    /// which is the moment the caller may report readiness.
+    /// Binds every listener, opens every export, then starts accepting; returns only when
+    /// clients can connect, which is the moment the caller may report readiness. Binding comes
+    /// first so a taken port fails at once, before any S3 traffic.
     pub async fn start(
         config: Config,
         config_path: Option<PathBuf>,
     ) -> Result<Arc<Daemon>, StartError> {
+        let mut bound = Vec::with_capacity(config.server.listen.len());
+        for addr in &config.server.listen {
+            let listener = Listener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: show_addr(addr),
+                    source,
+                })?;
+            bound.push((addr.clone(), listener));
+        }
         let factory = StoreFactory::new(&config.s3).await?;
         let budget = CacheBudget::new(config.cache.memory, config.cache.dirty);
         let registry = Registry::new();
@@ -102,12 +113,9 @@ impl Daemon {
         });
         daemon.open_all(&config).await;
         let mut listeners = daemon.listeners.lock().await;
-        for addr in &config.server.listen {
-            let handle = daemon.bind(addr).await.map_err(|source| StartError::Bind {
-                addr: show_addr(addr),
-                source,
-            })?;
-            listeners.insert(addr.clone(), handle);
+        for (addr, listener) in bound {
+            // `Server::spawn_listener` logs `listening on <addr>` with the real port.
+            listeners.insert(addr, daemon.server.spawn_listener(listener));
         }
         drop(listeners);
         Ok(daemon)
