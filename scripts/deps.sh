@@ -10,7 +10,7 @@ set -euo pipefail
 # Build: a C toolchain for aws-lc-sys; tests: the real NBD clients, nbdkit, filesystems.
 BUILD_PACKAGES="build-essential pkg-config curl ca-certificates git"
 TEST_PACKAGES="libnbd-bin python3-libnbd qemu-utils fio nbd-client nbdkit e2fsprogs fuse3 \
-util-linux procps systemd"
+util-linux mount procps systemd"
 BENCH_PACKAGES="nbdkit-plugin-python python3-boto3 s3backer"
 CI_PACKAGES="lintian dpkg-dev rpm"
 S3S_FS_VERSION=0.14.1

@@ -29,6 +29,7 @@ fn package_of(tool: &str) -> &'static str {
         "nbdkit" => "nbdkit",
         "fio" => "fio",
         "mkfs.ext4" | "e2fsck" => "e2fsprogs",
+        "mount" | "umount" | "losetup" => "mount",
         _ => "?",
     }
 }
