@@ -17,9 +17,9 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 const SLOT: u64 = 96 * KIB;
-/// Slots each round may use (4 rounds × 80 slots × 96 KiB < 32 MiB).
-const SLOTS_PER_ROUND: u64 = 80;
-const ROUNDS: u64 = 4;
+/// Slots each round may use (5 rounds × 64 slots × 96 KiB < 32 MiB).
+const SLOTS_PER_ROUND: u64 = 64;
+const ROUNDS: u64 = 5;
 
 /// The writer: one connection, `slots` fresh slots from `first`, FLUSH every 1..=6 writes, an
 /// occasional FUA write; logs `offset length crc32` of each write once it is durable.
