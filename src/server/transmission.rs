@@ -192,10 +192,19 @@ async fn read_loop<R: AsyncRead + Unpin>(
         }
         let header = parse_header(&hb)?;
         let payload_len = header.payload_len()?;
-        let budget = acquire_budget(c, &header).await;
+        // A client stalling mid-payload, or not reading replies, must not outlive shutdown.
+        let Some(budget) = or_expired(&mut state, acquire_budget(c, &header)).await else {
+            return Ok(());
+        };
         let payload = match payload_len {
             0 => Bytes::new(),
-            n => read_payload(reader, &mut payload_buf, n as usize).await?,
+            n => {
+                let read = read_payload(reader, &mut payload_buf, n as usize);
+                match or_expired(&mut state, read).await {
+                    Some(r) => r?,
+                    None => return Ok(()),
+                }
+            }
         };
         let req = match validate(&header, &c.limits) {
             Ok(req) => req,
@@ -255,6 +264,17 @@ async fn drained(state: &mut watch::Receiver<State>, sem: &Semaphore) {
         pending::<()>().await;
     }
     let _all = sem.acquire_many(MAX_IN_FLIGHT as u32).await;
+}
+
+/// Runs `f` unless shutdown's grace time ends first (`None`).
+async fn or_expired<F: std::future::Future>(
+    state: &mut watch::Receiver<State>,
+    f: F,
+) -> Option<F::Output> {
+    tokio::select! {
+        r = f => Some(r),
+        _ = expired(state) => None,
+    }
 }
 
 /// Resolves when the shutdown grace time is over.

@@ -121,3 +121,16 @@ async fn requests_past_the_grace_time_get_eshutdown() {
     assert_eq!(f.server.connection_count(), 0);
     mem.resume();
 }
+
+#[tokio::test]
+async fn a_client_stalled_mid_payload_does_not_outlive_the_grace_time() {
+    let f = fixture().await;
+    let mut c = f.structured().await;
+    c.request(CMD_WRITE, 0, 1, 0, 65536).await;
+    c.write(&[1u8; 100]).await;
+    // the connection exists and is past the handshake; the payload never completes
+    f.wait_connections(1).await;
+    f.server.shutdown(Duration::from_millis(50)).await;
+    assert_eq!(f.server.connection_count(), 0);
+    c.expect_closed().await;
+}
