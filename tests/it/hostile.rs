@@ -14,7 +14,7 @@ pub const SIZE: u64 = 16 << 20;
 /// A running daemon with one export, plus a bystander connection opened before the hostile act.
 pub struct Bed {
     daemon: Daemon,
-    addr: String,
+    pub addr: String,
     bystander: Raw,
     rounds: u64,
 }

@@ -313,3 +313,68 @@ fn set_linger_zero(s: &std::net::TcpStream) {
     };
     assert_eq!(rc, 0, "SO_LINGER");
 }
+
+#[test]
+fn structured_reads_report_errors_and_holes_as_chunks() {
+    let mut bed = Bed::new();
+    let mut r = Raw::connect(&bed.addr);
+    r.send_opt(OPT_STRUCTURED_REPLY, b"x");
+    let rep = r.opt_reply();
+    assert_eq!(
+        (rep.option, rep.kind),
+        (OPT_STRUCTURED_REPLY, REP_ERR_INVALID),
+        "with data"
+    );
+    r.send_opt(OPT_STRUCTURED_REPLY, &[]);
+    let rep = r.opt_reply();
+    assert_eq!(
+        (rep.option, rep.kind),
+        (OPT_STRUCTURED_REPLY, REP_ACK),
+        "STRUCTURED_REPLY"
+    );
+    r.go(crate::hostile::EXPORT).expect("GO");
+
+    assert_eq!(
+        r.read_structured(1, SIZE, 512),
+        Err(EINVAL),
+        "READ past the end"
+    );
+    assert_eq!(
+        r.read_structured(2, SIZE - 512, 1024),
+        Err(EINVAL),
+        "READ across the end"
+    );
+    assert_eq!(
+        r.read_structured(3, 0, 33 * MIB),
+        Err(EINVAL),
+        "33 MiB READ"
+    );
+    r.send_req(0x4000, CMD_READ, 4, 0, 512, &[]);
+    let c = r.chunk();
+    assert_eq!(
+        (c.cookie, c.kind),
+        (4, CHUNK_ERROR),
+        "READ with an unknown flag"
+    );
+    assert_eq!(
+        u32::from_be_bytes(c.payload[..4].try_into().unwrap()),
+        EINVAL
+    );
+    assert!(c.flags & CHUNK_FLAG_DONE != 0, "error chunk ends the reply");
+
+    // Data then hole: reassembled from OFFSET_DATA / OFFSET_HOLE chunks, byte-exact.
+    let off = 3 << 20;
+    let d = pattern(88, off, 4096);
+    assert_eq!(
+        bed.open().write_at(5, off, &d),
+        0,
+        "write on a simple-reply connection"
+    );
+    let mut want = d.clone();
+    want.resize(256 * 1024, 0);
+    let got = r
+        .read_structured(6, off, 256 * 1024)
+        .expect("structured READ");
+    assert_bytes("structured READ of data + hole", &got, &want);
+    bed.check_served();
+}

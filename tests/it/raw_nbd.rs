@@ -393,3 +393,97 @@ pub fn assert_bytes(what: &str, got: &[u8], want: &[u8]) {
         );
     }
 }
+
+pub const CHUNK_NONE: u16 = 0;
+pub const CHUNK_OFFSET_DATA: u16 = 1;
+pub const CHUNK_OFFSET_HOLE: u16 = 2;
+pub const CHUNK_ERROR: u16 = 32769;
+pub const CHUNK_ERROR_OFFSET: u16 = 32770;
+pub const CHUNK_FLAG_DONE: u16 = 1;
+
+/// One structured reply chunk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chunk {
+    pub flags: u16,
+    pub kind: u16,
+    pub cookie: u64,
+    pub payload: Vec<u8>,
+}
+
+impl Raw {
+    /// Reads one structured chunk; panics on a simple reply (READ must never get one once
+    /// structured replies are negotiated).
+    pub fn chunk(&mut self) -> Chunk {
+        let magic = self.u32();
+        assert_eq!(
+            magic, STRUCTURED_REPLY_MAGIC,
+            "expected a structured reply chunk, got magic {magic:#x}"
+        );
+        let flags = self.u16();
+        let kind = self.u16();
+        let cookie = self.u64();
+        let len = self.u32();
+        assert!(len <= (32 << 20) + 64, "chunk length {len} is absurd");
+        Chunk {
+            flags,
+            kind,
+            cookie,
+            payload: self.exact(len as usize),
+        }
+    }
+
+    /// READ through structured replies: the reassembled bytes (holes as zeros) or the errno
+    /// of an error chunk. Checks the chunks cover `[offset, offset+len)` exactly once.
+    pub fn read_structured(&mut self, cookie: u64, offset: u64, len: u32) -> Result<Vec<u8>, u32> {
+        self.send_req(0, CMD_READ, cookie, offset, len, &[]);
+        let mut buf = vec![0u8; len as usize];
+        let mut covered = vec![false; len as usize];
+        let mut error = None;
+        loop {
+            let c = self.chunk();
+            assert_eq!(c.cookie, cookie, "chunk cookie");
+            let p = &c.payload;
+            let at = |p: &[u8]| u64::from_be_bytes(p[..8].try_into().unwrap());
+            let mut mark = |o: u64, n: usize, covered: &mut [bool]| {
+                assert!(
+                    o >= offset && o + n as u64 <= offset + len as u64,
+                    "chunk {o}+{n} outside the request"
+                );
+                let s = (o - offset) as usize;
+                for c in &mut covered[s..s + n] {
+                    assert!(!*c, "byte {} covered twice", o);
+                    *c = true;
+                }
+                s
+            };
+            match c.kind {
+                CHUNK_OFFSET_DATA => {
+                    let s = mark(at(p), p.len() - 8, &mut covered);
+                    buf[s..s + p.len() - 8].copy_from_slice(&p[8..]);
+                }
+                CHUNK_OFFSET_HOLE => {
+                    let n = u32::from_be_bytes(p[8..12].try_into().unwrap()) as usize;
+                    mark(at(p), n, &mut covered);
+                }
+                CHUNK_ERROR | CHUNK_ERROR_OFFSET => {
+                    error = Some(u32::from_be_bytes(p[..4].try_into().unwrap()));
+                }
+                CHUNK_NONE => assert!(p.is_empty(), "NONE chunk with payload"),
+                k => panic!("unexpected chunk type {k} in a READ reply"),
+            }
+            if c.flags & CHUNK_FLAG_DONE != 0 {
+                break;
+            }
+        }
+        match error {
+            Some(e) => Err(e),
+            None => {
+                assert!(
+                    covered.iter().all(|&c| c),
+                    "READ chunks do not cover the whole range"
+                );
+                Ok(buf)
+            }
+        }
+    }
+}
