@@ -127,7 +127,10 @@ pub fn diagnose(path: &str, src: &str, err: &toml::de::Error) -> Diagnostic {
     let line = line_of(src, at);
     let locator = Locator::new(src);
     let is_top_key = locator.top_keys.contains(&span);
-    let section = if is_top_key {
+    // A syntax error leaves the recovered tables unreliable (`[server` parses as odd
+    // tables): name a section only for well-formed files, and for duplicate keys.
+    let trusted = err.message() == "duplicate key" || DeTable::parse(src).is_ok();
+    let section = if is_top_key || !trusted {
         None
     } else {
         locator.section_at(at)

@@ -411,3 +411,12 @@ fn summary_lists_exports() {
         assert!(row.contains(cell), "{row}");
     }
 }
+
+#[test]
+fn syntax_errors_carry_no_invented_section() {
+    let line = error_line("[server\nlisten = \"x:1\"\n");
+    assert!(line.starts_with("exports.toml:1: unclosed table"), "{line}");
+    let line = error_line("[[export]]\nname = \"a\nsize = 1\n");
+    assert!(line.starts_with("exports.toml:2: "), "{line}");
+    assert!(!line.contains("export \"a"), "{line}");
+}
