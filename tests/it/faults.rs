@@ -441,3 +441,180 @@ fn corrupt_object_gives_eio_and_logs_its_key() {
         show(&r)
     );
 }
+
+/// Resident set size of a process in KiB (`VmRSS` in /proc/PID/status).
+fn rss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS for {pid}"))
+}
+
+/// Seconds from the environment variable `name`, or `default`.
+fn env_secs(name: &str, default: u64) -> Duration {
+    let secs = std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default);
+    Duration::from_secs(secs)
+}
+
+/// fio on one export: 4 jobs = 4 connections, each writing then verifying its own 8 MiB
+/// (`verify_only` re-reads what the same job parameters wrote, e.g. after a restart).
+fn fio_soak(uri: &str, verify_only: bool, dir: &Path) -> std::process::Command {
+    let mut cmd = tool("fio");
+    cmd.current_dir(dir); // fio leaves verify state files in its working directory
+    cmd.args([
+        "--name=soak",
+        "--ioengine=nbd",
+        &format!("--uri={uri}"),
+        "--rw=randwrite",
+        "--bsrange=4k-64k",
+        "--size=8m",
+        "--offset_increment=8m",
+        "--numjobs=4",
+        "--iodepth=8",
+        "--verify=crc32c",
+        "--verify_fatal=1",
+        "--do_verify=1",
+        "--group_reporting",
+    ]);
+    if verify_only {
+        cmd.arg("--verify_only");
+    }
+    cmd.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    cmd
+}
+
+/// Runs fio to completion, returning (success, last lines of its output).
+fn fio_outcome(child: std::process::Child) -> (bool, String) {
+    let out = child.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tail: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("err=") || l.contains("verify"))
+        .collect();
+    (out.status.success(), tail.join("\n"))
+}
+
+/// The soak (issue 7): `SOAK_SECONDS` (600) of fio verify on 3 exports × 4 connections with S3
+/// faults injected and the config reloaded every `SOAK_RELOAD_SECONDS` (30); prints RSS
+/// samples; zero verify errors and a flat RSS required. Run by `scripts/soak.sh`.
+#[test]
+#[ignore = "long; run by scripts/soak.sh"]
+fn soak() {
+    let (duration, reload_every) = (
+        env_secs("SOAK_SECONDS", 600),
+        env_secs("SOAK_RELOAD_SECONDS", 30),
+    );
+    let names = ["s0", "s1", "s2"];
+    let exports = names
+        .iter()
+        .map(|n| ExportSpec::new(n).size("32MiB").block_size("64KiB"))
+        .collect();
+    let seed: u64 = rand::random();
+    let mut bed = FaultBed::start(exports, seed, |b| {
+        b.cache("48MiB", "16MiB").flush_timeout("60s")
+    });
+    let (get, put) = ([Op::Get], [Op::Put, Op::Delete]);
+    bed.proxy.add(Rule::new(Fault::SlowDown).rate(0.03));
+    bed.proxy.add(Rule::new(Fault::InternalError).rate(0.02));
+    bed.proxy.add(
+        Rule::new(Fault::Delay)
+            .rate(0.02)
+            .delay(Duration::from_millis(300)),
+    );
+    bed.proxy.add(Rule::new(Fault::ResetBefore).rate(0.01));
+    bed.proxy
+        .add(Rule::new(Fault::ResetAfter).only(&put).rate(0.01));
+    bed.proxy
+        .add(Rule::new(Fault::CutBody).only(&get).rate(0.02));
+    bed.proxy
+        .add(Rule::new(Fault::CorruptBody).only(&get).rate(0.01));
+    eprintln!("soak: {duration:?}, reload every {reload_every:?}, proxy seed {seed}");
+    let scratch = tempfile::tempdir().unwrap();
+    let start = Instant::now();
+    let (mut rss, mut failures, mut rounds, mut reloads) = (vec![], vec![], 0, 0);
+    let mut next_reload = start + reload_every;
+    let mut next_sample = start;
+    while start.elapsed() < duration {
+        rounds += 1;
+        let mut fios: Vec<_> = names
+            .iter()
+            .map(|n| {
+                fio_soak(&bed.nbd.uri(n), false, scratch.path())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        while fios.iter_mut().any(|c| c.try_wait().unwrap().is_none()) {
+            let now = Instant::now();
+            if now >= next_sample {
+                let kib = rss_kib(bed.nbd.pid());
+                eprintln!(
+                    "t={:>4}s rss={kib} KiB round={rounds} reloads={reloads} {}",
+                    start.elapsed().as_secs(),
+                    bed.proxy.summary()
+                );
+                rss.push(kib);
+                next_sample = now + Duration::from_secs(10);
+            }
+            if now >= next_reload {
+                reloads += 1;
+                let mark = bed.nbd.log_mark();
+                let name = names[reloads % names.len()];
+                bed.nbd.rewrite_config(|c| {
+                    c.export_mut(name).description = Some(format!("soak reload {reloads}"))
+                });
+                bed.nbd.sighup();
+                bed.nbd
+                    .wait_for_log_after(mark, "reload complete", Duration::from_secs(120));
+                next_reload = Instant::now() + reload_every;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        for (n, c) in names.iter().zip(fios) {
+            let (ok, tail) = fio_outcome(c);
+            if !ok {
+                failures.push(format!("round {rounds} export {n}:\n{tail}"));
+            }
+        }
+    }
+    // Everything flushed on SIGTERM; the last round's data must be in S3 after a restart.
+    bed.nbd.restart();
+    for n in names {
+        let (ok, tail) = fio_outcome(
+            fio_soak(&bed.nbd.uri(n), true, scratch.path())
+                .spawn()
+                .unwrap(),
+        );
+        if !ok {
+            failures.push(format!("verify after restart, export {n}:\n{tail}"));
+        }
+    }
+    eprintln!(
+        "soak done: {rounds} fio rounds × 3 exports × 4 connections, {reloads} reloads, {}",
+        bed.proxy.summary()
+    );
+    eprintln!("rss samples (KiB): {rss:?}");
+    assert!(
+        failures.is_empty(),
+        "fio verify failures:\n{}",
+        failures.join("\n")
+    );
+    let q = (rss.len() / 4).max(1);
+    let (early, late) = (
+        rss[..q].iter().max().copied().unwrap_or(0),
+        rss[rss.len() - q..].iter().max().copied().unwrap_or(0),
+    );
+    assert!(
+        late <= early + early / 4 + 16 * 1024,
+        "RSS grew: early max {early} KiB, late max {late} KiB"
+    );
+}
