@@ -250,3 +250,33 @@ async fn hostile_handshakes_close_only_themselves() {
     assert_eq!(good.go_full("disk", true, true).await.0, SIZE);
     f.wait_connections(1).await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn silent_client_is_dropped_after_the_handshake_timeout() {
+    let server = Server::new(registry().await);
+    let (client, srv) = tokio::io::duplex(4096);
+    let (mut cr, _cw) = tokio::io::split(client);
+    let (sr, sw) = tokio::io::split(srv);
+    let conn = crate::server::listener::Accepted {
+        reader: Box::new(sr),
+        writer: Box::new(sw),
+        peer: "test".into(),
+    };
+    let inner = Arc::clone(&server.inner);
+    let started = tokio::time::Instant::now();
+    let task =
+        tokio::spawn(
+            async move { crate::server::transmission::serve_connection(&inner, conn).await },
+        );
+    let mut greeting = [0u8; 18];
+    cr.read_exact(&mut greeting).await.unwrap();
+    // the client never answers; the (virtual) clock runs to the timeout
+    tokio::time::timeout(Duration::from_secs(120), task)
+        .await
+        .expect("handshake never timed out")
+        .unwrap();
+    assert!(started.elapsed() >= crate::server::HANDSHAKE_TIMEOUT);
+    let mut rest = Vec::new();
+    cr.read_to_end(&mut rest).await.unwrap();
+    assert!(rest.is_empty());
+}
