@@ -32,6 +32,8 @@ impl Section {
 /// The section map of one file, built leniently (it is only used to describe errors).
 struct Locator {
     top_keys: Vec<Range<usize>>,
+    /// Top-level `key = value` entries (not tables), as a pseudo-section without a label.
+    top: Section,
     sections: Vec<Section>,
 }
 
@@ -46,9 +48,16 @@ impl Locator {
     fn new(src: &str) -> Self {
         let (root, _errors) = DeTable::parse_recoverable(src);
         let mut top_keys = Vec::new();
+        let mut top = Section {
+            label: String::new(),
+            header: 0..0,
+            entries: Vec::new(),
+        };
         let mut sections = Vec::new();
         for (key, value) in root.get_ref().iter() {
             top_keys.push(key.span());
+            top.entries
+                .push((key.get_ref().to_string(), key.span(), value.span()));
             match value.get_ref() {
                 DeValue::Table(t) => sections.push(Section {
                     label: format!("[{}]", key.get_ref()),
@@ -74,7 +83,11 @@ impl Locator {
                 _ => {}
             }
         }
-        Self { top_keys, sections }
+        Self {
+            top_keys,
+            top,
+            sections,
+        }
     }
 
     fn section_at(&self, at: usize) -> Option<&Section> {
@@ -135,7 +148,11 @@ pub fn diagnose(path: &str, src: &str, err: &toml::de::Error) -> Diagnostic {
     } else {
         locator.section_at(at)
     };
-    let key = section.and_then(|s| s.key_for_value(at));
+    let key = match section {
+        Some(s) => s.key_for_value(at),
+        None if trusted && !is_top_key => locator.top.key_for_value(at),
+        None => None,
+    };
     let message = rewrite(err.message(), src, &span, key);
     let message = match section {
         Some(s) => format!("{}: {message}", s.label),

@@ -420,3 +420,12 @@ fn syntax_errors_carry_no_invented_section() {
     assert!(line.starts_with("exports.toml:2: "), "{line}");
     assert!(!line.contains("export \"a"), "{line}");
 }
+
+#[test]
+fn mistyped_top_level_value_names_its_key() {
+    let line = error_line("\nexport = 3\n");
+    assert!(
+        line.starts_with("exports.toml:2: key \"export\": invalid type"),
+        "{line}"
+    );
+}
