@@ -444,7 +444,7 @@ impl Raw {
             assert_eq!(c.cookie, cookie, "chunk cookie");
             let p = &c.payload;
             let at = |p: &[u8]| u64::from_be_bytes(p[..8].try_into().unwrap());
-            let mut mark = |o: u64, n: usize, covered: &mut [bool]| {
+            let mark = |o: u64, n: usize, covered: &mut [bool]| {
                 assert!(
                     o >= offset && o + n as u64 <= offset + len as u64,
                     "chunk {o}+{n} outside the request"
