@@ -2,6 +2,7 @@
 //! never passes through here; this module decides *when* the daemon starts, reloads and stops,
 //! and tells systemd and the admin about it.
 
+mod allocator;
 pub mod logging;
 pub mod notify;
 pub mod shutdown;
@@ -25,6 +26,7 @@ const STATUS_EVERY: Duration = Duration::from_secs(10);
 /// 1 = could not start, or data could not be flushed, 2 = a second signal aborted the flush.
 pub fn run(config: Config, config_path: Option<PathBuf>) -> ExitCode {
     let output = logging::init();
+    allocator::tune();
     tracing::debug!("log output: {output:?}");
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
