@@ -9,6 +9,14 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Weak};
 use tokio::sync::Notify;
 
+/// See [`CacheBudget::pressure_level`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Pressure {
+    None,
+    Background,
+    Hard,
+}
+
 /// A store whose clean blocks can be dropped to make room for another export's blocks.
 pub(crate) trait Evictor: Send + Sync {
     /// Tick of the least recently used clean block, if any.
@@ -115,10 +123,19 @@ impl CacheBudget {
         self.dirty_used.load(SeqCst)
     }
 
-    /// Whether write-back should run now rather than wait for blocks to age: dirty data above
-    /// a quarter of the limit, or someone waiting for room.
-    pub(crate) fn under_pressure(&self) -> bool {
-        self.waiters.load(SeqCst) > 0 || self.dirty_used.load(SeqCst) >= self.dirty / 4
+    /// How hard write-back should push. Background write-back (a few PUTs, oldest first)
+    /// starts at half the dirty limit: random small writes keep dirtying the same blocks, and
+    /// every PUT saved there is CPU and request cost saved. Near the limit, or when anyone
+    /// waits for room, everything goes out at full parallelism.
+    pub(crate) fn pressure_level(&self) -> Pressure {
+        let dirty = self.dirty_used.load(SeqCst);
+        if self.waiters.load(SeqCst) > 0 || dirty >= self.dirty - self.dirty / 8 {
+            Pressure::Hard
+        } else if dirty >= self.dirty / 2 {
+            Pressure::Background
+        } else {
+            Pressure::None
+        }
     }
 
     /// Resolves when some task starts waiting for room (write-back dispatchers listen).
@@ -292,7 +309,7 @@ mod tests {
         let b = CacheBudget::new(1000, 20);
         let t1 = b.reserve_dirty(10).await;
         let t2 = b.reserve_dirty(10).await;
-        assert!(b.under_pressure());
+        assert_eq!(b.pressure_level(), Pressure::Hard);
         let mut t1 = t1;
         t1.commit(10);
         assert_eq!(b.dirty_bytes(), 20);

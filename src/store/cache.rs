@@ -57,6 +57,8 @@ pub(crate) struct Slot {
     pub pages: super::dirty::PageMap,
     /// Dirty pages the in-flight write-back covers (released when it succeeds).
     pub inflight_pages: u32,
+    /// When a client last changed the block (background write-back skips hot blocks).
+    pub last_write: Option<tokio::time::Instant>,
 }
 
 impl Slot {
@@ -75,6 +77,7 @@ impl Slot {
             tick: 0,
             pages: Default::default(),
             inflight_pages: 0,
+            last_write: None,
         }
     }
 

@@ -130,6 +130,8 @@ pub(crate) struct Inner {
     put_slots: Arc<Semaphore>,
     get_slots: Arc<Semaphore>,
     dirty: AtomicU64,
+    /// Write-back tasks started by background pressure only (bounded by the dispatcher).
+    background_puts: std::sync::atomic::AtomicUsize,
     closed: AtomicBool,
     /// How long a partly written block may stay dirty unasked (ms; tests stretch it).
     age_ms: AtomicU64,
@@ -209,6 +211,7 @@ impl BlockStore {
             put_slots: Arc::new(Semaphore::new(parallelism(bs))),
             get_slots: Arc::new(Semaphore::new(parallelism(bs))),
             dirty: AtomicU64::new(0),
+            background_puts: Default::default(),
             closed: AtomicBool::new(false),
             age_ms: AtomicU64::new(writeback::AGE_BEFORE_WRITE_BACK.as_millis() as u64),
             readahead: parking_lot::Mutex::new(read::ReadAhead::default()),

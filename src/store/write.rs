@@ -167,11 +167,13 @@ impl Inner {
                 token.commit(fresh);
             }
             self.dirty.fetch_add(fresh, SeqCst);
+            self.kick.notify_one(); // the dispatcher re-checks the pressure level
         }
         // A fully written block is unlikely to change again soon (sequential writers): store
         // it at once. Partly written ones wait a little so neighbouring writes share one PUT.
         let full = slot.pages.is_full(self.pages);
         let now = tokio::time::Instant::now();
+        slot.last_write = Some(now);
         if let Some(seq) = slot.dirty_seq {
             if full && slot.inflight_seq.is_none() && self.wb.lock().make_due(seq, now) {
                 self.kick.notify_one();

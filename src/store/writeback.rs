@@ -7,6 +7,7 @@
 //! (with backoff) by the task that owns the block; the block stays dirty meanwhile.
 
 use super::backoff::Backoff;
+use super::budget::Pressure;
 use super::cache::{BufOwner, Content};
 use super::stats::Counters;
 use super::{Inner, StoreError};
@@ -19,7 +20,12 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
 /// How long a partly written block may stay dirty before write-back stores it unasked.
-pub(crate) const AGE_BEFORE_WRITE_BACK: Duration = Duration::from_millis(1000);
+pub(crate) const AGE_BEFORE_WRITE_BACK: Duration = Duration::from_secs(30);
+/// PUTs in flight for background write-back (dirty data above half the limit).
+const BACKGROUND_PUTS: usize = 4;
+/// Background write-back only takes blocks nobody wrote for this long: a block that is still
+/// being written would be dirty again right after its PUT.
+const COLD: Duration = Duration::from_secs(1);
 
 /// Dirty blocks waiting for a write-back task, and every block not yet stored.
 #[derive(Debug, Default)]
@@ -70,18 +76,28 @@ impl Queue {
         self.by_due.remove(&(due, seq));
         Some(block)
     }
+    /// The next block to store: anything below `urgent_below` (FLUSH, pressure), then
+    /// blocks whose time has come.
     fn pick(&mut self, urgent_below: u64, now: Instant) -> Pick {
-        let Some((&seq, _)) = self.by_seq.first_key_value() else {
+        let Some((&oldest, _)) = self.by_seq.first_key_value() else {
             return Pick::Idle;
         };
-        if seq < urgent_below {
-            return self.take(seq).map_or(Pick::Idle, Pick::Block);
+        if oldest < urgent_below {
+            return self.take(oldest).map_or(Pick::Idle, Pick::Block);
         }
         match self.by_due.first_key_value() {
             Some((&(due, seq), _)) if due <= now => self.take(seq).map_or(Pick::Idle, Pick::Block),
             Some((&(due, _), _)) => Pick::At(due),
             None => Pick::Idle,
         }
+    }
+    /// The oldest queued changes (background write-back looks for a cold one among them).
+    fn oldest(&self, n: usize) -> Vec<(u64, u64)> {
+        self.by_seq
+            .iter()
+            .take(n)
+            .map(|(s, (b, _))| (*s, *b))
+            .collect()
     }
     /// Whether any change below `seq` is still unstored.
     fn pending_below(&self, seq: u64) -> bool {
@@ -98,36 +114,58 @@ pub(crate) async fn dispatcher(inner: Arc<Inner>) {
         let Ok(permit) = Arc::clone(&inner.put_slots).acquire_owned().await else {
             return;
         };
-        let block = loop {
+        let (block, bg) = loop {
             let kick = inner.kick.notified();
             let pressure = inner.budget.pressure().notified();
             tokio::pin!(kick, pressure);
             pressure.as_mut().enable();
-            let urgent_below = if inner.budget.under_pressure() {
+            let now = Instant::now();
+            let level = inner.budget.pressure_level();
+            let urgent_below = if level == Pressure::Hard {
                 u64::MAX
             } else {
                 inner.flush_target.load(SeqCst)
             };
-            let pick = inner.wb.lock().pick(urgent_below, Instant::now());
-            match pick {
-                Pick::Block(b) => break b,
-                Pick::At(t) => tokio::select! {
-                    _ = &mut kick => {}
-                    _ = &mut pressure => {}
-                    _ = tokio::time::sleep_until(t) => {}
-                },
-                Pick::Idle => {
-                    if inner.closed.load(SeqCst) && inner.wb.lock().unstored.is_empty() {
-                        return;
-                    }
-                    tokio::select! {
-                        _ = &mut kick => {}
-                        _ = &mut pressure => {}
-                    }
+            let pick = inner.wb.lock().pick(urgent_below, now);
+            let mut wake = match pick {
+                Pick::Block(b) => break (b, false),
+                Pick::At(t) => Some(t),
+                Pick::Idle => None,
+            };
+            if level == Pressure::Background && inner.background_puts.load(SeqCst) < BACKGROUND_PUTS
+            {
+                if let Some(b) = inner.pick_cold(now) {
+                    break (b, true);
                 }
+                let recheck = now + COLD / 4;
+                wake = Some(wake.map_or(recheck, |t| t.min(recheck)));
+            }
+            if wake.is_none() && inner.closed.load(SeqCst) && inner.wb.lock().unstored.is_empty() {
+                return;
+            }
+            let timer = async {
+                match wake {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = &mut kick => {}
+                _ = &mut pressure => {}
+                _ = timer => {}
             }
         };
-        tokio::spawn(store_block(Arc::clone(&inner), block, permit));
+        let inner2 = Arc::clone(&inner);
+        if bg {
+            inner.background_puts.fetch_add(1, SeqCst);
+        }
+        tokio::spawn(async move {
+            store_block(Arc::clone(&inner2), block, permit).await;
+            if bg {
+                inner2.background_puts.fetch_sub(1, SeqCst);
+                inner2.kick.notify_one();
+            }
+        });
     }
 }
 
@@ -180,6 +218,28 @@ async fn store_block(inner: Arc<Inner>, block: u64, _permit: OwnedSemaphorePermi
 }
 
 impl Inner {
+    /// A queued block among the oldest that nobody wrote to for [`COLD`], taken from the
+    /// queue; `None` when all are still being written.
+    fn pick_cold(&self, now: Instant) -> Option<u64> {
+        let candidates = self.wb.lock().oldest(16);
+        for (seq, block) in candidates {
+            let cold = {
+                let shard = self.cache.lock(block);
+                shard.slots.get(&block).is_some_and(|s| {
+                    s.dirty_seq == Some(seq)
+                        && s.last_write
+                            .map_or(true, |t| now.saturating_duration_since(t) >= COLD)
+                })
+            };
+            if cold {
+                if let Some(b) = self.wb.lock().take(seq) {
+                    return Some(b);
+                }
+            }
+        }
+        None
+    }
+
     /// Under the shard lock: the content to store now. Changes queued so far become part of
     /// this attempt (`inflight_seq` keeps the oldest of them for FLUSH).
     fn snapshot(&self, block: u64) -> Option<(Option<super::cache::Buf>, bool)> {
