@@ -108,3 +108,29 @@ async fn two_exports_share_one_budget() {
     assert_eq!(read_bytes(&a, 30 * bs, BS).await, pattern(BS as usize, 30));
     assert_eq!(read_bytes(&b, 31 * bs, BS).await, pattern(BS as usize, 31));
 }
+
+#[tokio::test]
+async fn the_dirty_limit_counts_written_pages_not_whole_blocks() {
+    let mem = Arc::new(MemoryStore::new());
+    let bs = 32 * u64::from(BS); // 128 KiB blocks, 32 pages each
+    let budget = CacheBudget::new(64 * bs, 64 * u64::from(BS));
+    let store = open_with(&mem, config(bs as u32, 64 * bs), Arc::clone(&budget)).await;
+    store.set_write_back_age(Duration::from_secs(3600));
+    for b in 0..16u64 {
+        // one 4 KiB page in each of 16 blocks, twice: the second write is free
+        for _ in 0..2 {
+            let data = Bytes::from(pattern(BS as usize, b as u8));
+            store.write(b * bs + 8192, data, false).await.unwrap();
+        }
+    }
+    assert_eq!(store.dirty_bytes(), 16 * u64::from(BS));
+    assert_eq!(budget.dirty_bytes(), 16 * u64::from(BS));
+    // straddling a page edge dirties two pages
+    store
+        .write(20 * bs + 4000, Bytes::from(pattern(200, 1)), false)
+        .await
+        .unwrap();
+    assert_eq!(store.dirty_bytes(), 18 * u64::from(BS));
+    store.flush().await.unwrap();
+    assert_eq!((store.dirty_bytes(), budget.dirty_bytes()), (0, 0));
+}

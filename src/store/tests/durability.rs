@@ -195,3 +195,25 @@ async fn dropping_the_store_still_writes_dirty_data_back() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn fully_written_blocks_go_out_without_a_flush_partial_ones_wait() {
+    let mem = Arc::new(MemoryStore::new());
+    let store = open_big(&mem).await;
+    store.set_write_back_age(HOUR);
+    store
+        .write(u64::from(BIG) + 5, Bytes::from(pattern(10, 2)), false)
+        .await
+        .unwrap();
+    // block 0 filled by several small sequential writes, not one whole-block write
+    for page in 0..4u64 {
+        let data = Bytes::from(pattern(4096, page as u8));
+        store.write(page * 4096, data, false).await.unwrap();
+    }
+    eventually("block 0 stored unasked", || mem.peek(&key(0)).is_some()).await;
+    assert!(
+        mem.peek(&key(1)).is_none(),
+        "a partly written block waits for FLUSH or age"
+    );
+    assert_eq!(store.dirty_bytes(), 4096);
+}
