@@ -112,7 +112,7 @@ impl Rule {
             && self
                 .key_contains
                 .as_ref()
-                .is_none_or(|s| req.key().contains(s.as_str()))
+                .map_or(true, |s| req.key().contains(s.as_str()))
     }
 }
 
@@ -135,7 +135,7 @@ impl State {
     fn pick(&self, req: &Head) -> Option<(Fault, Duration)> {
         let now = Instant::now();
         let mut rules = self.rules.lock().unwrap();
-        rules.retain(|r| r.until.is_none_or(|u| now < u) && r.remaining != Some(0));
+        rules.retain(|r| r.until.map_or(true, |u| now < u) && r.remaining != Some(0));
         for r in rules.iter_mut() {
             if !r.matches(req) || self.roll() >= r.rate {
                 continue;

@@ -445,62 +445,42 @@ fn corrupt_object_gives_eio_and_logs_its_key() {
 /// Resident set size of a process in KiB (`VmRSS` in /proc/PID/status).
 fn rss_kib(pid: u32) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no VmRSS for {pid}"))
+    let v = s.lines().find_map(|l| l.strip_prefix("VmRSS:"));
+    v.and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
 }
 
 /// Seconds from the environment variable `name`, or `default`.
 fn env_secs(name: &str, default: u64) -> Duration {
-    let secs = std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default);
-    Duration::from_secs(secs)
+    let v = std::env::var(name).ok().and_then(|v| v.parse().ok());
+    Duration::from_secs(v.unwrap_or(default))
 }
 
 /// fio on one export: 4 jobs = 4 connections, each writing then verifying its own 8 MiB
-/// (`verify_only` re-reads what the same job parameters wrote, e.g. after a restart).
-fn fio_soak(uri: &str, verify_only: bool, dir: &Path) -> std::process::Command {
+/// (`verify_only` re-reads what the same job parameters wrote, e.g. after a restart). Output
+/// goes to `dir/NAME.out` (a pipe could fill up and stall fio).
+fn fio_soak(uri: &str, name: &str, verify_only: bool, dir: &Path) -> std::process::Child {
+    let out = std::fs::File::create(dir.join(format!("{name}.out"))).unwrap();
     let mut cmd = tool("fio");
-    cmd.current_dir(dir); // fio leaves verify state files in its working directory
-    cmd.args([
-        "--name=soak",
-        "--ioengine=nbd",
-        &format!("--uri={uri}"),
-        "--rw=randwrite",
-        "--bsrange=4k-64k",
-        "--size=8m",
-        "--offset_increment=8m",
-        "--numjobs=4",
-        "--iodepth=8",
-        "--verify=crc32c",
-        "--verify_fatal=1",
-        "--do_verify=1",
-        "--group_reporting",
-    ]);
+    cmd.current_dir(dir) // fio leaves verify state files in its working directory
+        .stderr(out.try_clone().unwrap())
+        .stdout(out);
+    cmd.args(["--name=soak", "--ioengine=nbd", &format!("--uri={uri}")])
+        .args(["--rw=randwrite", "--bsrange=4k-64k", "--size=8m"])
+        .args(["--offset_increment=8m", "--numjobs=4", "--iodepth=8"])
+        .args(["--verify=crc32c", "--verify_fatal=1", "--do_verify=1"])
+        .arg("--group_reporting");
     if verify_only {
         cmd.arg("--verify_only");
     }
-    cmd.stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    cmd
+    cmd.spawn().unwrap()
 }
 
-/// Runs fio to completion, returning (success, last lines of its output).
-fn fio_outcome(child: std::process::Child) -> (bool, String) {
-    let out = child.wait_with_output().unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let tail: Vec<&str> = text
-        .lines()
-        .filter(|l| l.contains("err=") || l.contains("verify"))
-        .collect();
-    (out.status.success(), tail.join("\n"))
+/// Waits for fio; `Some(its output)` when it failed.
+fn fio_failure(mut child: std::process::Child, name: &str, dir: &Path) -> Option<String> {
+    let status = child.wait().unwrap();
+    let text = std::fs::read_to_string(dir.join(format!("{name}.out"))).unwrap_or_default();
+    (!status.success()).then(|| format!("{name}: {status}\n{text}"))
 }
 
 /// The soak (issue 7): `SOAK_SECONDS` (600) of fio verify on 3 exports × 4 connections with S3
@@ -509,99 +489,76 @@ fn fio_outcome(child: std::process::Child) -> (bool, String) {
 #[test]
 #[ignore = "long; run by scripts/soak.sh"]
 fn soak() {
-    let (duration, reload_every) = (
-        env_secs("SOAK_SECONDS", 600),
-        env_secs("SOAK_RELOAD_SECONDS", 30),
-    );
+    let duration = env_secs("SOAK_SECONDS", 600);
+    let reload_every = env_secs("SOAK_RELOAD_SECONDS", 30);
     let names = ["s0", "s1", "s2"];
     let exports = names
         .iter()
-        .map(|n| ExportSpec::new(n).size("32MiB").block_size("64KiB"))
+        .map(|n| ExportSpec::new(n).size("32MiB"))
         .collect();
     let seed: u64 = rand::random();
     let mut bed = FaultBed::start(exports, seed, |b| {
         b.cache("48MiB", "16MiB").flush_timeout("60s")
     });
-    let (get, put) = ([Op::Get], [Op::Put, Op::Delete]);
-    bed.proxy.add(Rule::new(Fault::SlowDown).rate(0.03));
-    bed.proxy.add(Rule::new(Fault::InternalError).rate(0.02));
-    bed.proxy.add(
-        Rule::new(Fault::Delay)
-            .rate(0.02)
-            .delay(Duration::from_millis(300)),
-    );
-    bed.proxy.add(Rule::new(Fault::ResetBefore).rate(0.01));
-    bed.proxy
-        .add(Rule::new(Fault::ResetAfter).only(&put).rate(0.01));
-    bed.proxy
-        .add(Rule::new(Fault::CutBody).only(&get).rate(0.02));
-    bed.proxy
-        .add(Rule::new(Fault::CorruptBody).only(&get).rate(0.01));
+    let (any, get, put) = (&[][..], &[Op::Get][..], &[Op::Put, Op::Delete][..]);
+    for (fault, ops, rate) in [
+        (Fault::SlowDown, any, 0.03),
+        (Fault::InternalError, any, 0.02),
+        (Fault::Delay, any, 0.02),
+        (Fault::ResetBefore, any, 0.01),
+        (Fault::ResetAfter, put, 0.01),
+        (Fault::CutBody, get, 0.02),
+        (Fault::CorruptBody, get, 0.01),
+    ] {
+        let rule = Rule::new(fault).only(ops).rate(rate);
+        bed.proxy.add(rule.delay(Duration::from_millis(300)));
+    }
     eprintln!("soak: {duration:?}, reload every {reload_every:?}, proxy seed {seed}");
-    let scratch = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
     let start = Instant::now();
     let (mut rss, mut failures, mut rounds, mut reloads) = (vec![], vec![], 0, 0);
-    let mut next_reload = start + reload_every;
-    let mut next_sample = start;
+    let (mut next_reload, mut next_sample) = (start + reload_every, start);
     while start.elapsed() < duration {
         rounds += 1;
-        let mut fios: Vec<_> = names
-            .iter()
-            .map(|n| {
-                fio_soak(&bed.nbd.uri(n), false, scratch.path())
-                    .spawn()
-                    .unwrap()
-            })
+        let mut fios: Vec<_> = (names.iter())
+            .map(|n| fio_soak(&bed.nbd.uri(n), n, false, dir.path()))
             .collect();
         while fios.iter_mut().any(|c| c.try_wait().unwrap().is_none()) {
             let now = Instant::now();
             if now >= next_sample {
                 let kib = rss_kib(bed.nbd.pid());
-                eprintln!(
-                    "t={:>4}s rss={kib} KiB round={rounds} reloads={reloads} {}",
-                    start.elapsed().as_secs(),
-                    bed.proxy.summary()
-                );
+                let t = start.elapsed().as_secs();
+                let p = bed.proxy.summary();
+                eprintln!("t={t:>4}s rss={kib} KiB round={rounds} reloads={reloads} {p}");
                 rss.push(kib);
                 next_sample = now + Duration::from_secs(10);
             }
             if now >= next_reload {
                 reloads += 1;
-                let mark = bed.nbd.log_mark();
-                let name = names[reloads % names.len()];
-                bed.nbd.rewrite_config(|c| {
-                    c.export_mut(name).description = Some(format!("soak reload {reloads}"))
-                });
-                bed.nbd.sighup();
+                let (mark, name) = (bed.nbd.log_mark(), names[reloads % names.len()]);
+                let text = format!("soak reload {reloads}");
                 bed.nbd
-                    .wait_for_log_after(mark, "reload complete", Duration::from_secs(120));
+                    .rewrite_config(|c| c.export_mut(name).description = Some(text));
+                bed.nbd.sighup();
+                let wait = Duration::from_secs(120);
+                bed.nbd.wait_for_log_after(mark, "reload complete", wait);
                 next_reload = Instant::now() + reload_every;
             }
             std::thread::sleep(Duration::from_millis(100));
         }
         for (n, c) in names.iter().zip(fios) {
-            let (ok, tail) = fio_outcome(c);
-            if !ok {
-                failures.push(format!("round {rounds} export {n}:\n{tail}"));
-            }
+            failures.extend(fio_failure(c, n, dir.path()).map(|f| format!("round {rounds} {f}")));
         }
     }
-    // Everything flushed on SIGTERM; the last round's data must be in S3 after a restart.
+    let retries = bed.retries_logged();
+    // SIGTERM flushes everything; the last round's data must come back from S3 after restart.
     bed.nbd.restart();
     for n in names {
-        let (ok, tail) = fio_outcome(
-            fio_soak(&bed.nbd.uri(n), true, scratch.path())
-                .spawn()
-                .unwrap(),
-        );
-        if !ok {
-            failures.push(format!("verify after restart, export {n}:\n{tail}"));
-        }
+        let fio = fio_soak(&bed.nbd.uri(n), n, true, dir.path());
+        failures.extend(fio_failure(fio, n, dir.path()).map(|f| format!("after restart {f}")));
     }
-    eprintln!(
-        "soak done: {rounds} fio rounds × 3 exports × 4 connections, {reloads} reloads, {}",
-        bed.proxy.summary()
-    );
+    let p = bed.proxy.summary();
+    eprintln!("soak done: {rounds} rounds × 3 exports × 4 connections, {reloads} reloads, {retries} retries logged, {p}");
     eprintln!("rss samples (KiB): {rss:?}");
     assert!(
         failures.is_empty(),
@@ -609,12 +566,11 @@ fn soak() {
         failures.join("\n")
     );
     let q = (rss.len() / 4).max(1);
-    let (early, late) = (
-        rss[..q].iter().max().copied().unwrap_or(0),
-        rss[rss.len() - q..].iter().max().copied().unwrap_or(0),
-    );
+    let early = rss[..q].iter().max().copied().unwrap_or(0);
+    let late = rss[rss.len() - q..].iter().max().copied().unwrap_or(0);
+    let limit = early + early / 4 + 16 * 1024;
     assert!(
-        late <= early + early / 4 + 16 * 1024,
+        late <= limit,
         "RSS grew: early max {early} KiB, late max {late} KiB"
     );
 }
