@@ -6,11 +6,13 @@
 //!
 //! Each write gets its own 96 KiB slot, so no later (possibly lost) write overlaps a logged
 //! one; slots straddle 64 KiB blocks, so unflushed neighbours share blocks with flushed data
-//! and a torn or stale read-modify-write shows up. The seed is printed; set
+//! and a torn or stale read-modify-write shows up. S3 throttles some requests and loses some
+//! PUT replies (fault proxy), so retries are in flight when the kill comes. The seed is printed; set
 //! `NBD_S3_CRASH_SEED` to replay a run's choices.
 
-use crate::common::{nbdsh, tool, ExportSpec, NbdS3, S3Server};
-use crate::faults::KIB;
+use crate::common::fault_proxy::{Fault, Op, Rule};
+use crate::common::{nbdsh, tool, ExportSpec};
+use crate::faults::{FaultBed, KIB};
 use rand::{Rng, SeedableRng};
 use std::path::Path;
 use std::process::{Child, Stdio};
@@ -121,10 +123,13 @@ fn flushed_writes_survive_kill9_at_random_moments() {
         .unwrap_or_else(rand::random);
     eprintln!("crash test seed {seed} (NBD_S3_CRASH_SEED={seed} replays the choices)");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let s3 = S3Server::start();
-    let mut nbd = NbdS3::builder(&s3)
-        .export(ExportSpec::new("k").size("32MiB").block_size("64KiB"))
-        .start();
+    let export = ExportSpec::new("k").size("32MiB").block_size("64KiB");
+    let mut bed = FaultBed::start(vec![export], seed, |b| b);
+    // Some PUTs are being retried when the kill comes: throttled, or stored with the reply lost.
+    bed.proxy.add(Rule::new(Fault::SlowDown).rate(0.1));
+    bed.proxy
+        .add(Rule::new(Fault::ResetAfter).only(&[Op::Put]).rate(0.05));
+    let nbd = &mut bed.nbd;
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("flushed.log");
     let (mut writes, mut bytes) = (0, 0);
@@ -154,5 +159,8 @@ fn flushed_writes_survive_kill9_at_random_moments() {
         );
         (writes, bytes) = (writes + w, bytes + b);
     }
-    eprintln!("{ROUNDS} crashes survived; {writes} write checks, {bytes} bytes verified in total");
+    eprintln!(
+        "{ROUNDS} crashes survived; {writes} write checks, {bytes} bytes verified in total; {}",
+        bed.proxy.summary()
+    );
 }
