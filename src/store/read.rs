@@ -14,8 +14,10 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 
-/// GET attempts before a read fails with EIO.
-const READ_ATTEMPTS: u32 = 5;
+/// GET attempts before a read fails with EIO. The backend already retries transient errors
+/// for several seconds; these extra attempts mainly cover a body cut short or corrupted on the
+/// way (`Corrupt`), which a fresh GET usually fixes.
+const READ_ATTEMPTS: u32 = 3;
 /// Reads starting this close (in blocks) to where the previous one ended count as sequential;
 /// concurrent pipelined requests arrive slightly out of order.
 const SEQ_WINDOW: u64 = 64;
