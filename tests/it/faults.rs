@@ -7,6 +7,7 @@
 
 use crate::common::fault_proxy::{Fault, FaultProxy, Op, Rule};
 use crate::common::{self, nbdsh, show, tool, ExportSpec, NbdS3, S3Server};
+use crate::store_bed::nbd_read as read_range;
 use rand::{Rng, SeedableRng};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -94,21 +95,6 @@ pub fn write_ops(uri: &str, ops: &[(u64, Vec<u8>)], flush: bool) {
         if flush { "h.flush()" } else { "" }
     );
     nbdsh(uri, &[&code]);
-}
-
-/// Reads `len` bytes at `off` (8 MiB requests); any error fails the test.
-pub fn read_range(uri: &str, off: u64, len: u64) -> Vec<u8> {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("out");
-    let code = format!(
-        "f = open({:?}, 'wb')\no, e = {off}, {}\nwhile o < e:\n    n = min(e - o, 8 << 20)\n    f.write(h.pread(n, o))\n    o += n\nf.close()",
-        out.to_str().unwrap(),
-        off + len
-    );
-    nbdsh(uri, &[&code]);
-    let d = std::fs::read(&out).unwrap();
-    assert_eq!(d.len() as u64, len, "read length");
-    d
 }
 
 /// Asserts equal bytes, naming the first difference and its block.
