@@ -7,7 +7,7 @@
 
 use crate::common::fault_proxy::{Fault, FaultProxy, Op, Rule};
 use crate::common::{self, nbdsh, show, tool, ExportSpec, NbdS3, S3Server};
-use crate::store_bed::nbd_read as read_range;
+use crate::store_bed::{assert_image, block_key, nbd_read as read_range};
 use rand::{Rng, SeedableRng};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -95,30 +95,6 @@ pub fn write_ops(uri: &str, ops: &[(u64, Vec<u8>)], flush: bool) {
         if flush { "h.flush()" } else { "" }
     );
     nbdsh(uri, &[&code]);
-}
-
-/// Asserts equal bytes, naming the first difference and its block.
-pub fn assert_image(what: &str, got: &[u8], want: &[u8], bs: u64) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
-        let n = got[i..]
-            .iter()
-            .zip(&want[i..])
-            .take_while(|(a, b)| a != b)
-            .count();
-        panic!(
-            "{what}: WRONG DATA at byte {i} (block {}, +{}), {n} bytes differ: got {:02x?}, want {:02x?}",
-            i as u64 / bs,
-            i as u64 % bs,
-            &got[i..(i + 8).min(got.len())],
-            &want[i..(i + 8).min(want.len())]
-        );
-    }
-}
-
-/// `<prefix>` + 16 hex digits.
-pub fn block_key(prefix: &str, i: u64) -> String {
-    format!("{prefix}{i:016x}")
 }
 
 /// Every block of the image is in the bucket as written (non-zero blocks as exact objects,
