@@ -301,6 +301,8 @@ mod tests {
             block_size: 4096,
             read_only: false,
             description: None,
+            allow: None,
+            lease: crate::config::LeaseMode::Off,
         }
     }
 

@@ -83,6 +83,7 @@ impl AdHoc {
             server: ServerConfig {
                 listen: vec![ListenAddr::Tcp(format!("{host}:{}", self.port))],
                 metrics: None,
+                tls: None,
             },
             s3: S3Config {
                 path_style: self.s3_endpoint.is_some(),
@@ -104,6 +105,10 @@ impl AdHoc {
                 block_size: DEFAULT_BLOCK_SIZE,
                 read_only: false,
                 description: None,
+                allow: None,
+                lease: super::LeaseMode::On {
+                    ttl: super::DEFAULT_LEASE_TTL,
+                },
             }],
         })
     }

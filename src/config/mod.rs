@@ -5,6 +5,7 @@ mod adhoc;
 mod error;
 mod locate;
 mod raw;
+mod security;
 pub mod size;
 mod summary;
 mod validate;
@@ -86,7 +87,67 @@ pub struct ServerConfig {
     pub listen: Vec<ListenAddr>,
     /// Prometheus `/metrics` endpoint; off when absent.
     pub metrics: Option<std::net::SocketAddr>,
+    /// `[server.tls]`: NBD_OPT_STARTTLS with these credentials; plain text when absent.
+    pub tls: Option<TlsConfig>,
 }
+
+/// `[server.tls]`. Paths are absolute (relative ones resolved against the config file's
+/// directory) so a reload can re-read the files wherever the daemon's working directory is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// PEM certificate chain presented to clients.
+    pub cert: PathBuf,
+    /// PEM private key of `cert` (not world-readable).
+    pub key: PathBuf,
+    /// PEM CA bundle: when set, only clients with a certificate from it are admitted (mTLS).
+    pub client_ca: Option<PathBuf>,
+    pub mode: TlsMode,
+}
+
+/// Whether plain-text clients are still served once TLS is configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsMode {
+    /// Every option but STARTTLS and ABORT gets ERR_TLS_REQD until TLS is up (the default:
+    /// configuring TLS and still leaking data in clear text would surprise an admin).
+    Require,
+    /// TLS is offered; plain-text clients are served too.
+    Allow,
+}
+
+/// One entry of an export's `allow` list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AllowRule {
+    /// Clients whose address is in this network (a bare address is a /32 or /128).
+    Net(ipnet::IpNet),
+    /// Clients on any Unix-socket listener.
+    Unix,
+}
+
+impl AllowRule {
+    /// Whether a TCP client at `ip` matches; IPv4-mapped IPv6 addresses (`::ffff:a.b.c.d`,
+    /// what a dual-stack listener reports) match IPv4 rules.
+    pub fn matches_ip(&self, ip: std::net::IpAddr) -> bool {
+        let ip = match ip {
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        matches!(self, AllowRule::Net(net) if net.contains(&ip))
+    }
+}
+
+/// An export's `lease`: whether this daemon must hold `<prefix>nbd-s3.lock` to write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseMode {
+    /// No lease: the admin promises that only one daemon writes this export (required for
+    /// object stores without conditional writes).
+    Off,
+    /// Hold the lease, valid for `ttl` after each renewal.
+    On { ttl: Duration },
+}
+
+/// Default lease time: a crashed holder on another host blocks takeover at most this long,
+/// and renewals (every third of it) stay far apart enough to cost nothing.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(30);
 
 /// One listening address.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -145,6 +206,10 @@ pub struct ExportConfig {
     pub block_size: u32,
     pub read_only: bool,
     pub description: Option<String>,
+    /// Who may see and open the export; `None` admits everyone.
+    pub allow: Option<Vec<AllowRule>>,
+    /// Irrelevant for read-only exports, which never take a lease.
+    pub lease: LeaseMode,
 }
 
 /// Default block size: 128 KiB objects balance request rate against read amplification.

@@ -24,6 +24,17 @@ pub struct RawConfig {
 pub struct RawServer {
     pub listen: Option<Spanned<RawListen>>,
     pub metrics: Option<Spanned<String>>,
+    pub tls: Option<Spanned<RawTls>>,
+}
+
+/// `[server.tls]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub cert: Spanned<String>,
+    pub key: Spanned<String>,
+    pub client_ca: Option<Spanned<String>>,
+    pub mode: Option<Spanned<String>>,
 }
 
 /// `[s3]`.
@@ -57,6 +68,8 @@ pub struct RawExport {
     pub block_size: Option<Spanned<RawSize>>,
     pub read_only: Option<bool>,
     pub description: Option<Spanned<String>>,
+    pub allow: Option<Spanned<Vec<String>>>,
+    pub lease: Option<Spanned<String>>,
 }
 
 /// A size as written: a string with a unit, or a plain integer number of bytes.

@@ -429,3 +429,69 @@ fn mistyped_top_level_value_names_its_key() {
         "{line}"
     );
 }
+
+#[test]
+fn allow_and_lease_keys() {
+    let cfg = parse(&with_export(
+        "size = \"1GiB\"\nallow = [\"10.0.0.0/8\", \"::1\", \"unix\"]\nlease = \"45s\"\n",
+    ))
+    .unwrap();
+    let e = &cfg.exports[0];
+    assert_eq!(e.allow.as_ref().map(Vec::len), Some(3));
+    assert_eq!(
+        e.lease,
+        LeaseMode::On {
+            ttl: Duration::from_secs(45)
+        }
+    );
+    let defaults = parse(GOOD).unwrap();
+    assert_eq!(defaults.exports[0].allow, None);
+    assert_eq!(
+        defaults.exports[0].lease,
+        LeaseMode::On {
+            ttl: DEFAULT_LEASE_TTL
+        }
+    );
+    let bad = error_line(&with_export("size = \"1GiB\"\nallow = [\"10.0.0.0/40\"]\n"));
+    assert!(
+        bad.starts_with("exports.toml:5: export \"vm1\": allow:"),
+        "{bad}"
+    );
+    let empty = error_line(&with_export("size = \"1GiB\"\nallow = []\n"));
+    assert!(empty.contains("admits nobody"), "{empty}");
+    let lease = error_line(&with_export("size = \"1GiB\"\nlease = \"maybe\"\n"));
+    assert!(
+        lease.starts_with("exports.toml:5: export \"vm1\": lease:"),
+        "{lease}"
+    );
+}
+
+#[test]
+fn tls_files_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = dir.path().join("cert.pem");
+    let key = dir.path().join("key.pem");
+    std::fs::write(&cert, "cert").unwrap();
+    std::fs::write(&key, "key").unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let src = "[server.tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n";
+    let cfg = Config::parse(src, "exports.toml", dir.path()).unwrap();
+    let tls = cfg.server.tls.unwrap();
+    assert_eq!((tls.cert, tls.mode), (cert, TlsMode::Require));
+    assert_eq!(tls.client_ca, None);
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let e = Config::parse(src, "exports.toml", dir.path()).unwrap_err();
+    let line = &e.lines()[0];
+    assert!(
+        line.starts_with("exports.toml:3: [server.tls]: key:") && line.contains("0644"),
+        "{line}"
+    );
+    let missing = "[server.tls]\ncert = \"nope.pem\"\nkey = \"key.pem\"\nmode = \"sometimes\"\n";
+    let e = Config::parse(missing, "exports.toml", dir.path()).unwrap_err();
+    let all = e.lines().join("\n");
+    assert!(
+        all.contains("exports.toml:2: [server.tls]: cert: cannot read"),
+        "{all}"
+    );
+    assert!(all.contains("exports.toml:4: [server.tls]: mode:"), "{all}");
+}

@@ -28,7 +28,7 @@ pub struct Checker<'a> {
     path: &'a str,
     src: &'a str,
     /// Directory relative secret-file paths are resolved against.
-    base_dir: &'a Path,
+    pub(super) base_dir: &'a Path,
     pub errors: Vec<Diagnostic>,
 }
 
@@ -43,7 +43,12 @@ impl<'a> Checker<'a> {
         }
     }
 
-    fn err(&mut self, span: &Range<usize>, label: &str, message: impl std::fmt::Display) {
+    pub(super) fn err(
+        &mut self,
+        span: &Range<usize>,
+        label: &str,
+        message: impl std::fmt::Display,
+    ) {
         self.errors.push(Diagnostic {
             path: self.path.to_string(),
             line: line_of(self.src, span.start),
@@ -77,6 +82,7 @@ impl<'a> Checker<'a> {
         let mut cfg = ServerConfig {
             listen: Vec::new(),
             metrics: None,
+            tls: None,
         };
         let Some(raw) = raw else {
             cfg.listen.push(ListenAddr::Tcp(DEFAULT_LISTEN.to_string()));
@@ -113,6 +119,7 @@ impl<'a> Checker<'a> {
                 ),
             }
         }
+        cfg.tls = raw.tls.and_then(|t| self.tls(t));
         cfg
     }
 
@@ -328,6 +335,8 @@ impl<'a> Checker<'a> {
                 );
             }
         }
+        let allow = raw.allow.as_ref().and_then(|a| self.allow(a, &label));
+        let lease = self.lease(raw.lease.as_ref(), &label);
         if self.errors.len() != before {
             return None;
         }
@@ -339,6 +348,8 @@ impl<'a> Checker<'a> {
             block_size: u32::try_from(block_size?).ok()?,
             read_only: raw.read_only.unwrap_or(false),
             description: raw.description.as_ref().map(|d| d.get_ref().clone()),
+            allow,
+            lease,
         })
     }
 }

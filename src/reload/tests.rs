@@ -15,6 +15,8 @@ fn export(name: &str) -> ExportConfig {
         block_size: 128 << 10,
         read_only: false,
         description: None,
+        allow: None,
+        lease: crate::config::LeaseMode::Off,
     }
 }
 
@@ -23,6 +25,7 @@ fn config(exports: Vec<ExportConfig>) -> Config {
         server: ServerConfig {
             listen: vec![ListenAddr::Tcp("127.0.0.1:0".into())],
             metrics: None,
+            tls: None,
         },
         s3: S3Config {
             endpoint: Some("http://127.0.0.1:9000".into()),

@@ -39,6 +39,8 @@ fn export_config(name: &str, read_only: bool) -> ExportConfig {
         block_size: BLOCK,
         read_only,
         description: Some(format!("{name} description")),
+        allow: None,
+        lease: crate::config::LeaseMode::Off,
     }
 }
 
