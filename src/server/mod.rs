@@ -6,6 +6,7 @@
 //! with ESHUTDOWN and the connection closes).
 
 mod command;
+mod connection;
 mod handshake;
 mod listener;
 mod transmission;
@@ -174,7 +175,7 @@ async fn accept_loop(inner: Arc<Inner>, listener: Listener) {
         let guard = ConnGuard::new(&inner);
         tokio::spawn(async move {
             let _guard = guard;
-            transmission::serve_connection(&_guard.0, conn).await;
+            connection::serve_connection(&_guard.0, conn).await;
         });
     }
     debug!("stopped accepting on {addr}");

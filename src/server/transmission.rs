@@ -1,13 +1,12 @@
-//! One connection after accept: handshake, then the transmission phase. A single reader loop
+//! The transmission phase of one connection (`connection` ran the handshake). A single reader loop
 //! parses requests (always consuming WRITE payloads, to stay in sync) and spawns each valid
 //! request as its own task, at most `MAX_IN_FLIGHT` at once; replies go to the writer task
 //! in completion order, which the protocol allows (cookies tell them apart).
 
 use super::command::{self, ConnCtx};
-use super::handshake::{self, NegotiateError, Negotiated};
-use super::listener::Accepted;
+use super::handshake::Negotiated;
 use super::writer::{self, Reply};
-use super::{Inner, State, HANDSHAKE_TIMEOUT, MAX_IN_FLIGHT};
+use super::{Inner, State, MAX_IN_FLIGHT};
 use crate::proto::consts::*;
 use crate::proto::{parse_header, validate, Command, FatalError, Limits, Request, RequestHeader};
 use bytes::{Bytes, BytesMut};
@@ -51,30 +50,23 @@ enum ConnError {
     Writer(io::Error),
 }
 
-/// Serves one accepted connection to the end; errors are logged here and go no further.
-pub(crate) async fn serve_connection(inner: &Arc<Inner>, conn: Accepted) {
-    let peer = conn.peer;
-    let mut reader = BufReader::with_capacity(READ_BUF, conn.reader);
-    let mut writer = BufWriter::with_capacity(WRITE_BUF, conn.writer);
-    let negotiated = tokio::time::timeout(
-        HANDSHAKE_TIMEOUT,
-        handshake::negotiate(inner, &mut reader, &mut writer),
-    )
-    .await;
-    let neg = match negotiated {
-        Ok(Ok(n)) => n,
-        Err(_) => return warn!(%peer, "handshake timed out"),
-        Ok(Err(NegotiateError::Aborted | NegotiateError::ShuttingDown)) => {
-            return debug!(%peer, "handshake ended without an export")
-        }
-        Ok(Err(NegotiateError::Io(e))) if e.kind() == io::ErrorKind::UnexpectedEof => {
-            return debug!(%peer, "client left during the handshake")
-        }
-        Ok(Err(e)) => return warn!(%peer, "handshake failed: {e}"),
-    };
+/// Serves a connection whose handshake picked an export (`connection::serve_connection` ran
+/// it, TLS included), to the end; errors are logged here and go no further.
+pub(crate) async fn serve_negotiated<R, W>(
+    inner: &Arc<Inner>,
+    neg: Negotiated,
+    peer: &str,
+    reader: R,
+    writer: W,
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let reader = BufReader::with_capacity(READ_BUF, reader);
+    let writer = BufWriter::with_capacity(WRITE_BUF, writer);
     let export = neg.attachment.export().name().to_owned();
     info!(%peer, %export, structured = neg.structured, "client connected");
-    match transmit(inner, neg, &peer, reader, writer).await {
+    match transmit(inner, neg, peer, reader, writer).await {
         Ok(()) => debug!(%peer, %export, "client disconnected"),
         Err(ConnError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
             info!(%peer, %export, "client closed the connection without NBD_CMD_DISC")

@@ -266,7 +266,7 @@ async fn silent_client_is_dropped_after_the_handshake_timeout() {
     let started = tokio::time::Instant::now();
     let task =
         tokio::spawn(
-            async move { crate::server::transmission::serve_connection(&inner, conn).await },
+            async move { crate::server::connection::serve_connection(&inner, conn).await },
         );
     let mut greeting = [0u8; 18];
     cr.read_exact(&mut greeting).await.unwrap();
