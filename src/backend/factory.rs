@@ -10,6 +10,8 @@ use super::{BackendError, DynObjectStore, ObjectStore};
 use crate::config::S3Config;
 use async_trait::async_trait;
 use bytes::Bytes;
+use parking_lot::Mutex;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -38,6 +40,8 @@ pub struct StoreFactory {
     target: Target,
     policy: RetryPolicy,
     stats: Arc<BackendStats>,
+    /// Each bucket's own counters (they also count into `stats`), for per-bucket metrics.
+    buckets: Arc<Mutex<BTreeMap<String, Arc<BackendStats>>>>,
 }
 
 impl StoreFactory {
@@ -52,6 +56,7 @@ impl StoreFactory {
             target,
             policy: RetryPolicy::default(),
             stats: Arc::new(BackendStats::default()),
+            buckets: Arc::default(),
         })
     }
 
@@ -72,12 +77,27 @@ impl StoreFactory {
                 Err(e) => Arc::new(Refused(e.to_string())),
             },
         };
-        Arc::new(Retrying::new(inner, self.policy, self.stats.clone()))
+        let stats = Arc::clone(
+            self.buckets
+                .lock()
+                .entry(name.to_owned())
+                .or_insert_with(|| Arc::new(BackendStats::with_parent(Arc::clone(&self.stats)))),
+        );
+        Arc::new(Retrying::new(inner, self.policy, stats))
     }
 
     /// Request, latency, byte and retry counters of every store this factory made (metrics).
     pub fn stats(&self) -> &Arc<BackendStats> {
         &self.stats
+    }
+
+    /// Counters of each bucket a store was made for, by bucket name (metrics).
+    pub fn bucket_stats(&self) -> Vec<(String, Arc<BackendStats>)> {
+        let buckets = self.buckets.lock();
+        buckets
+            .iter()
+            .map(|(name, stats)| (name.clone(), Arc::clone(stats)))
+            .collect()
     }
 
     /// `true` for the `file://` directory store.
@@ -127,6 +147,7 @@ impl ObjectStore for Refused {
 
 #[cfg(test)]
 mod tests {
+    use super::super::stats::{Op, Outcome};
     use super::*;
 
     fn cfg(endpoint: &str) -> S3Config {
@@ -157,6 +178,29 @@ mod tests {
             bad.get("k").await,
             Err(BackendError::Permanent(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn each_bucket_has_its_own_counters_under_the_totals() {
+        let root = tempfile::tempdir().unwrap();
+        let url = format!("file://{}", root.path().display());
+        let f = StoreFactory::new(&cfg(&url)).await.unwrap();
+        for (bucket, puts) in [("a", 1), ("b", 2), ("a", 1)] {
+            let store = f.bucket(bucket);
+            for i in 0..puts {
+                store
+                    .put(&format!("k{i}"), Bytes::from_static(b"x"))
+                    .await
+                    .unwrap();
+            }
+        }
+        let per: Vec<(String, u64)> = f
+            .bucket_stats()
+            .iter()
+            .map(|(b, s)| (b.clone(), s.requests(Op::Put, Outcome::Ok)))
+            .collect();
+        assert_eq!(per, [("a".to_string(), 2), ("b".to_string(), 2)]);
+        assert_eq!(f.stats().requests(Op::Put, Outcome::Ok), 4);
     }
 
     #[tokio::test]

@@ -4,6 +4,7 @@
 
 use super::BackendError;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The kinds of object-store request.
@@ -139,30 +140,55 @@ pub struct BackendStats {
     latency: [Histogram; Op::ALL.len()],
     bytes_read: AtomicU64,
     bytes_written: AtomicU64,
+    /// Also counted into these (a bucket's stats feed the factory's totals).
+    parent: Option<Arc<BackendStats>>,
 }
 
 impl BackendStats {
+    /// Stats of one bucket that also count into `parent`, so metrics can show each bucket
+    /// while the factory's totals keep their meaning.
+    pub fn with_parent(parent: Arc<BackendStats>) -> Self {
+        Self {
+            parent: Some(parent),
+            ..Self::default()
+        }
+    }
     /// Records one request (one attempt) and how long it took.
     pub fn record(&self, op: Op, outcome: Outcome, took: Duration) {
         self.requests[op as usize][outcome as usize].fetch_add(1, Ordering::Relaxed);
         self.latency[op as usize].observe(took);
+        if let Some(p) = &self.parent {
+            p.record(op, outcome, took);
+        }
     }
     /// Records a retry about to happen.
     pub fn record_retry(&self) {
         self.retries.fetch_add(1, Ordering::Relaxed);
+        if let Some(p) = &self.parent {
+            p.record_retry();
+        }
     }
     /// Records a call that failed after all its retries.
     pub fn record_exhausted(&self) {
         self.exhausted.fetch_add(1, Ordering::Relaxed);
+        if let Some(p) = &self.parent {
+            p.record_exhausted();
+        }
     }
     /// Records object bytes received (GET bodies).
     pub fn add_read(&self, bytes: usize) {
         self.bytes_read.fetch_add(bytes as u64, Ordering::Relaxed);
+        if let Some(p) = &self.parent {
+            p.add_read(bytes);
+        }
     }
     /// Records object bytes sent (PUT bodies).
     pub fn add_written(&self, bytes: usize) {
         self.bytes_written
             .fetch_add(bytes as u64, Ordering::Relaxed);
+        if let Some(p) = &self.parent {
+            p.add_written(bytes);
+        }
     }
 
     /// Transient failures that were retried.
@@ -213,6 +239,23 @@ mod tests {
         // 60 s lands only in +Inf.
         assert_eq!(h.buckets.last().unwrap().1, 2);
         assert!((h.sum_seconds - 60.0205).abs() < 1e-6, "{}", h.sum_seconds);
+    }
+
+    #[test]
+    fn bucket_stats_count_into_the_totals() {
+        let total = Arc::new(BackendStats::default());
+        let bucket = BackendStats::with_parent(Arc::clone(&total));
+        bucket.record(Op::Put, Outcome::Ok, Duration::from_millis(1));
+        bucket.record_retry();
+        bucket.record_exhausted();
+        bucket.add_read(3);
+        bucket.add_written(5);
+        for s in [&bucket, &*total] {
+            assert_eq!(s.requests(Op::Put, Outcome::Ok), 1);
+            assert_eq!(s.latency(Op::Put).count, 1);
+            assert_eq!((s.retries(), s.exhausted()), (1, 1));
+            assert_eq!((s.bytes_read(), s.bytes_written()), (3, 5));
+        }
     }
 
     #[test]

@@ -262,6 +262,7 @@ impl BlockStore {
     }
     /// Returns once every write/trim/zero completed before this call is in the object store.
     pub async fn flush(&self) -> Result<(), StoreError> {
+        let _timer = self.inner.counters.flushes.start(); // metrics: flush durations
         self.inner.flush().await
     }
     /// Starts fetching the range into the cache (NBD_CMD_CACHE).
@@ -279,6 +280,10 @@ impl BlockStore {
     /// Counters and gauges for metrics and the status line.
     pub fn stats(&self) -> StoreStats {
         self.inner.stats()
+    }
+    /// How long FLUSHes (and removal flushes) took: the cost of durability, for metrics.
+    pub fn flush_durations(&self) -> crate::metrics::histogram::Snapshot {
+        self.inner.counters.flushes.snapshot()
     }
     /// Stores every dirty block (SIGTERM, export removal). Waits as long as it takes, or until
     /// `deadline`; then fails with [`StoreError::Unflushed`] naming the blocks still dirty.

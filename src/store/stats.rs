@@ -14,6 +14,8 @@ pub(crate) struct Counters {
     pub hits: AtomicU64,
     pub misses: AtomicU64,
     pub readahead: AtomicU64,
+    /// Durations of `BlockStore::flush` (metrics).
+    pub flushes: crate::metrics::histogram::Histogram,
 }
 
 impl Counters {

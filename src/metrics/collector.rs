@@ -1,0 +1,270 @@
+//! The scrape: reads the daemon's own counters (server, cache budget, object-store stats,
+//! request table) at the moment Prometheus asks, and writes them with prometheus-client's
+//! text encoder. Reading at scrape time means no second set of counters to keep in step, and
+//! exports that a reload removed simply stop appearing.
+
+use super::histogram::Snapshot;
+use super::{exports, reloads};
+use crate::backend::stats::{Op, Outcome};
+use crate::backend::StoreFactory;
+use crate::export::{Export, Registry};
+use crate::server::Server;
+use crate::store::CacheBudget;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeGaugeValue, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+use std::sync::Arc;
+
+/// Label pairs of one sample.
+pub(crate) type Labels = Vec<(&'static str, String)>;
+
+/// What a scrape reads: the daemon's live parts, shared, never copied.
+#[derive(Debug, Clone)]
+pub struct Sources {
+    /// Exports as new connections see them (plus removed ones still draining).
+    pub registry: Arc<Registry>,
+    /// Open connections.
+    pub server: Server,
+    /// Object-store counters, per bucket.
+    pub factory: StoreFactory,
+    /// The cache shared by all exports.
+    pub budget: Arc<CacheBudget>,
+}
+
+/// The prometheus-client collector over `Sources`.
+#[derive(Debug)]
+pub(crate) struct DaemonCollector(pub Sources);
+
+impl Collector for DaemonCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+        let exports = live_exports(&self.0.registry);
+        process(&mut enc, &self.0)?;
+        exports::encode(&mut enc, &exports)?;
+        let buckets: BTreeSet<&str> = exports.iter().map(|e| e.config.bucket.as_str()).collect();
+        backend(&mut enc, &self.0.factory, &buckets)
+    }
+}
+
+/// Served exports plus removed ones still draining (they may hold dirty data), one per name:
+/// a removed export whose name is served again by a different store is left out, since two
+/// series with the same labels would make the scrape invalid.
+fn live_exports(registry: &Registry) -> Vec<Arc<Export>> {
+    let mut live = registry.list();
+    let served: BTreeSet<String> = live.iter().map(|e| e.name().to_owned()).collect();
+    for export in registry.draining() {
+        if !served.contains(export.name()) && !live.iter().any(|e| e.same_instance(&export)) {
+            live.push(export);
+        }
+    }
+    live
+}
+
+fn process(enc: &mut DescriptorEncoder, s: &Sources) -> fmt::Result {
+    let version = vec![("version", env!("CARGO_PKG_VERSION").to_owned())];
+    gauges(
+        enc,
+        "nbd_s3_build_info",
+        "Always 1; the version label says which nbd-s3 runs",
+        [(version, 1u64)],
+    )?;
+    let one = |v: u64| [(Labels::new(), v)];
+    let conns = s.server.connection_count() as u64;
+    gauges(
+        enc,
+        "nbd_s3_connections",
+        "Open NBD client connections (handshaking or transmitting)",
+        one(conns),
+    )?;
+    let b = &s.budget;
+    gauges(
+        enc,
+        "nbd_s3_cache_bytes",
+        "Block buffers in memory, clean and dirty, all exports",
+        one(b.used_bytes()),
+    )?;
+    gauges(
+        enc,
+        "nbd_s3_cache_limit_bytes",
+        "[cache] memory: the limit of nbd_s3_cache_bytes",
+        one(b.memory_limit()),
+    )?;
+    gauges(
+        enc,
+        "nbd_s3_cache_dirty_bytes",
+        "Data acknowledged but not yet in the object store, all exports",
+        one(b.dirty_bytes()),
+    )?;
+    gauges(
+        enc,
+        "nbd_s3_cache_dirty_limit_bytes",
+        "[cache] dirty: writers wait above it",
+        one(b.dirty_limit()),
+    )?;
+    let r = reloads::snapshot();
+    let outcomes = [
+        (label("outcome", "ok"), r.ok),
+        (label("outcome", "failed"), r.failed),
+    ];
+    counters(
+        enc,
+        "nbd_s3_reloads",
+        "Configuration reloads (SIGHUP or file change) by outcome",
+        outcomes,
+    )?;
+    let last = u64::from(!r.last_failed);
+    gauges(
+        enc,
+        "nbd_s3_last_reload_successful",
+        "0 when the last reload was refused (the previous configuration still runs)",
+        one(last),
+    )
+}
+
+/// Object-store counters of the buckets in use (`BackendStats`, one per bucket).
+fn backend(
+    enc: &mut DescriptorEncoder,
+    factory: &StoreFactory,
+    buckets: &BTreeSet<&str>,
+) -> fmt::Result {
+    let stats: Vec<_> = factory
+        .bucket_stats()
+        .into_iter()
+        .filter(|(b, _)| buckets.contains(b.as_str()))
+        .collect();
+    let mut requests = Vec::new();
+    let mut latency = Vec::new();
+    for (bucket, s) in &stats {
+        for op in Op::ALL {
+            for outcome in Outcome::ALL {
+                let n = s.requests(op, outcome);
+                // Every op's `ok` series exists from the start (rate() needs a zero); error
+                // outcomes appear when they first happen, to keep the scrape small.
+                if n > 0 || outcome == Outcome::Ok {
+                    let l = vec![
+                        ("bucket", bucket.clone()),
+                        ("op", op.name().into()),
+                        ("outcome", outcome.name().into()),
+                    ];
+                    requests.push((l, n));
+                }
+            }
+            let h = s.latency(op);
+            if h.count > 0 {
+                let l = vec![("bucket", bucket.clone()), ("op", op.name().into())];
+                latency.push((
+                    l,
+                    Snapshot::from_cumulative(&h.buckets, h.count, h.sum_seconds),
+                ));
+            }
+        }
+    }
+    counters(
+        enc,
+        "nbd_s3_backend_requests",
+        "Object-store requests (each retry counts) by operation and outcome",
+        requests,
+    )?;
+    histograms(
+        enc,
+        "nbd_s3_backend_request_duration_seconds",
+        "Object-store request latency by operation",
+        latency,
+    )?;
+    let per = |f: &dyn Fn(&crate::backend::stats::BackendStats) -> u64| {
+        stats
+            .iter()
+            .map(|(b, s)| (label("bucket", b), f(s)))
+            .collect::<Vec<_>>()
+    };
+    counters(
+        enc,
+        "nbd_s3_backend_retries",
+        "Transient object-store failures that were retried",
+        per(&|s| s.retries()),
+    )?;
+    counters(
+        enc,
+        "nbd_s3_backend_failures",
+        "Object-store calls that still failed after all retries",
+        per(&|s| s.exhausted()),
+    )?;
+    counters(
+        enc,
+        "nbd_s3_backend_received_bytes",
+        "Object bytes received (GET bodies)",
+        per(&|s| s.bytes_read()),
+    )?;
+    counters(
+        enc,
+        "nbd_s3_backend_sent_bytes",
+        "Object bytes sent (PUT bodies)",
+        per(&|s| s.bytes_written()),
+    )
+}
+
+/// One label pair.
+pub(crate) fn label(key: &'static str, value: &str) -> Labels {
+    vec![(key, value.to_owned())]
+}
+
+/// A counter family; nothing is written when there are no samples. prometheus-client adds
+/// the `_total` suffix.
+pub(crate) fn counters(
+    enc: &mut DescriptorEncoder,
+    name: &'static str,
+    help: &str,
+    samples: impl IntoIterator<Item = (Labels, u64)>,
+) -> fmt::Result {
+    let samples: Vec<_> = samples.into_iter().collect();
+    if samples.is_empty() {
+        return Ok(());
+    }
+    let mut metric = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, value) in &samples {
+        metric
+            .encode_family(labels)?
+            .encode_counter::<NoLabelSet, u64, u64>(value, None)?;
+    }
+    Ok(())
+}
+
+/// A gauge family; nothing is written when there are no samples.
+pub(crate) fn gauges<V: EncodeGaugeValue>(
+    enc: &mut DescriptorEncoder,
+    name: &'static str,
+    help: &str,
+    samples: impl IntoIterator<Item = (Labels, V)>,
+) -> fmt::Result {
+    let samples: Vec<_> = samples.into_iter().collect();
+    if samples.is_empty() {
+        return Ok(());
+    }
+    let mut metric = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, value) in &samples {
+        metric.encode_family(labels)?.encode_gauge(value)?;
+    }
+    Ok(())
+}
+
+/// A histogram family; nothing is written when there are no samples.
+pub(crate) fn histograms(
+    enc: &mut DescriptorEncoder,
+    name: &'static str,
+    help: &str,
+    samples: impl IntoIterator<Item = (Labels, Snapshot)>,
+) -> fmt::Result {
+    let samples: Vec<_> = samples.into_iter().collect();
+    if samples.is_empty() {
+        return Ok(());
+    }
+    let mut metric = enc.encode_descriptor(name, help, None, MetricType::Histogram)?;
+    for (labels, h) in &samples {
+        let no_exemplars: Option<&HashMap<usize, _>> = None;
+        metric
+            .encode_family(labels)?
+            .encode_histogram::<NoLabelSet>(h.sum_seconds, h.count, &h.buckets, no_exemplars)?;
+    }
+    Ok(())
+}

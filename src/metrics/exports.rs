@@ -1,0 +1,192 @@
+//! Per-export series: what clients asked for (the request table) and what the export's block
+//! store did about it (`StoreStats`, flush durations). Every series carries an `export` label.
+
+use super::collector::{counters, gauges, histograms, label, Labels};
+use super::histogram::Snapshot;
+use super::requests::{self, CommandSnapshot, COMMANDS};
+use crate::export::Export;
+use crate::store::StoreStats;
+use prometheus_client::encoding::DescriptorEncoder;
+use std::collections::BTreeSet;
+use std::fmt;
+use std::sync::Arc;
+
+/// Writes every per-export family for `exports` (served and draining).
+pub(crate) fn encode(enc: &mut DescriptorEncoder, exports: &[Arc<Export>]) -> fmt::Result {
+    state(enc, exports)?;
+    store(enc, exports)?;
+    let live: BTreeSet<&str> = exports.iter().map(|e| e.name()).collect();
+    let table = requests::table().collect(&live);
+    let mut rows = Vec::new();
+    for (export, stats) in &table {
+        for (command, name) in COMMANDS {
+            rows.push((export.as_str(), name, stats.snapshot(command)));
+        }
+    }
+    commands(enc, &rows)
+}
+
+/// Whether each export is served, how big it is and who uses it.
+fn state(enc: &mut DescriptorEncoder, exports: &[Arc<Export>]) -> fmt::Result {
+    let each = |f: &dyn Fn(&Export) -> u64| {
+        exports
+            .iter()
+            .map(|e| (label("export", e.name()), f(e)))
+            .collect::<Vec<_>>()
+    };
+    gauges(
+        enc,
+        "nbd_s3_export_up",
+        "1 when the export is served, 0 when it is refused (see the log for why)",
+        each(&|e| u64::from(e.store.is_ok())),
+    )?;
+    gauges(
+        enc,
+        "nbd_s3_export_removed",
+        "1 for an export a reload removed that still drains (clients attached or data to flush)",
+        each(&|e| u64::from(e.is_removed())),
+    )?;
+    gauges(
+        enc,
+        "nbd_s3_export_size_bytes",
+        "Size advertised to new connections",
+        each(&|e| e.size()),
+    )?;
+    gauges(
+        enc,
+        "nbd_s3_export_clients",
+        "Clients attached to the export",
+        each(&|e| e.attached() as u64),
+    )
+}
+
+/// The block store of each served export: cache, dirty data, object traffic, flushes.
+fn store(enc: &mut DescriptorEncoder, exports: &[Arc<Export>]) -> fmt::Result {
+    let stores: Vec<(&str, StoreStats, Snapshot)> = exports
+        .iter()
+        .filter_map(|e| {
+            let s = e.store.as_ref().ok()?;
+            Some((e.name(), s.stats(), s.flush_durations()))
+        })
+        .collect();
+    let each = |f: fn(&StoreStats) -> u64| {
+        stores
+            .iter()
+            .map(|(name, s, _)| (label("export", name), f(s)))
+            .collect::<Vec<_>>()
+    };
+    let g = [
+        (
+            "nbd_s3_export_dirty_bytes",
+            "Data acknowledged to clients but not yet in the object store",
+            each(|s| s.dirty_bytes),
+        ),
+        (
+            "nbd_s3_export_cached_blocks",
+            "Blocks in memory (clean, dirty or loading)",
+            each(|s| s.cached_blocks),
+        ),
+        (
+            "nbd_s3_export_present_blocks",
+            "Blocks that hold data (the rest read as zeros)",
+            each(|s| s.present_blocks),
+        ),
+    ];
+    for (name, help, samples) in g {
+        gauges(enc, name, help, samples)?;
+    }
+    let c = [
+        (
+            "nbd_s3_export_cache_hits",
+            "Block reads served from memory or known holes",
+            each(|s| s.cache_hits),
+        ),
+        (
+            "nbd_s3_export_cache_misses",
+            "Block reads that needed a GET",
+            each(|s| s.cache_misses),
+        ),
+        (
+            "nbd_s3_export_readahead_blocks",
+            "Blocks fetched ahead of sequential readers",
+            each(|s| s.readahead_blocks),
+        ),
+        (
+            "nbd_s3_export_block_gets",
+            "Block GETs sent, retries included",
+            each(|s| s.gets),
+        ),
+        (
+            "nbd_s3_export_block_puts",
+            "Blocks written back (successful PUTs)",
+            each(|s| s.puts),
+        ),
+        (
+            "nbd_s3_export_block_deletes",
+            "Blocks deleted (successful DELETEs of zeroed or trimmed blocks)",
+            each(|s| s.deletes),
+        ),
+        (
+            "nbd_s3_export_write_back_failures",
+            "Failed write-back attempts (the data stays dirty and is retried)",
+            each(|s| s.write_back_failures),
+        ),
+    ];
+    for (name, help, samples) in c {
+        counters(enc, name, help, samples)?;
+    }
+    let flushes = stores
+        .iter()
+        .map(|(name, _, h)| (label("export", name), h.clone()));
+    histograms(
+        enc,
+        "nbd_s3_export_flush_duration_seconds",
+        "Time for a flush to bring everything written before it into the object store",
+        flushes,
+    )
+}
+
+/// Requests by export and command.
+fn commands(enc: &mut DescriptorEncoder, rows: &[(&str, &str, CommandSnapshot)]) -> fmt::Result {
+    let labels = |export: &str, command: &str| -> Labels {
+        vec![
+            ("export", export.to_owned()),
+            ("command", command.to_owned()),
+        ]
+    };
+    let each = |f: fn(&CommandSnapshot) -> u64| {
+        rows.iter()
+            .map(|(e, c, s)| (labels(e, c), f(s)))
+            .collect::<Vec<_>>()
+    };
+    counters(
+        enc,
+        "nbd_s3_requests",
+        "NBD requests answered, by command",
+        each(|s| s.requests),
+    )?;
+    counters(
+        enc,
+        "nbd_s3_request_errors",
+        "NBD requests answered with an error",
+        each(|s| s.errors),
+    )?;
+    counters(
+        enc,
+        "nbd_s3_request_bytes",
+        "Bytes the requests covered (data moved for read and write)",
+        each(|s| s.bytes),
+    )?;
+    // Latency only for commands in use: 20 lines per series, and most clients never send
+    // CACHE or TRIM.
+    let latency = rows
+        .iter()
+        .filter(|(_, _, s)| s.requests > 0)
+        .map(|(e, c, s)| (labels(e, c), s.latency.clone()));
+    histograms(
+        enc,
+        "nbd_s3_request_duration_seconds",
+        "Time from reading a request to its reply being ready",
+        latency,
+    )
+}

@@ -1,0 +1,277 @@
+//! The scrape end to end in-process: real exports on a `file://` store, a real TCP endpoint,
+//! the text parsed by prometheus-parse. The child-process test with S3 and NBD clients is
+//! tests/it/metrics.rs.
+
+use super::http::{respond, route, Render, Route, MAX_HEAD};
+use super::*;
+use crate::proto::Command;
+use prometheus_parse::{Sample, Scrape, Value};
+use std::collections::BTreeMap;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A registry with exports `names` (bucket `bucket-NAME`) on a `file://` store in `dir`.
+async fn sources(dir: &std::path::Path, names: &[&str]) -> Sources {
+    let mut text = format!("[server]\n[s3]\nendpoint = \"file://{}\"\n", dir.display());
+    for name in names {
+        text.push_str(&format!(
+            "[[export]]\nname = \"{name}\"\nsize = \"1MiB\"\nbucket = \"bucket-{name}\"\n\
+             prefix = \"{name}/\"\nblock_size = \"4KiB\"\n"
+        ));
+        std::fs::create_dir_all(dir.join(format!("bucket-{name}"))).unwrap();
+    }
+    let config = Config::parse(&text, "t.toml", dir).unwrap();
+    let factory = StoreFactory::new(&config.s3).await.unwrap();
+    let budget = CacheBudget::new(64 << 20, 32 << 20);
+    let registry = Registry::new();
+    let flush_timeout = Duration::from_secs(5);
+    let opened = crate::export::open_all(&config.exports, &factory, &budget, flush_timeout).await;
+    registry.replace(opened);
+    let server = Server::new(Arc::clone(&registry));
+    Sources {
+        registry,
+        server,
+        factory,
+        budget,
+    }
+}
+
+fn parse(text: &str) -> Vec<Sample> {
+    for line in text.lines() {
+        let info = prometheus_parse::LineInfo::parse(line);
+        assert_ne!(
+            info,
+            prometheus_parse::LineInfo::Ignored,
+            "unparsable line {line:?}"
+        );
+    }
+    Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
+        .unwrap()
+        .samples
+}
+
+fn value(samples: &[Sample], metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let s = samples
+        .iter()
+        .find(|s| s.metric == metric && labels.iter().all(|(k, v)| s.labels.get(k) == Some(v)))?;
+    match &s.value {
+        Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => Some(*v),
+        Value::Histogram(b) => b.last().map(|c| c.count),
+        Value::Summary(_) => None,
+    }
+}
+
+#[tokio::test]
+async fn a_scrape_shows_requests_store_and_backend_per_export_and_bucket() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = sources(dir.path(), &["m-a", "m-b"]).await;
+    let a = src.registry.get("m-a").unwrap();
+    let store = a.store.clone().unwrap();
+    let _attached = a.attach();
+    let counters = for_export("m-a");
+    {
+        let _t = counters.start(Command::Write, 8192);
+        store
+            .write(0, bytes::Bytes::from(vec![1u8; 8192]), false)
+            .await
+            .unwrap();
+    }
+    {
+        let _t = counters.start(Command::Flush, 0);
+        store.flush().await.unwrap();
+    }
+    let text = renderer(src.clone())().unwrap();
+    let s = parse(&text);
+    let ab = [("export", "m-a")];
+    let write = [("export", "m-a"), ("command", "write")];
+    assert!(
+        value(&s, "nbd_s3_requests_total", &write).unwrap() >= 1.0,
+        "{text}"
+    );
+    assert!(value(&s, "nbd_s3_request_bytes_total", &write).unwrap() >= 8192.0);
+    assert!(value(&s, "nbd_s3_request_duration_seconds", &write).unwrap() >= 1.0);
+    assert_eq!(value(&s, "nbd_s3_export_clients", &ab), Some(1.0));
+    assert_eq!(
+        value(&s, "nbd_s3_export_clients", &[("export", "m-b")]),
+        Some(0.0)
+    );
+    assert_eq!(value(&s, "nbd_s3_export_up", &ab), Some(1.0));
+    assert_eq!(value(&s, "nbd_s3_export_dirty_bytes", &ab), Some(0.0));
+    assert_eq!(value(&s, "nbd_s3_export_block_puts_total", &ab), Some(2.0));
+    assert_eq!(
+        value(&s, "nbd_s3_export_flush_duration_seconds", &ab),
+        Some(1.0)
+    );
+    let put_ok = [("bucket", "bucket-m-a"), ("op", "put"), ("outcome", "ok")];
+    let put_b = [("bucket", "bucket-m-b"), ("op", "put"), ("outcome", "ok")];
+    let (puts_a, puts_b) = (
+        value(&s, "nbd_s3_backend_requests_total", &put_ok).unwrap(),
+        value(&s, "nbd_s3_backend_requests_total", &put_b).unwrap(),
+    );
+    // Opening an export may PUT too (leases); the written blocks come on top, in a's bucket.
+    assert!(puts_a >= 2.0 && puts_a > puts_b, "a {puts_a} b {puts_b}");
+    assert_eq!(value(&s, "nbd_s3_connections", &[]), Some(0.0));
+    assert!(value(&s, "nbd_s3_reloads_total", &[("outcome", "ok")]).is_some());
+    assert!(text.contains("# TYPE nbd_s3_request_duration_seconds histogram\n"));
+}
+
+#[tokio::test]
+async fn removed_exports_drop_out_of_the_scrape() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = sources(dir.path(), &["r-keep", "r-gone"]).await;
+    drop(for_export("r-gone").start(Command::Read, 512));
+    let text = renderer(src.clone())().unwrap();
+    assert!(text.contains("export=\"r-gone\""), "{text}");
+    let mut kept: BTreeMap<String, _> = (*src.registry.snapshot()).clone();
+    let gone = kept.remove("r-gone").unwrap();
+    src.registry.replace(kept);
+    src.registry.retire(gone);
+    // The retired export's final flush holds it briefly; poll until it is released.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut text = renderer(src.clone())().unwrap();
+    while text.contains("r-gone") && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        text = renderer(src.clone())().unwrap();
+    }
+    assert!(
+        !text.contains("r-gone"),
+        "removed export still scraped:\n{text}"
+    );
+    assert!(text.contains("export=\"r-keep\""));
+    assert!(!text.contains("bucket=\"bucket-r-gone\""), "its bucket too");
+}
+
+fn fixed(text: &'static str) -> Render {
+    Arc::new(move || Ok(text.to_owned()))
+}
+
+#[test]
+fn routes_and_responses() {
+    assert_eq!(
+        route(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"),
+        Route::Metrics { body: true }
+    );
+    assert_eq!(
+        route(b"GET /metrics?x=1 HTTP/1.0\r\n\r\n"),
+        Route::Metrics { body: true }
+    );
+    assert_eq!(
+        route(b"HEAD /metrics HTTP/1.1\r\n\r\n"),
+        Route::Metrics { body: false }
+    );
+    assert_eq!(
+        route(b"POST /metrics HTTP/1.1\r\n\r\n"),
+        Route::MethodNotAllowed
+    );
+    assert_eq!(route(b"GET / HTTP/1.1\r\n\r\n"), Route::NotFound);
+    assert_eq!(route(b"GET /metricsx HTTP/1.1\r\n\r\n"), Route::NotFound);
+    assert_eq!(route(b"GET /metrics\r\n\r\n"), Route::BadRequest);
+    assert_eq!(route(b"GET /metrics SPDY/3\r\n\r\n"), Route::BadRequest);
+    assert_eq!(
+        route(b"\xff\xfe /metrics HTTP/1.1\r\n\r\n"),
+        Route::BadRequest
+    );
+    let ok = String::from_utf8(respond(Route::Metrics { body: true }, &fixed("a 1\n"))).unwrap();
+    assert!(
+        ok.starts_with("HTTP/1.1 200 OK\r\n") && ok.ends_with("\r\n\r\na 1\n"),
+        "{ok}"
+    );
+    assert!(
+        ok.contains("Content-Length: 4\r\n") && ok.contains("version=0.0.4"),
+        "{ok}"
+    );
+    let head = String::from_utf8(respond(Route::Metrics { body: false }, &fixed("a 1\n"))).unwrap();
+    assert!(
+        head.ends_with("Connection: close\r\n\r\n"),
+        "HEAD has no body: {head}"
+    );
+    let failing: Render = Arc::new(|| Err(std::fmt::Error));
+    let err = respond(Route::Metrics { body: true }, &failing);
+    assert!(err.starts_with(b"HTTP/1.1 500 "));
+    assert!(respond(Route::MethodNotAllowed, &failing)
+        .windows(11)
+        .any(|w| w == b"Allow: GET,"));
+}
+
+/// Sends `request` to `addr` and returns the whole response.
+async fn exchange(addr: SocketAddr, request: &[u8]) -> String {
+    let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+    c.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    c.read_to_end(&mut out).await.unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn the_endpoint_answers_refuses_and_survives_bad_clients() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(http::serve(listener, fixed("up 1\n")));
+    let ok = exchange(addr, b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n").await;
+    assert!(
+        ok.starts_with("HTTP/1.1 200 OK") && ok.ends_with("up 1\n"),
+        "{ok}"
+    );
+    let missing = exchange(addr, b"GET /nope HTTP/1.1\r\n\r\n").await;
+    assert!(missing.starts_with("HTTP/1.1 404 "), "{missing}");
+    let huge = vec![b'a'; MAX_HEAD + 2048];
+    let refused = exchange(addr, &huge).await;
+    assert!(refused.starts_with("HTTP/1.1 431 "), "{refused}");
+    // A client that connects and leaves, and one that stays silent, hurt nobody else.
+    drop(tokio::net::TcpStream::connect(addr).await.unwrap());
+    let _silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let again = exchange(addr, b"GET /metrics HTTP/1.0\r\n\r\n").await;
+    assert!(again.starts_with("HTTP/1.1 200 OK"), "{again}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_silent_client_gets_408_after_the_read_timeout() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(http::serve(listener, fixed("up 1\n")));
+    let reply = exchange(addr, b"GET /metrics HTTP/1.1\r\n").await;
+    assert!(reply.starts_with("HTTP/1.1 408 "), "{reply}");
+}
+
+#[tokio::test]
+async fn spawn_logs_nothing_and_returns_none_without_an_address_or_when_taken() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = sources(dir.path(), &[]).await;
+    let mut config = Config::parse("[server]\n", "t.toml", dir.path()).unwrap();
+    assert_eq!(
+        spawn(
+            &config,
+            &src.registry,
+            &src.server,
+            &src.factory,
+            &src.budget
+        )
+        .await,
+        None
+    );
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    config.server.metrics = Some(taken.local_addr().unwrap());
+    assert_eq!(
+        spawn(
+            &config,
+            &src.registry,
+            &src.server,
+            &src.factory,
+            &src.budget
+        )
+        .await,
+        None
+    );
+    config.server.metrics = Some("127.0.0.1:0".parse().unwrap());
+    let bound = spawn(
+        &config,
+        &src.registry,
+        &src.server,
+        &src.factory,
+        &src.budget,
+    )
+    .await;
+    let bound = bound.expect("a free port binds");
+    let text = exchange(bound, b"GET /metrics HTTP/1.1\r\n\r\n").await;
+    assert!(text.contains("nbd_s3_build_info{version="), "{text}");
+}
