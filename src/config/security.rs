@@ -1,6 +1,7 @@
 //! The security- and ownership-related keys: `[server.tls]`, an export's `allow` list and its
-//! `lease`. Kept apart from `validate` so the core schema stays readable; the checks here only
-//! look at the files' presence and permissions, the TLS module parses their contents.
+//! `lease`. Kept apart from `validate` so the core schema stays readable. The TLS files are
+//! checked for presence and permissions here, then parsed by `server::tls` (the code that
+//! serves them), so check-config, startup and reload all reject certificates that would fail.
 
 use super::raw::RawTls;
 use super::validate::Checker;
@@ -33,12 +34,17 @@ impl Checker<'_> {
         if self.errors.len() != before {
             return None;
         }
-        Some(TlsConfig {
+        let cfg = TlsConfig {
             cert: cert?,
             key: key?,
             client_ca: client_ca.flatten(),
             mode,
-        })
+        };
+        if let Err(e) = crate::server::tls::server_config(&cfg) {
+            self.err(&raw.cert.span(), label, e);
+            return None;
+        }
+        Some(cfg)
     }
 
     fn tls_file(

@@ -469,12 +469,12 @@ fn allow_and_lease_keys() {
 #[test]
 fn tls_files_are_checked() {
     let dir = tempfile::tempdir().unwrap();
-    let cert = dir.path().join("cert.pem");
-    let key = dir.path().join("key.pem");
-    std::fs::write(&cert, "cert").unwrap();
-    std::fs::write(&key, "key").unwrap();
-    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let src = "[server.tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n";
+    let files = crate::server::tls::test_pki::write_server(
+        dir.path(),
+        &crate::server::tls::test_pki::TestCa::new("ca"),
+    );
+    let (cert, key) = (files.cert, files.key);
+    let src = "[server.tls]\ncert = \"server-cert.pem\"\nkey = \"server-key.pem\"\n";
     let cfg = Config::parse(src, "exports.toml", dir.path()).unwrap();
     let tls = cfg.server.tls.unwrap();
     assert_eq!((tls.cert, tls.mode), (cert, TlsMode::Require));
@@ -486,7 +486,8 @@ fn tls_files_are_checked() {
         line.starts_with("exports.toml:3: [server.tls]: key:") && line.contains("0644"),
         "{line}"
     );
-    let missing = "[server.tls]\ncert = \"nope.pem\"\nkey = \"key.pem\"\nmode = \"sometimes\"\n";
+    let missing =
+        "[server.tls]\ncert = \"nope.pem\"\nkey = \"server-key.pem\"\nmode = \"sometimes\"\n";
     let e = Config::parse(missing, "exports.toml", dir.path()).unwrap_err();
     let all = e.lines().join("\n");
     assert!(
@@ -494,4 +495,29 @@ fn tls_files_are_checked() {
         "{all}"
     );
     assert!(all.contains("exports.toml:4: [server.tls]: mode:"), "{all}");
+}
+
+#[test]
+fn tls_files_must_parse_and_match() {
+    use crate::server::tls::test_pki::{write_file, write_server, TestCa};
+    let dir = tempfile::tempdir().unwrap();
+    let files = write_server(dir.path(), &TestCa::new("ca"));
+    let src = "[server.tls]\ncert = \"server-cert.pem\"\nkey = \"server-key.pem\"\n";
+    let error_line = |src: &str| {
+        let e = Config::parse(src, "exports.toml", dir.path()).unwrap_err();
+        e.lines()[0].clone()
+    };
+    write_file(&files.cert, "cert", 0o644);
+    let line = error_line(src);
+    assert!(
+        line.starts_with("exports.toml:2: [server.tls]:") && line.contains("no PEM certificate"),
+        "{line}"
+    );
+    let other = TestCa::new("other").issue_server();
+    write_file(&files.cert, &other.cert_pem, 0o644);
+    let line = error_line(src);
+    assert!(
+        line.contains("does not belong to the certificate"),
+        "{line}"
+    );
 }

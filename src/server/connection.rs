@@ -1,28 +1,27 @@
-//! One accepted connection from start to end: the handshake under its timeout, then the
-//! transmission phase. Kept apart from `transmission` (the request data path) so the
-//! negotiation side (TLS, access control) and the data path can change independently.
+//! One accepted connection from start to end: the handshake (with STARTTLS, the TLS handshake
+//! and a second round of options over TLS), all under one timeout, then the transmission
+//! phase. Kept apart from `transmission` (the request data path) so the negotiation side (TLS,
+//! access control) and the data path can change independently.
 
-use super::handshake::{self, NegotiateError};
-use super::listener::Accepted;
+use super::handshake::{self, Context, NegotiateError, Negotiated, Outcome, MAX_OPTIONS};
+use super::listener::{Accepted, BoxRead, BoxWrite, Duplex, Peer};
 use super::transmission::serve_negotiated;
 use super::{Inner, HANDSHAKE_TIMEOUT};
 use std::io;
 use std::sync::Arc;
-use tokio::io::{AsyncReadExt, BufReader};
-use tracing::{debug, warn};
+use tokio::io::{AsyncRead, AsyncReadExt, BufReader};
+use tracing::{debug, info, warn};
 
 /// Serves one accepted connection to the end; errors are logged here and go no further.
 pub(crate) async fn serve_connection(inner: &Arc<Inner>, conn: Accepted) {
     let peer = conn.peer;
-    let mut reader = BufReader::new(conn.reader);
-    let mut writer = conn.writer;
     let negotiated = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
-        handshake::negotiate(inner, &mut reader, &mut writer),
+        handshake_phase(inner, conn.stream, &peer),
     )
     .await;
-    let neg = match negotiated {
-        Ok(Ok(n)) => n,
+    let (neg, reader, writer) = match negotiated {
+        Ok(Ok(ready)) => ready,
         Err(_) => return warn!(%peer, "handshake timed out"),
         Ok(Err(NegotiateError::Aborted | NegotiateError::ShuttingDown)) => {
             return debug!(%peer, "handshake ended without an export")
@@ -32,8 +31,67 @@ pub(crate) async fn serve_connection(inner: &Arc<Inner>, conn: Accepted) {
         }
         Ok(Err(e)) => return warn!(%peer, "handshake failed: {e}"),
     };
-    // Bytes the client sent right behind its last option stay in front of the socket.
-    let leftover = reader.buffer().to_vec();
-    let reader = io::Cursor::new(leftover).chain(reader.into_inner());
-    serve_negotiated(inner, neg, &peer, reader, writer).await;
+    serve_negotiated(inner, neg, &peer.to_string(), reader, writer).await;
+}
+
+/// Negotiates an export, upgrading to TLS on STARTTLS; returns the stream's halves for the
+/// transmission phase (any bytes already read behind the last option stay in front).
+async fn handshake_phase(
+    inner: &Inner,
+    stream: Box<dyn Duplex>,
+    peer: &Peer,
+) -> Result<(Negotiated, BoxRead, BoxWrite), NegotiateError> {
+    // One snapshot per connection: a reload never changes the rules mid-handshake.
+    let policy = inner.tls.snapshot();
+    let mut io = BufReader::new(stream);
+    let flags = handshake::greet(&mut io).await?;
+    let mut budget = MAX_OPTIONS;
+    let plain = Context {
+        flags,
+        peer,
+        tls: policy.as_deref(),
+        tls_active: false,
+    };
+    let acceptor = match handshake::options(inner, &mut io, plain, &mut budget).await? {
+        Outcome::Export(neg) => {
+            let leftover = io.buffer().to_vec();
+            let (r, w) = io.into_inner().into_halves();
+            return Ok((neg, prepend(leftover, r), w));
+        }
+        Outcome::StartTls(acceptor) => acceptor,
+    };
+    if !io.buffer().is_empty() {
+        return Err(NegotiateError::DataAfterStartTls);
+    }
+    let tls = acceptor
+        .accept(io.into_inner())
+        .await
+        .map_err(NegotiateError::Tls)?;
+    debug!(%peer, "TLS established");
+    let mut io = BufReader::new(tls);
+    let secured = Context {
+        flags,
+        peer,
+        tls: policy.as_deref(),
+        tls_active: true,
+    };
+    match handshake::options(inner, &mut io, secured, &mut budget).await? {
+        Outcome::Export(neg) => {
+            info!(%peer, "export negotiated over TLS");
+            let leftover = io.buffer().to_vec();
+            let (r, w) = tokio::io::split(io.into_inner());
+            Ok((neg, prepend(leftover, Box::new(r)), Box::new(w)))
+        }
+        // `options` answers a second STARTTLS with ERR_INVALID and carries on.
+        Outcome::StartTls(_) => Err(NegotiateError::Aborted),
+    }
+}
+
+/// The read half with `leftover` (bytes a buffered handshake read ahead) in front of it.
+fn prepend(leftover: Vec<u8>, reader: BoxRead) -> BoxRead {
+    if leftover.is_empty() {
+        reader
+    } else {
+        Box::new(io::Cursor::new(leftover).chain(reader)) as Box<dyn AsyncRead + Send + Unpin>
+    }
 }

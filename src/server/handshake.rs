@@ -1,8 +1,13 @@
 //! Fixed-newstyle negotiation for one connection: greeting, client flags, then options until
-//! EXPORT_NAME or GO picks an export. Every option gets the reply the spec asks for; limits
-//! on option length and count keep a hostile client from costing memory or time.
+//! EXPORT_NAME or GO picks an export, or STARTTLS hands the stream to TLS (`connection` then
+//! runs the options again over TLS). Every option gets the reply the spec asks for; limits
+//! on option length and count keep a hostile client from costing memory or time. Exports
+//! with an `allow` list are invisible to (LIST) and refused for (ERR_POLICY) other peers.
 
+use super::listener::Peer;
+use super::tls::TlsPolicy;
 use super::{Inner, State};
+use crate::config::TlsMode;
 use crate::export::{Attachment, Export};
 use crate::proto::consts::*;
 use crate::proto::reply;
@@ -15,6 +20,8 @@ use std::io;
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, warn};
 
 /// Options a client may send before it must pick an export.
 pub const MAX_OPTIONS: u32 = 256;
@@ -44,6 +51,15 @@ pub(crate) enum NegotiateError {
     TooManyOptions,
     #[error("NBD_OPT_EXPORT_NAME for unavailable export: {0}")]
     UnknownExport(String),
+    /// NBD_OPT_EXPORT_NAME before STARTTLS while TLS is required: it has no error reply.
+    #[error("NBD_OPT_EXPORT_NAME without TLS, which is required")]
+    TlsRequired,
+    /// Bytes behind STARTTLS before the TLS handshake: a man in the middle could have put
+    /// them there (the STARTTLS injection attack), so they are never read as TLS or options.
+    #[error("client sent data after NBD_OPT_STARTTLS before the TLS handshake")]
+    DataAfterStartTls,
+    #[error("TLS handshake failed: {0}")]
+    Tls(io::Error),
     #[error("server is shutting down")]
     ShuttingDown,
     /// The client sent ABORT (or left politely): not an error worth a warning.
@@ -51,11 +67,28 @@ pub(crate) enum NegotiateError {
     Aborted,
 }
 
-struct Session<'a, R, W> {
+/// How a round of option haggling ended without an error.
+pub(crate) enum Outcome {
+    /// GO or EXPORT_NAME picked an export: transmission starts.
+    Export(Negotiated),
+    /// STARTTLS was acknowledged: the caller runs the TLS handshake, then `options` again.
+    StartTls(TlsAcceptor),
+}
+
+/// Connection-wide facts the option loop needs, fixed for the round.
+pub(crate) struct Context<'a> {
+    pub flags: ClientFlags,
+    pub peer: &'a Peer,
+    /// The TLS policy when the connection started; `None` when TLS is not configured.
+    pub tls: Option<&'a TlsPolicy>,
+    /// The options now arrive over TLS.
+    pub tls_active: bool,
+}
+
+struct Session<'a, S> {
     inner: &'a Inner,
-    reader: &'a mut R,
-    writer: &'a mut W,
-    flags: ClientFlags,
+    io: &'a mut S,
+    ctx: Context<'a>,
     structured: bool,
     /// Canonical export name `base:allocation` was selected for.
     meta_export: Option<String>,
@@ -64,10 +97,59 @@ struct Session<'a, R, W> {
 
 enum Step {
     Continue,
-    Done(Negotiated),
+    Done(Outcome),
 }
 
-/// Runs the handshake to completion. The caller applies the overall timeout.
+/// Why an export is not handed to this client, and the option reply that says so.
+struct Refusal {
+    kind: u32,
+    message: String,
+}
+
+/// Sends the greeting and reads the client's flags.
+pub(crate) async fn greet<S>(io: &mut S) -> Result<ClientFlags, NegotiateError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    io.write_all(&reply::greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
+        .await?;
+    io.flush().await?;
+    Ok(parse_client_flags(io.read_u32().await?)?)
+}
+
+/// Answers options until one ends the round. `budget` counts options across rounds, so
+/// STARTTLS does not reset a hostile client's allowance. Per the spec, nothing negotiated
+/// before STARTTLS (structured replies, meta contexts) carries over into TLS.
+pub(crate) async fn options<S>(
+    inner: &Inner,
+    io: &mut S,
+    ctx: Context<'_>,
+    budget: &mut u32,
+) -> Result<Outcome, NegotiateError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut s = Session {
+        inner,
+        io,
+        ctx,
+        structured: false,
+        meta_export: None,
+        out: Vec::with_capacity(512),
+    };
+    let mut state = inner.state.subscribe();
+    while *budget > 0 {
+        *budget -= 1;
+        if let Step::Done(outcome) = s.one_option(&mut state).await? {
+            return Ok(outcome);
+        }
+    }
+    Err(NegotiateError::TooManyOptions)
+}
+
+/// The whole plain-text negotiation over separate halves (in-process tests only; the server
+/// goes through `connection`, which also handles STARTTLS).
+#[cfg(test)]
 pub(crate) async fn negotiate<R, W>(
     inner: &Inner,
     reader: &mut R,
@@ -77,30 +159,22 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    writer
-        .write_all(&reply::greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
-        .await?;
-    writer.flush().await?;
-    let flags = parse_client_flags(reader.read_u32().await?)?;
-    let mut s = Session {
-        inner,
-        reader,
-        writer,
+    let mut io = tokio::io::join(reader, writer);
+    let flags = greet(&mut io).await?;
+    let peer = Peer::Unix(Arc::from("unix:test"));
+    let ctx = Context {
         flags,
-        structured: false,
-        meta_export: None,
-        out: Vec::with_capacity(512),
+        peer: &peer,
+        tls: None,
+        tls_active: false,
     };
-    let mut state = inner.state.subscribe();
-    for _ in 0..MAX_OPTIONS {
-        if let Step::Done(n) = s.one_option(&mut state).await? {
-            return Ok(n);
-        }
+    match options(inner, &mut io, ctx, &mut MAX_OPTIONS.clone()).await? {
+        Outcome::Export(n) => Ok(n),
+        Outcome::StartTls(_) => Err(NegotiateError::Aborted),
     }
-    Err(NegotiateError::TooManyOptions)
 }
 
-impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<'_, R, W> {
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
     async fn one_option(
         &mut self,
         state: &mut watch::Receiver<State>,
@@ -109,7 +183,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<'_, R, W> {
         tokio::select! {
             // An option already on its way is answered (ERR_SHUTDOWN) rather than cut off.
             biased;
-            r = self.reader.read_exact(&mut hb) => { r?; }
+            r = self.io.read_exact(&mut hb) => { r?; }
             _ = state.wait_for(|s| *s != State::Running) => return Err(NegotiateError::ShuttingDown),
         }
         let header = parse_option_header(&hb)?;
@@ -117,7 +191,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<'_, R, W> {
         match header.payload_plan()? {
             PayloadPlan::Read => {}
             PayloadPlan::SkipTooBig => {
-                let mut skip = (&mut *self.reader).take(u64::from(header.length));
+                let mut skip = (&mut *self.io).take(u64::from(header.length));
                 tokio::io::copy(&mut skip, &mut tokio::io::sink()).await?;
                 return self
                     .error(option, REP_ERR_TOO_BIG, "option data too long")
@@ -125,13 +199,20 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<'_, R, W> {
             }
         }
         let mut data = vec![0u8; header.length as usize];
-        self.reader.read_exact(&mut data).await?;
+        self.io.read_exact(&mut data).await?;
         if *state.borrow() != State::Running {
             if option != OPT_EXPORT_NAME {
                 self.error(option, REP_ERR_SHUTDOWN, "server is shutting down")
                     .await?;
             }
             return Err(NegotiateError::ShuttingDown);
+        }
+        if self.tls_required() && option != OPT_STARTTLS && option != OPT_ABORT {
+            if option == OPT_EXPORT_NAME {
+                return Err(NegotiateError::TlsRequired);
+            }
+            let msg = "TLS is required: send NBD_OPT_STARTTLS first";
+            return self.error(option, REP_ERR_TLS_REQD, msg).await;
         }
         match parse_option(option, &data) {
             Ok(opt) => self.dispatch(option, opt).await,
@@ -151,10 +232,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<'_, R, W> {
                 Err(NegotiateError::Aborted)
             }
             ClientOption::List => self.list().await,
-            ClientOption::StartTls => {
-                self.error(option, REP_ERR_POLICY, "TLS is not configured")
-                    .await
-            }
+            ClientOption::StartTls => self.start_tls(option).await,
             ClientOption::Info(req) => self.info(option, req, false).await,
             ClientOption::Go(req) => self.info(option, req, true).await,
             ClientOption::StructuredReply => {
@@ -171,9 +249,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<'_, R, W> {
     }
 
     async fn send(&mut self) -> io::Result<()> {
-        self.writer.write_all(&self.out).await?;
+        self.io.write_all(&self.out).await?;
         self.out.clear();
-        self.writer.flush().await
+        self.io.flush().await
     }
 
     async fn ack(&mut self, option: u32) -> Result<Step, NegotiateError> {
@@ -188,9 +266,70 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<'_, R, W> {
         Ok(Step::Continue)
     }
 
+    /// Whether plain-text options must be refused: TLS required and not yet started.
+    fn tls_required(&self) -> bool {
+        !self.ctx.tls_active && self.ctx.tls.is_some_and(|t| t.mode == TlsMode::Require)
+    }
+
+    async fn start_tls(&mut self, option: u32) -> Result<Step, NegotiateError> {
+        if self.ctx.tls_active {
+            return self
+                .error(option, REP_ERR_INVALID, "TLS is already active")
+                .await;
+        }
+        let Some(policy) = self.ctx.tls else {
+            return self
+                .error(option, REP_ERR_POLICY, "TLS is not configured")
+                .await;
+        };
+        let Some(acceptor) = policy.acceptor.clone() else {
+            let msg = "TLS credentials could not be loaded (see the server log)";
+            return self.error(option, REP_ERR_POLICY, msg).await;
+        };
+        self.ack(option).await?;
+        Ok(Step::Done(Outcome::StartTls(acceptor)))
+    }
+
+    /// Whether this client may see and open `export` (its `allow` list, if any).
+    fn permitted(&self, export: &Export) -> bool {
+        match &export.config.allow {
+            None => true,
+            Some(rules) => self.ctx.peer.allowed_by(rules),
+        }
+    }
+
+    /// Finds the export `name` asks for (the empty name: the only one) and checks that this
+    /// client may have it. A refusal by the `allow` list is logged for the admin.
+    fn lookup(&self, name: &str) -> Result<(Arc<Export>, Arc<BlockStore>), Refusal> {
+        let export = find(&self.inner.registry, name).map_err(|message| Refusal {
+            kind: REP_ERR_UNKNOWN,
+            message,
+        })?;
+        if !self.permitted(&export) {
+            let (export, peer) = (export.name(), self.ctx.peer);
+            warn!("refused export {export} to {peer}: not in its allow list");
+            return Err(Refusal {
+                kind: REP_ERR_POLICY,
+                message: format!("export '{export}' is not available to this client"),
+            });
+        }
+        match &export.store {
+            Ok(store) => {
+                let store = Arc::clone(store);
+                Ok((export, store))
+            }
+            Err(msg) => Err(Refusal {
+                kind: REP_ERR_UNKNOWN,
+                message: format!("export '{}' is unavailable: {msg}", export.name()),
+            }),
+        }
+    }
+
     async fn list(&mut self) -> Result<Step, NegotiateError> {
         for export in self.inner.registry.list() {
-            if export.store.is_ok() {
+            if !self.permitted(&export) {
+                debug!(peer = %self.ctx.peer, "LIST leaves out {}: not in its allow list", export.name());
+            } else if export.store.is_ok() {
                 reply::list_entry(&mut self.out, export.name(), export.description());
             }
         }
@@ -198,13 +337,14 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<'_, R, W> {
     }
 
     async fn export_name(&mut self, name: &str) -> Result<Step, NegotiateError> {
-        let (export, store) =
-            resolve(&self.inner.registry, name).map_err(NegotiateError::UnknownExport)?;
+        let (export, store) = self
+            .lookup(name)
+            .map_err(|r| NegotiateError::UnknownExport(r.message))?;
         let n = self.negotiated(&export, store);
         let tflags = transmission_flags(n.read_only, n.structured);
-        reply::export_name_reply(&mut self.out, n.size, tflags, self.flags.no_zeroes);
+        reply::export_name_reply(&mut self.out, n.size, tflags, self.ctx.flags.no_zeroes);
         self.send().await?;
-        Ok(Step::Done(n))
+        Ok(Step::Done(Outcome::Export(n)))
     }
 
     async fn info(
@@ -213,9 +353,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<'_, R, W> {
         req: InfoRequest,
         go: bool,
     ) -> Result<Step, NegotiateError> {
-        let (export, store) = match resolve(&self.inner.registry, &req.name) {
+        let (export, store) = match self.lookup(&req.name) {
             Ok(found) => found,
-            Err(msg) => return self.error(option, REP_ERR_UNKNOWN, &msg).await,
+            Err(r) => return self.error(option, r.kind, &r.message).await,
         };
         let tflags = transmission_flags(export.read_only(), self.structured);
         reply::info_export(&mut self.out, option, store.size(), tflags);
@@ -235,7 +375,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<'_, R, W> {
         reply::option_reply(&mut self.out, option, REP_ACK, b"");
         self.send().await?;
         Ok(if go {
-            Step::Done(self.negotiated(&export, store))
+            Step::Done(Outcome::Export(self.negotiated(&export, store)))
         } else {
             Step::Continue
         })
@@ -265,9 +405,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<'_, R, W> {
                 .error(option, REP_ERR_INVALID, "structured replies not negotiated")
                 .await;
         }
-        let name = match resolve(&self.inner.registry, &req.export) {
+        let name = match self.lookup(&req.export) {
             Ok((export, _)) => export.name().to_owned(),
-            Err(msg) => return self.error(option, REP_ERR_UNKNOWN, &msg).await,
+            Err(r) => return self.error(option, r.kind, &r.message).await,
         };
         let exact = req.queries.iter().any(|q| q == META_BASE_ALLOCATION);
         let matched = if set {
@@ -289,28 +429,17 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<'_, R, W> {
 
 /// Looks an export up; the empty name means the default export, which exists when exactly one
 /// export is configured. `Err` carries the message for ERR_UNKNOWN.
-fn resolve(
-    registry: &crate::export::Registry,
-    name: &str,
-) -> Result<(Arc<Export>, Arc<BlockStore>), String> {
-    let export = if name.is_empty() {
+fn find(registry: &crate::export::Registry, name: &str) -> Result<Arc<Export>, String> {
+    if name.is_empty() {
         let all = registry.list();
-        match <[_; 1]>::try_from(all) {
-            Ok([only]) => only,
-            Err(_) => return Err("no default export: ask for an export by name".to_owned()),
-        }
-    } else {
-        registry
-            .get(name)
-            .ok_or_else(|| format!("export '{name}' does not exist"))?
-    };
-    match &export.store {
-        Ok(store) => {
-            let store = Arc::clone(store);
-            Ok((export, store))
-        }
-        Err(msg) => Err(format!("export '{}' is unavailable: {msg}", export.name())),
+        return match <[_; 1]>::try_from(all) {
+            Ok([only]) => Ok(only),
+            Err(_) => Err("no default export: ask for an export by name".to_owned()),
+        };
     }
+    registry
+        .get(name)
+        .ok_or_else(|| format!("export '{name}' does not exist"))
 }
 
 /// Transmission flags for an export as negotiated (INFO and GO must report the same).

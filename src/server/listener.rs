@@ -2,11 +2,13 @@
 //! and latency-bound) and Unix sockets. A stale Unix socket file left by a crashed daemon is
 //! removed before binding; a live one (something answers on it) is an error.
 
-use crate::config::ListenAddr;
+use crate::config::{AllowRule, ListenAddr};
 use std::io;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, UnixListener};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
 /// A bound, listening socket, ready for `Server::spawn_listener`.
 #[derive(Debug)]
@@ -23,19 +25,86 @@ enum Kind {
 
 /// Removes the socket file when the listener goes away, so the next bind finds a clean slate.
 #[derive(Debug)]
-struct UnixPath(PathBuf);
+struct UnixPath {
+    path: PathBuf,
+    /// `unix:/path`, shared by the `Peer` of every client of this listener.
+    shown: Arc<str>,
+}
 
 impl Drop for UnixPath {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 
-/// An accepted connection, split into halves that tasks can own independently.
+/// The read half of a connection, owned by the transmission reader loop.
+pub(crate) type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
+/// The write half of a connection, owned by the reply writer task.
+pub(crate) type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// A connected byte stream. The handshake needs it whole (STARTTLS wraps it in TLS); the
+/// transmission phase wants independent halves, which TCP and Unix sockets give without the
+/// lock `tokio::io::split` takes on every read and write.
+pub(crate) trait Duplex: AsyncRead + AsyncWrite + Send + Unpin {
+    /// Splits the stream for the reader loop and the writer task.
+    fn into_halves(self: Box<Self>) -> (BoxRead, BoxWrite);
+}
+
+impl Duplex for TcpStream {
+    fn into_halves(self: Box<Self>) -> (BoxRead, BoxWrite) {
+        let (r, w) = self.into_split();
+        (Box::new(r), Box::new(w))
+    }
+}
+
+impl Duplex for UnixStream {
+    fn into_halves(self: Box<Self>) -> (BoxRead, BoxWrite) {
+        let (r, w) = self.into_split();
+        (Box::new(r), Box::new(w))
+    }
+}
+
+/// In-memory pipes, for tests that drive a connection without sockets.
+impl Duplex for tokio::io::DuplexStream {
+    fn into_halves(self: Box<Self>) -> (BoxRead, BoxWrite) {
+        let (r, w) = tokio::io::split(*self);
+        (Box::new(r), Box::new(w))
+    }
+}
+
+/// Who is on the other end: what an export's `allow` list is checked against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Peer {
+    /// A TCP client at this address.
+    Tcp(SocketAddr),
+    /// A client of the Unix-socket listener shown as `unix:/path`.
+    Unix(Arc<str>),
+}
+
+impl Peer {
+    /// Whether `rules` admit this peer: a network rule matches TCP clients in it (IPv4-mapped
+    /// IPv6 addresses count as IPv4), `unix` matches every Unix-socket client.
+    pub(crate) fn allowed_by(&self, rules: &[AllowRule]) -> bool {
+        rules.iter().any(|rule| match self {
+            Peer::Tcp(addr) => rule.matches_ip(addr.ip()),
+            Peer::Unix(_) => *rule == AllowRule::Unix,
+        })
+    }
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Peer::Tcp(addr) => addr.fmt(f),
+            Peer::Unix(listener) => f.write_str(listener),
+        }
+    }
+}
+
+/// An accepted connection.
 pub(crate) struct Accepted {
-    pub reader: Box<dyn AsyncRead + Send + Unpin>,
-    pub writer: Box<dyn AsyncWrite + Send + Unpin>,
-    pub peer: String,
+    pub stream: Box<dyn Duplex>,
+    pub peer: Peer,
 }
 
 impl Listener {
@@ -55,7 +124,13 @@ impl Listener {
                 let l = UnixListener::bind(path)?;
                 let display = format!("unix:{}", path.display());
                 Ok(Listener {
-                    kind: Kind::Unix(l, UnixPath(path.clone())),
+                    kind: Kind::Unix(
+                        l,
+                        UnixPath {
+                            path: path.clone(),
+                            shown: Arc::from(display.as_str()),
+                        },
+                    ),
                     display,
                 })
             }
@@ -73,21 +148,16 @@ impl Listener {
             Kind::Tcp(l) => {
                 let (stream, peer) = l.accept().await?;
                 stream.set_nodelay(true)?;
-                let (r, w) = stream.into_split();
                 Ok(Accepted {
-                    reader: Box::new(r),
-                    writer: Box::new(w),
-                    peer: peer.to_string(),
+                    stream: Box::new(stream),
+                    peer: Peer::Tcp(peer),
                 })
             }
-            Kind::Unix(l, path) => {
+            Kind::Unix(l, sock) => {
                 let (stream, _) = l.accept().await?;
-                let (r, w) = stream.into_split();
-                let peer = format!("unix:{}", path.0.display());
                 Ok(Accepted {
-                    reader: Box::new(r),
-                    writer: Box::new(w),
-                    peer,
+                    stream: Box::new(stream),
+                    peer: Peer::Unix(Arc::clone(&sock.shown)),
                 })
             }
         }

@@ -9,6 +9,7 @@ mod command;
 mod connection;
 mod handshake;
 mod listener;
+pub mod tls;
 mod transmission;
 mod writer;
 
@@ -16,6 +17,7 @@ mod writer;
 mod tests;
 
 pub use listener::Listener;
+pub use tls::{TlsAcceptorSource, TlsError};
 
 use crate::export::Registry;
 use std::sync::Arc;
@@ -43,6 +45,8 @@ pub(crate) enum State {
 
 pub(crate) struct Inner {
     registry: Arc<Registry>,
+    /// `[server.tls]` as last applied; each connection takes a snapshot.
+    tls: TlsAcceptorSource,
     state: watch::Sender<State>,
     connections: watch::Sender<usize>,
 }
@@ -101,6 +105,7 @@ impl Server {
         Server {
             inner: Arc::new(Inner {
                 registry,
+                tls: TlsAcceptorSource::default(),
                 state: watch::channel(State::Running).0,
                 connections: watch::channel(0).0,
             }),
@@ -114,6 +119,13 @@ impl Server {
         let inner = Arc::clone(&self.inner);
         let task = tokio::spawn(accept_loop(inner, listener));
         ListenerHandle { task, addr }
+    }
+
+    /// Applies `[server.tls]` (at start and on every reload, which re-reads the files).
+    /// Connections already open keep what they negotiated. Files that do not load keep the
+    /// credentials in service; the error (already logged) is returned.
+    pub fn set_tls(&self, tls: Option<&crate::config::TlsConfig>) -> Result<(), TlsError> {
+        self.inner.tls.apply(tls)
     }
 
     /// Connections currently open (handshaking or transmitting).

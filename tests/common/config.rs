@@ -15,6 +15,8 @@ pub struct ExportSpec {
     pub block_size: Option<String>,
     pub read_only: bool,
     pub description: Option<String>,
+    /// Lines appended verbatim to the `[[export]]` table (keys without a helper, e.g. `allow`).
+    pub extra: Vec<String>,
 }
 
 impl ExportSpec {
@@ -28,6 +30,7 @@ impl ExportSpec {
             block_size: None,
             read_only: false,
             description: None,
+            extra: vec![],
         }
     }
     /// Sets the size (`"16MiB"`, `"1000000B"`, …).
@@ -61,6 +64,12 @@ impl ExportSpec {
         self
     }
 
+    /// Appends `line` (TOML, e.g. `allow = ["unix"]`) to the export's table.
+    pub fn line(mut self, line: &str) -> Self {
+        self.extra.push(line.into());
+        self
+    }
+
     fn render(&self, out: &mut String) {
         out.push_str("\n[[export]]\n");
         kv(out, "name", &self.name);
@@ -76,6 +85,7 @@ impl ExportSpec {
         if let Some(d) = &self.description {
             kv(out, "description", d);
         }
+        lines(out, &self.extra);
     }
 }
 

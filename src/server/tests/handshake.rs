@@ -256,11 +256,9 @@ async fn silent_client_is_dropped_after_the_handshake_timeout() {
     let server = Server::new(registry().await);
     let (client, srv) = tokio::io::duplex(4096);
     let (mut cr, _cw) = tokio::io::split(client);
-    let (sr, sw) = tokio::io::split(srv);
     let conn = crate::server::listener::Accepted {
-        reader: Box::new(sr),
-        writer: Box::new(sw),
-        peer: "test".into(),
+        stream: Box::new(srv),
+        peer: crate::server::listener::Peer::Unix("unix:test".into()),
     };
     let inner = Arc::clone(&server.inner);
     let started = tokio::time::Instant::now();
