@@ -1,6 +1,5 @@
 //! S3 faults between the daemon and a real S3 server (issue 7), injected by the fault proxy:
-//! transient 5xx never reach an NBD client; an outage fills the cache up to the dirty limit,
-//! FLUSH fails with EIO after `flush_timeout` and succeeds once S3 is back; cut-short,
+//! transient 5xx never reach an NBD client (the 30 s outage is in `outage.rs`); cut-short,
 //! reset or corrupted replies never give wrong data; a corrupt object gives EIO and a log line
 //! naming its key. Every check is against a reference image kept in the test, after a
 //! kill -9 + restart so reads really come from S3.
@@ -70,7 +69,7 @@ pub fn apply(image: &mut [u8], ops: &[(u64, Vec<u8>)]) {
 }
 
 /// Python code that loads `ops` from a payload file as `ops = [(offset, bytes), …]`.
-fn ops_code(dir: &Path, ops: &[(u64, Vec<u8>)]) -> String {
+pub fn ops_code(dir: &Path, ops: &[(u64, Vec<u8>)]) -> String {
     let pay = dir.join("payload");
     let mut all = Vec::new();
     let mut spans = Vec::new();
@@ -161,120 +160,6 @@ fn transient_5xx_never_reach_the_client() {
     );
     assert!(bed.proxy.requests(Op::Get) > 0 && bed.proxy.requests(Op::Put) > 0);
     assert!(bed.retries_logged() > 0, "daemon logged no retry");
-}
-
-/// One nbdsh run on its own connection: writes `ops`, then FLUSH; prints `flushed` or
-/// `flush-errno N`, and the FLUSH's duration.
-fn write_then_try_flush(uri: &str, ops: &[(u64, Vec<u8>)]) -> String {
-    let dir = tempfile::tempdir().unwrap();
-    let code = format!(
-        "{}import time\nfor o, b in ops:\n    h.pwrite(b, o)\nt = time.monotonic()\n\
-         try:\n    h.flush()\n    print('flushed')\nexcept nbd.Error as e:\n    print('flush-errno', e.errno)  # libnbd gives the name, e.g. EIO\n\
-         print('flush-seconds', time.monotonic() - t)\n",
-        ops_code(dir.path(), ops)
-    );
-    let out = nbdsh(uri, &[&code]);
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn flush_seconds(out: &str) -> f64 {
-    out.lines()
-        .find_map(|l| l.strip_prefix("flush-seconds "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no flush-seconds in {out:?}"))
-}
-
-#[test]
-fn outage_fills_cache_to_dirty_limit_flush_eio_then_recovers() {
-    let (size, bs) = (8 * MIB, 64 * KIB);
-    let mut bed = FaultBed::start(
-        vec![ExportSpec::new("o").size("8MiB").block_size("64KiB")],
-        7,
-        |b| b.cache("32MiB", "1MiB").flush_timeout("2s"),
-    );
-    let uri = bed.nbd.uri("o");
-    let mut image = vec![0u8; size as usize];
-    let block = |i: u64, seed: u64| (i * bs, common::pattern(bs as usize, seed));
-    // Stored before the outage.
-    let before: Vec<_> = (0..4).map(|i| block(i, 100 + i)).collect();
-    apply(&mut image, &before);
-    write_ops(&uri, &before, true);
-
-    bed.proxy.set_outage(true);
-    // Half the dirty limit: the writes are taken into the cache, FLUSH fails after 2 s.
-    let during: Vec<_> = (8..16).map(|i| block(i, 200 + i)).collect();
-    apply(&mut image, &during);
-    let out = write_then_try_flush(&uri, &during);
-    assert!(
-        out.contains("flush-errno EIO"),
-        "FLUSH during the outage must fail with EIO: {out}"
-    );
-    assert!(
-        flush_seconds(&out) >= 1.9,
-        "FLUSH failed before its timeout: {out}"
-    );
-
-    // A writer of 2 MiB more (twice the dirty limit) must wait while S3 is away.
-    let more: Vec<_> = (32..64).map(|i| block(i, 300 + i)).collect();
-    apply(&mut image, &more);
-    let dir = tempfile::tempdir().unwrap();
-    let progress = dir.path().join("progress");
-    let code = format!(
-        "{}import sys\nfor i, (o, b) in enumerate(ops):\n    h.pwrite(b, o)\n    print('wrote', i + 1, flush=True)\n",
-        ops_code(dir.path(), &more)
-    );
-    let mut writer = tool("nbdsh")
-        .args(["-u", &uri, "-c", &code])
-        .stdout(std::fs::File::create(&progress).unwrap())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let wrote = || {
-        std::fs::read_to_string(&progress)
-            .unwrap_or_default()
-            .lines()
-            .count()
-    };
-    // Another FLUSH failing (2 s on the daemon's clock) is the yardstick for "waiting".
-    let out = write_then_try_flush(&uri, &[]);
-    assert!(out.contains("flush-errno EIO"), "second FLUSH: {out}");
-    let stuck_at = wrote();
-    assert!(
-        writer.try_wait().unwrap().is_none() && stuck_at < more.len(),
-        "a writer of twice the dirty limit finished during an S3 outage ({stuck_at} writes)"
-    );
-    eprintln!("writer blocked after {stuck_at} of {} writes", more.len());
-
-    bed.proxy.set_outage(false);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let status = loop {
-        if let Some(st) = writer.try_wait().unwrap() {
-            break st;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "writer still blocked after the outage"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(
-        status.success(),
-        "writer failed: {:?}",
-        writer.wait_with_output()
-    );
-    assert_eq!(wrote(), more.len());
-    // FLUSH succeeds once S3 is back (write-back may still be in its backoff: retry FLUSH).
-    let code = "import time\nn = 0\nwhile True:\n    n += 1\n    try:\n        h.flush()\n        break\n    \
-                except nbd.Error as e:\n        assert e.errno == 'EIO', e\n        assert n < 30, 'FLUSH keeps failing after the outage'\n\
-                print('flush attempts', n)";
-    let out = nbdsh(&uri, &[code]);
-    eprintln!("{}", String::from_utf8_lossy(&out.stdout).trim());
-    assert_bucket_matches(&bed.s3, "o/", &image, bs);
-    eprintln!("{}", bed.proxy.summary());
-    assert!(bed.proxy.refused() > 0, "the outage refused nothing");
-    crash_and_restart(&mut bed);
-    let got = read_range(&bed.nbd.uri("o"), 0, size);
-    assert_image("after outage + kill -9 + restart", &got, &image, bs);
 }
 
 /// Reads every block on its own request; prints `fail BLOCK ERRNO` for failed ones and writes

@@ -12,6 +12,7 @@ mod crash;
 mod faults;
 mod hostile;
 mod hostile_requests;
+mod outage;
 mod raw_nbd;
 mod reload;
 mod service;
