@@ -9,6 +9,7 @@ pub mod backend;
 pub mod config;
 pub mod daemon;
 pub mod export;
+pub mod lease;
 pub mod metrics;
 pub mod proto;
 pub mod reload;

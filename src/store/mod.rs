@@ -88,6 +88,9 @@ pub enum StoreError {
     /// A write to a read-only export.
     #[error("export is read-only")]
     ReadOnly,
+    /// The export lease is not (or no longer) held: this daemon must not change the objects.
+    #[error("export lease not held: {0}")]
+    Fenced(String),
     /// Shutdown could not store everything: these blocks' latest data is not in S3.
     #[error("{count} dirty blocks could not be stored: {blocks}")]
     Unflushed { count: usize, blocks: String },
@@ -171,6 +174,15 @@ fn parallelism(block_size: u64) -> usize {
 #[derive(Debug)]
 pub struct BlockStore {
     inner: Arc<Inner>,
+    /// The export lease's fence (src/lease), set once after open; none = always writable.
+    gate: std::sync::OnceLock<Arc<dyn WriteGate>>,
+}
+
+/// Whether this daemon may change an export's objects now. The export lease closes it when
+/// renewals fail, before the lease runs out, so a daemon taking over never races our writes.
+pub trait WriteGate: Send + Sync + std::fmt::Debug {
+    /// `Err(reason)` when writes, trims and flushes must fail (EIO).
+    fn check(&self) -> Result<(), String>;
 }
 
 impl BlockStore {
@@ -225,7 +237,20 @@ impl BlockStore {
             blocks = inner.presence.count(),
             "block store open"
         );
-        Ok(Arc::new(Self { inner }))
+        Ok(Arc::new(Self {
+            inner,
+            gate: std::sync::OnceLock::new(),
+        }))
+    }
+    /// Installs the lease fence (once; later calls are ignored).
+    pub fn set_write_gate(&self, gate: Arc<dyn WriteGate>) {
+        let _ = self.gate.set(gate);
+    }
+    fn gate(&self) -> Result<(), StoreError> {
+        match self.gate.get() {
+            Some(g) => g.check().map_err(StoreError::Fenced),
+            None => Ok(()),
+        }
     }
     /// Current export size in bytes.
     pub fn size(&self) -> u64 {
@@ -248,20 +273,24 @@ impl BlockStore {
     }
     /// Writes `data` at `offset`; with `fua`, returns only once the blocks are in S3.
     pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), StoreError> {
+        self.gate()?;
         self.inner
             .write(offset, Some(&data), data.len() as u64, fua)
             .await
     }
     /// Makes the range read as zeros (whole blocks become deletes).
     pub async fn write_zeroes(&self, offset: u64, len: u32, fua: bool) -> Result<(), StoreError> {
+        self.gate()?;
         self.inner.write(offset, None, u64::from(len), fua).await
     }
     /// Discards the range; here it reads back as zeros afterwards, like `write_zeroes`.
     pub async fn trim(&self, offset: u64, len: u32, fua: bool) -> Result<(), StoreError> {
+        self.gate()?;
         self.inner.write(offset, None, u64::from(len), fua).await
     }
     /// Returns once every write/trim/zero completed before this call is in the object store.
     pub async fn flush(&self) -> Result<(), StoreError> {
+        self.gate()?;
         let _timer = self.inner.counters.flushes.start(); // metrics: flush durations
         self.inner.flush().await
     }

@@ -1,0 +1,83 @@
+//! The fence: what stops this daemon from changing an export's objects once its lease is in
+//! doubt. Two layers, both driven by the lease's own validity clock rather than by a timer, so
+//! a stalled renewal task cannot delay fencing:
+//! - the block store's write gate (`store::WriteGate`): WRITE, TRIM, WRITE_ZEROES and FLUSH
+//!   fail with EIO at once;
+//! - [`FencedStore`], the object store the block store writes through: write-back PUTs and
+//!   DELETEs fail (transiently, so dirty data stays dirty and is retried once the lease is
+//!   back), and a PUT still in flight when the lease would run out is abandoned.
+
+use super::Lease;
+use crate::backend::{BackendError, DynObjectStore, ETag, ObjectStore};
+use async_trait::async_trait;
+use bytes::Bytes;
+use std::future::Future;
+use std::sync::Arc;
+
+/// An object store that writes only while the export lease is held.
+#[derive(Debug)]
+pub struct FencedStore {
+    inner: DynObjectStore,
+    lease: Arc<Lease>,
+}
+
+impl FencedStore {
+    /// Wraps `inner`; the wrapper keeps the lease alive (and renewed) for as long as anything
+    /// can write through it, i.e. until the block store's write-back has finished.
+    pub fn new(inner: DynObjectStore, lease: Arc<Lease>) -> Self {
+        Self { inner, lease }
+    }
+
+    /// Runs a mutating call only while the lease is valid, and gives up on it if the lease
+    /// would run out before the store answers (renewals in the meantime extend the wait).
+    async fn guarded<T>(
+        &self,
+        call: impl Future<Output = Result<T, BackendError>>,
+    ) -> Result<T, BackendError> {
+        let mut call = std::pin::pin!(call);
+        loop {
+            let deadline = self.lease.write_deadline().map_err(|reason| {
+                BackendError::Transient(format!("export lease not held: {reason}"))
+            })?;
+            if let Ok(done) = tokio::time::timeout_at(deadline, &mut call).await {
+                return done;
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl ObjectStore for FencedStore {
+    async fn get(&self, key: &str) -> Result<Option<Bytes>, BackendError> {
+        self.inner.get(key).await
+    }
+    async fn put(&self, key: &str, data: Bytes) -> Result<(), BackendError> {
+        self.guarded(self.inner.put(key, data)).await
+    }
+    async fn delete(&self, key: &str) -> Result<(), BackendError> {
+        self.guarded(self.inner.delete(key)).await
+    }
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, BackendError> {
+        self.inner.list(prefix).await
+    }
+    async fn get_with_etag(&self, key: &str) -> Result<Option<(Bytes, ETag)>, BackendError> {
+        self.inner.get_with_etag(key).await
+    }
+    async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<Option<ETag>, BackendError> {
+        self.guarded(self.inner.put_if_absent(key, data)).await
+    }
+    async fn put_if_match(
+        &self,
+        key: &str,
+        data: Bytes,
+        etag: &str,
+    ) -> Result<Option<ETag>, BackendError> {
+        self.guarded(self.inner.put_if_match(key, data, etag)).await
+    }
+}
+
+impl crate::store::WriteGate for Lease {
+    fn check(&self) -> Result<(), String> {
+        self.write_deadline().map(|_| ())
+    }
+}

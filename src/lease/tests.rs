@@ -1,0 +1,315 @@
+//! Lease state machine on the memory store and tokio's paused clock: taking, refusing,
+//! takeover (expired, unchanged for a ttl, dead pid), renewal, fencing and recovery, loss to
+//! another daemon, release, and stores that ignore conditional writes.
+
+use super::fence::FencedStore;
+use super::record::{Identity, LeaseRecord};
+use super::*;
+use crate::backend::memory::MemoryStore;
+use crate::backend::ObjectStore;
+use crate::store::WriteGate;
+use async_trait::async_trait;
+use bytes::Bytes;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+const TTL: Duration = Duration::from_secs(3);
+const KEY: &str = "vm/nbd-s3.lock";
+const WALL0: u64 = 1_800_000_000_000;
+
+/// A view of a shared store that one simulated daemon can lose contact with.
+#[derive(Debug)]
+struct Link {
+    inner: Arc<MemoryStore>,
+    down: AtomicBool,
+}
+
+impl Link {
+    fn new(inner: &Arc<MemoryStore>) -> Arc<Self> {
+        Arc::new(Self {
+            inner: Arc::clone(inner),
+            down: AtomicBool::new(false),
+        })
+    }
+    fn check(&self) -> Result<(), BackendError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(BackendError::Transient("link down".into()));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl ObjectStore for Link {
+    async fn get(&self, key: &str) -> Result<Option<Bytes>, BackendError> {
+        self.check()?;
+        self.inner.get(key).await
+    }
+    async fn put(&self, key: &str, data: Bytes) -> Result<(), BackendError> {
+        self.check()?;
+        self.inner.put(key, data).await
+    }
+    async fn delete(&self, key: &str) -> Result<(), BackendError> {
+        self.check()?;
+        self.inner.delete(key).await
+    }
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, BackendError> {
+        self.check()?;
+        self.inner.list(prefix).await
+    }
+    async fn get_with_etag(&self, key: &str) -> Result<Option<(Bytes, ETag)>, BackendError> {
+        self.check()?;
+        self.inner.get_with_etag(key).await
+    }
+    async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<Option<ETag>, BackendError> {
+        self.check()?;
+        self.inner.put_if_absent(key, data).await
+    }
+    async fn put_if_match(
+        &self,
+        key: &str,
+        data: Bytes,
+        etag: &str,
+    ) -> Result<Option<ETag>, BackendError> {
+        self.check()?;
+        self.inner.put_if_match(key, data, etag).await
+    }
+}
+
+fn identity(host: &str, pid: u32) -> Identity {
+    Identity {
+        owner: format!("{host}-{pid}"),
+        host: host.into(),
+        pid,
+        boot_id: Some("boot".into()),
+    }
+}
+
+fn manager(host: &str, pid: u32) -> Arc<LeaseManager> {
+    LeaseManager::with(
+        identity(host, pid),
+        Clock::Virtual {
+            wall0_ms: WALL0,
+            mono0: Instant::now(),
+        },
+    )
+}
+
+fn stored(mem: &MemoryStore) -> LeaseRecord {
+    LeaseRecord::parse(&mem.peek(KEY).expect("lease object")).expect("lease JSON")
+}
+
+/// A pid that surely no longer exists: a child we started and reaped.
+fn dead_pid() -> u32 {
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let pid = child.id();
+    child.wait().unwrap();
+    pid
+}
+
+async fn take(m: &LeaseManager, store: &DynObjectStore) -> Result<Arc<Lease>, LeaseError> {
+    m.acquire(store, "b", "vm/", TTL).await
+}
+
+#[tokio::test(start_paused = true)]
+async fn second_daemon_is_refused_naming_the_holder() {
+    let mem = Arc::new(MemoryStore::new());
+    let store: DynObjectStore = mem.clone();
+    let a = manager("alpha", 1);
+    let lease = take(&a, &store).await.unwrap();
+    let rec = stored(&mem);
+    assert_eq!((rec.host.as_str(), rec.pid, rec.format), ("alpha", 1, 1));
+    assert_eq!(rec.expires_unix_ms, WALL0 + 3000);
+    assert!(
+        rec.expires.starts_with("2027-01-15T08:00:03"),
+        "{}",
+        rec.expires
+    );
+
+    let err = take(&manager("beta", 2), &store).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, LeaseError::Held { .. }), "{msg}");
+    assert!(msg.contains("host alpha") && msg.contains("pid 1"), "{msg}");
+    // The same daemon opening the export again shares its lease.
+    assert!(Arc::ptr_eq(&lease, &take(&a, &store).await.unwrap()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn renewal_keeps_the_lease_and_a_live_holder_is_never_taken_over() {
+    let mem = Arc::new(MemoryStore::new());
+    let store: DynObjectStore = mem.clone();
+    let lease = take(&manager("alpha", 1), &store).await.unwrap();
+    let b = manager("beta", 2);
+    for _ in 0..10 {
+        tokio::time::sleep(TTL).await;
+        assert!(lease.check().is_ok(), "renewed lease stays writable");
+        assert!(take(&b, &store).await.is_err(), "live holder taken over");
+    }
+    assert!(stored(&mem).expires_unix_ms > WALL0 + 30_000);
+}
+
+#[tokio::test(start_paused = true)]
+async fn expired_lease_is_taken_over() {
+    let mem = Arc::new(MemoryStore::new());
+    let store: DynObjectStore = mem.clone();
+    let crashed = LeaseRecord::new(&identity("gone", 7), WALL0 - 10_000, TTL);
+    mem.insert(KEY, crashed.to_bytes());
+    let lease = take(&manager("beta", 2), &store).await.unwrap();
+    assert_eq!(stored(&mem).host, "beta");
+    assert!(lease.check().is_ok());
+}
+
+#[tokio::test(start_paused = true)]
+async fn lease_unchanged_for_a_ttl_is_taken_over_whatever_its_clock_says() {
+    let mem = Arc::new(MemoryStore::new());
+    let store: DynObjectStore = mem.clone();
+    // A holder whose clock runs an hour ahead, then crashed.
+    let ahead = LeaseRecord::new(&identity("skewed", 7), WALL0 + 3_600_000, TTL);
+    mem.insert(KEY, ahead.to_bytes());
+    let b = manager("beta", 2);
+    assert!(take(&b, &store).await.is_err());
+    tokio::time::sleep(TTL / 2).await;
+    assert!(take(&b, &store).await.is_err(), "taken before a whole ttl");
+    tokio::time::sleep(TTL).await;
+    take(&b, &store).await.unwrap();
+    assert_eq!(stored(&mem).host, "beta");
+}
+
+#[tokio::test(start_paused = true)]
+async fn dead_holder_on_this_host_is_taken_over_at_once() {
+    let mem = Arc::new(MemoryStore::new());
+    let store: DynObjectStore = mem.clone();
+    let live = LeaseRecord::new(&identity("here", 1), WALL0, TTL);
+    mem.insert(KEY, live.to_bytes());
+    let me = manager("here", 2);
+    let err = take(&me, &store).await.unwrap_err();
+    assert!(err.to_string().contains("pid 1"), "{err}");
+    let dead = LeaseRecord::new(&identity("here", dead_pid()), WALL0, TTL);
+    mem.insert(KEY, dead.to_bytes());
+    take(&me, &store).await.unwrap();
+    assert_eq!(stored(&mem).pid, 2);
+    // The same pid on another host proves nothing.
+    mem.insert(KEY, dead.clone().to_bytes());
+    let mut elsewhere = dead;
+    elsewhere.host = "there".into();
+    mem.insert(KEY, elsewhere.to_bytes());
+    assert!(take(&manager("here", 3), &store).await.is_err());
+}
+
+#[tokio::test(start_paused = true)]
+async fn failed_renewals_fence_before_expiry_and_recovery_unfences() {
+    let mem = Arc::new(MemoryStore::new());
+    let link = Link::new(&mem);
+    let store: DynObjectStore = link.clone();
+    let lease = take(&manager("alpha", 1), &store).await.unwrap();
+    let fenced = FencedStore::new(Arc::clone(&store), Arc::clone(&lease));
+    fenced.put("vm/0", Bytes::from_static(b"x")).await.unwrap();
+    link.down.store(true, Ordering::SeqCst);
+    let started = Instant::now();
+    while lease.check().is_ok() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let fenced_after = started.elapsed();
+    assert!(fenced_after < TTL, "fenced only after {fenced_after:?}");
+    link.down.store(false, Ordering::SeqCst);
+    let put = fenced.put("vm/1", Bytes::from_static(b"y")).await;
+    assert!(put.is_err(), "write-back PUT while fenced");
+    assert!(mem.peek("vm/1").is_none());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(lease.check().is_ok(), "lease re-taken after the outage");
+    fenced.put("vm/1", Bytes::from_static(b"y")).await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn lease_lost_to_another_daemon_stays_fenced() {
+    let mem = Arc::new(MemoryStore::new());
+    let link = Link::new(&mem);
+    let a_store: DynObjectStore = link.clone();
+    let lease = take(&manager("alpha", 1), &a_store).await.unwrap();
+    let b = manager("beta", 2); // clocks in step with alpha's
+    link.down.store(true, Ordering::SeqCst);
+    tokio::time::sleep(TTL + Duration::from_millis(100)).await;
+    let b_store: DynObjectStore = mem.clone();
+    let _b_lease = take(&b, &b_store).await.unwrap();
+    link.down.store(false, Ordering::SeqCst);
+    tokio::time::sleep(TTL).await;
+    assert!(lease.is_lost());
+    let why = lease.check().unwrap_err();
+    assert!(why.contains("host beta"), "{why}");
+    assert_eq!(stored(&mem).host, "beta", "loser overwrote the winner");
+    drop(lease);
+    tokio::time::sleep(TTL).await;
+    assert!(mem.peek(KEY).is_some(), "loser deleted the winner's lease");
+}
+
+#[tokio::test(start_paused = true)]
+async fn release_deletes_only_our_own_lease() {
+    let mem = Arc::new(MemoryStore::new());
+    let store: DynObjectStore = mem.clone();
+    let lease = take(&manager("alpha", 1), &store).await.unwrap();
+    lease.release().await;
+    assert!(mem.peek(KEY).is_none());
+    assert!(lease.check().is_err(), "released lease still writable");
+    // Dropping the last handle releases too.
+    let again = take(&manager("alpha", 1), &store).await.unwrap();
+    drop(again);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert!(mem.peek(KEY).is_none());
+}
+
+/// Accepts conditional writes but ignores the conditions (some S3-compatible servers do).
+#[derive(Debug, Default)]
+struct Careless(MemoryStore);
+
+#[async_trait]
+impl ObjectStore for Careless {
+    async fn get(&self, key: &str) -> Result<Option<Bytes>, BackendError> {
+        self.0.get(key).await
+    }
+    async fn put(&self, key: &str, data: Bytes) -> Result<(), BackendError> {
+        self.0.put(key, data).await
+    }
+    async fn delete(&self, key: &str) -> Result<(), BackendError> {
+        self.0.delete(key).await
+    }
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, BackendError> {
+        self.0.list(prefix).await
+    }
+    async fn get_with_etag(&self, key: &str) -> Result<Option<(Bytes, ETag)>, BackendError> {
+        self.0.get_with_etag(key).await
+    }
+    async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<Option<ETag>, BackendError> {
+        self.0.put(key, data).await.map(|()| Some("\"x\"".into()))
+    }
+    async fn put_if_match(
+        &self,
+        key: &str,
+        data: Bytes,
+        _etag: &str,
+    ) -> Result<Option<ETag>, BackendError> {
+        self.0.put(key, data).await.map(|()| Some("\"x\"".into()))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn store_ignoring_conditions_is_refused_with_advice() {
+    let store: DynObjectStore = Arc::new(Careless::default());
+    let err = take(&manager("alpha", 1), &store).await.unwrap_err();
+    assert!(!err.is_retryable());
+    assert!(err.to_string().contains("lease = \"off\""), "{err}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn unreachable_store_is_a_retryable_error_not_a_verdict() {
+    let mem = Arc::new(MemoryStore::new());
+    let link = Link::new(&mem);
+    let store: DynObjectStore = link.clone();
+    let m = manager("alpha", 1);
+    link.down.store(true, Ordering::SeqCst);
+    let err = take(&m, &store).await.unwrap_err();
+    assert!(
+        err.is_retryable() && matches!(err, LeaseError::Backend(_)),
+        "{err}"
+    );
+    link.down.store(false, Ordering::SeqCst);
+    take(&m, &store).await.unwrap();
+}
