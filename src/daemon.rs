@@ -101,6 +101,8 @@ impl Daemon {
         let budget = CacheBudget::new(config.cache.memory, config.cache.dirty);
         let registry = Registry::new();
         let server = Server::new(Arc::clone(&registry));
+        // Before the exports open, so a slow S3 at startup already shows in the metrics.
+        crate::metrics::spawn(&config, &registry, &server, &factory, &budget).await;
         let daemon = Arc::new(Daemon {
             config: ArcSwap::from_pointee(config.clone()),
             config_path,

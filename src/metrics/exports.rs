@@ -5,6 +5,7 @@ use super::collector::{counters, gauges, histograms, label, Labels};
 use super::histogram::Snapshot;
 use super::requests::{self, CommandSnapshot, COMMANDS};
 use crate::export::Export;
+use crate::proto::Command;
 use crate::store::StoreStats;
 use prometheus_client::encoding::DescriptorEncoder;
 use std::collections::BTreeSet;
@@ -19,7 +20,8 @@ pub(crate) fn encode(enc: &mut DescriptorEncoder, exports: &[Arc<Export>]) -> fm
     let table = requests::table().collect(&live);
     let mut rows = Vec::new();
     for (export, stats) in &table {
-        for (command, name) in COMMANDS {
+        // DISC is never executed as a request: no series for it.
+        for (command, name) in COMMANDS.into_iter().filter(|c| c.0 != Command::Disconnect) {
             rows.push((export.as_str(), name, stats.snapshot(command)));
         }
     }

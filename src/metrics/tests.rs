@@ -4,7 +4,9 @@
 
 use super::http::{respond, route, Render, Route, MAX_HEAD};
 use super::*;
+use crate::export::Export;
 use crate::proto::Command;
+use crate::store::{BlockStore, BlockStoreConfig};
 use prometheus_parse::{Sample, Scrape, Value};
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -23,9 +25,20 @@ async fn sources(dir: &std::path::Path, names: &[&str]) -> Sources {
     let config = Config::parse(&text, "t.toml", dir).unwrap();
     let factory = StoreFactory::new(&config.s3).await.unwrap();
     let budget = CacheBudget::new(64 << 20, 32 << 20);
+    // Stores opened directly (not through export::open_all, whose context grows with leases).
+    let mut opened = BTreeMap::new();
+    for c in &config.exports {
+        let cfg = BlockStoreConfig {
+            prefix: c.prefix.clone(),
+            size: c.size,
+            block_size: c.block_size,
+            read_only: c.read_only,
+            flush_timeout: Duration::from_secs(5),
+        };
+        let store = BlockStore::open(factory.bucket(&c.bucket), cfg, Arc::clone(&budget)).await;
+        opened.insert(c.name.clone(), Export::new(c.clone(), Ok(store.unwrap())));
+    }
     let registry = Registry::new();
-    let flush_timeout = Duration::from_secs(5);
-    let opened = crate::export::open_all(&config.exports, &factory, &budget, flush_timeout).await;
     registry.replace(opened);
     let server = Server::new(Arc::clone(&registry));
     Sources {

@@ -17,6 +17,8 @@ pub(crate) struct ConnCtx {
     pub structured: bool,
     pub peer: String,
     pub export: String,
+    /// This export's request counters (metrics), looked up once per connection.
+    pub metrics: Arc<crate::metrics::ExportRequests>,
 }
 
 /// A simple reply with no data.
@@ -44,6 +46,7 @@ pub(crate) fn error(
 }
 
 fn store_error(ctx: &ConnCtx, req: &Request, e: &StoreError) -> Reply {
+    ctx.metrics.failed(req.command);
     warn!(
         peer = %ctx.peer, export = %ctx.export,
         "{:?} of {} bytes at {} failed: {e}", req.command, req.length, req.offset
@@ -59,6 +62,7 @@ fn store_error(ctx: &ConnCtx, req: &Request, e: &StoreError) -> Reply {
 
 /// Runs `req` (never DISC) with its WRITE payload and returns the reply to send.
 pub(crate) async fn execute(ctx: &ConnCtx, req: Request, payload: Bytes) -> Reply {
+    let _counted = ctx.metrics.start(req.command, req.length); // metrics, on every exit
     let (store, off, len, fua) = (&ctx.store, req.offset, req.length, req.flags.fua());
     let result = match req.command {
         Command::Read => return read(ctx, &req).await,

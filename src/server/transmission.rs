@@ -111,6 +111,7 @@ where
             structured,
             peer: peer.to_owned(),
             export: attachment.export().name().to_owned(),
+            metrics: crate::metrics::for_export(attachment.export().name()),
         }),
         limits: Limits {
             export_size: size,

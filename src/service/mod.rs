@@ -139,7 +139,7 @@ async fn reload_unless_stopped(
 /// daemon keeps serving the previous configuration). Returns the failure, if any.
 async fn reload(daemon: &Daemon, notifier: &Notifier) -> Option<String> {
     notifier.reloading();
-    let failure = match daemon.reload().await {
+    let failure = match crate::metrics::reloads::count(daemon.reload().await) {
         Ok(()) => None,
         Err(e) => Some(e.to_string().lines().next().unwrap_or_default().to_owned()),
     };

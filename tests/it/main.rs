@@ -12,6 +12,7 @@ mod crash;
 mod faults;
 mod hostile;
 mod hostile_requests;
+mod metrics;
 mod outage;
 mod raw_nbd;
 mod reload;
