@@ -4,7 +4,8 @@
 
 use crate::backend::{BackendError, StoreFactory};
 use crate::config::{Config, ConfigError, ListenAddr};
-use crate::export::{Export, Registry};
+use crate::export::{Export, OpenContext, Registry};
+use crate::lease::LeaseManager;
 use crate::server::{Listener, ListenerHandle, Server};
 use crate::store::CacheBudget;
 use arc_swap::ArcSwap;
@@ -13,6 +14,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tracing::{error, info, warn};
+
+mod reopen;
 
 /// Why the daemon could not start; the process logs it and exits 1.
 #[derive(Debug, thiserror::Error)]
@@ -64,8 +67,11 @@ pub struct Daemon {
     config_path: Option<PathBuf>,
     registry: Arc<Registry>,
     factory: StoreFactory,
-    budget: Arc<CacheBudget>,
+    /// Budget, flush timeout and leases every export open uses.
+    ctx: OpenContext,
     server: Server,
+    /// Reopens refused exports in the background; stopped at shutdown.
+    reopener: parking_lot::Mutex<Option<tokio::task::JoinHandle<()>>>,
     listeners: tokio::sync::Mutex<HashMap<ListenAddr, ListenerHandle>>,
     /// Serialises reloads: SIGHUP and the file watcher may fire together.
     reload_lock: tokio::sync::Mutex<()>,
@@ -101,6 +107,8 @@ impl Daemon {
         let budget = CacheBudget::new(config.cache.memory, config.cache.dirty);
         let registry = Registry::new();
         let server = Server::new(Arc::clone(&registry));
+        // Validation already parsed the files; a failure now (changed since) fails closed.
+        let _ = server.set_tls(config.server.tls.as_ref());
         // Before the exports open, so a slow S3 at startup already shows in the metrics.
         crate::metrics::spawn(&config, &registry, &server, &factory, &budget).await;
         let daemon = Arc::new(Daemon {
@@ -108,12 +116,19 @@ impl Daemon {
             config_path,
             registry,
             factory,
-            budget,
+            ctx: OpenContext {
+                budget,
+                flush_timeout: config.cache.flush_timeout,
+                leases: LeaseManager::new(),
+            },
             server,
+            reopener: parking_lot::Mutex::new(None),
             listeners: tokio::sync::Mutex::new(HashMap::new()),
             reload_lock: tokio::sync::Mutex::new(()),
         });
         daemon.open_all(&config).await;
+        let reopener = tokio::spawn(reopen::run(Arc::downgrade(&daemon)));
+        *daemon.reopener.lock() = Some(reopener);
         let mut listeners = daemon.listeners.lock().await;
         for (addr, listener) in bound {
             // `Server::spawn_listener` logs `listening on <addr>` with the real port.
@@ -124,13 +139,7 @@ impl Daemon {
     }
 
     async fn open_all(&self, config: &Config) {
-        let exports = crate::export::open_all(
-            &config.exports,
-            &self.factory,
-            &self.budget,
-            config.cache.flush_timeout,
-        )
-        .await;
+        let exports = crate::export::open_all(&config.exports, &self.factory, &self.ctx).await;
         self.registry.replace(exports);
     }
 
@@ -170,14 +179,8 @@ impl Daemon {
         let old = self.config.load_full();
         let plan = crate::reload::plan(&old, &new, &self.registry);
         let (added, removed) = (plan.listen_added.clone(), plan.listen_removed.clone());
-        let mut applied = crate::reload::apply_exports(
-            plan,
-            &self.registry,
-            &self.factory,
-            &self.budget,
-            old.cache.flush_timeout,
-        )
-        .await;
+        let mut applied =
+            crate::reload::apply_exports(plan, &self.registry, &self.factory, &self.ctx).await;
         let bound = self.apply_listeners(&added, &removed).await;
         // A listener that failed to bind stays out of the effective config, so the next reload
         // tries it again.
@@ -186,6 +189,8 @@ impl Daemon {
             .server
             .listen
             .retain(|a| bound.contains(a));
+        // Re-reads the certificate files even when the config is unchanged (renewals).
+        let _ = self.server.set_tls(applied.effective.server.tls.as_ref());
         self.config.store(Arc::new(applied.effective));
         info!("reload complete: {}", self.status());
         Ok(())
@@ -280,6 +285,9 @@ impl Daemon {
     /// flushes every export (removed ones still draining too). An export's flush keeps going
     /// while its dirty data shrinks; one `[cache] flush_timeout` without progress fails it.
     pub async fn shutdown(&self, grace: Duration) -> ShutdownReport {
+        if let Some(reopener) = self.reopener.lock().take() {
+            reopener.abort();
+        }
         for (_, handle) in self.listeners.lock().await.drain() {
             info!("closed listener {}", handle.addr());
             handle.close();
@@ -313,6 +321,10 @@ async fn flush_export(export: Arc<Export>, step: Duration) -> Option<FlushFailur
         match store.shutdown_flush(Some(step)).await {
             Ok(()) => {
                 info!(export = export.name(), "flushed");
+                // Everything is in S3: hand the export over to any other daemon at once.
+                if let Some(lease) = &export.lease {
+                    lease.release().await;
+                }
                 return None;
             }
             Err(e) => {

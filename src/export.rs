@@ -5,8 +5,10 @@
 //! released.
 
 use crate::backend::{BackendError, DynObjectStore};
-use crate::config::ExportConfig;
-use crate::store::{BlockStore, BlockStoreConfig, CacheBudget};
+use crate::config::{ExportConfig, LeaseMode};
+use crate::lease::fence::FencedStore;
+use crate::lease::{Lease, LeaseError, LeaseManager};
+use crate::store::{BlockStore, BlockStoreConfig, CacheBudget, StoreError};
 use arc_swap::ArcSwap;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -36,6 +38,18 @@ struct Shared {
     removed: AtomicBool,
 }
 
+/// Whether a refused export is worth opening again without a reload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    /// Served, or refused for a reason only an admin can fix (block-size mismatch, a store
+    /// without conditional writes): retrying would only spin.
+    Never,
+    /// S3 was unreachable: retry soon, backing off (1 s doubling to 60 s).
+    Backoff,
+    /// Waiting on something slow (another daemon's lease, a missing bucket): retry this often.
+    Every(Duration),
+}
+
 /// One served export: its definition and its block store, or why it cannot be served.
 #[derive(Debug)]
 pub struct Export {
@@ -43,15 +57,21 @@ pub struct Export {
     /// `Err(message)` when the export is refused (e.g. block-size mismatch); clients asking for
     /// it get ERR_UNKNOWN with this message.
     pub store: Result<Arc<BlockStore>, String>,
+    /// The export lease this daemon holds (writable exports with `lease` on).
+    pub lease: Option<Arc<Lease>>,
+    /// For a refused export: whether the daemon reopens it by itself.
+    pub retry: Retry,
     shared: Arc<Shared>,
 }
 
 impl Export {
-    /// An export around an opened store (or the reason it is refused).
+    /// An export around an opened store (or the reason it is refused, not retried).
     pub fn new(config: ExportConfig, store: Result<Arc<BlockStore>, String>) -> Arc<Self> {
         Arc::new(Self {
             config,
             store,
+            lease: None,
+            retry: Retry::Never,
             shared: Arc::default(),
         })
     }
@@ -61,6 +81,8 @@ impl Export {
         Arc::new(Self {
             config,
             store: self.store.clone(),
+            lease: self.lease.clone(),
+            retry: self.retry,
             shared: Arc::clone(&self.shared),
         })
     }
@@ -169,43 +191,136 @@ pub fn spawn_flush(export: Arc<Export>, why: &'static str) {
     });
 }
 
+/// Why an export could not be opened, and whether to try again by itself.
+struct Refusal {
+    message: String,
+    retry: Retry,
+}
+
+/// Longest wait between retries of a refused export whose store refused for good (a missing
+/// bucket or credentials): an admin fixing it sees the export come up within this.
+const SLOW_RETRY: Duration = Duration::from_secs(60);
+
+impl Refusal {
+    /// A lease held elsewhere is asked about every third of the lease time, so its expiry is
+    /// noticed (and taken over) about as fast as a renewal would have happened.
+    fn lease(e: LeaseError, ttl: Duration) -> Self {
+        let retry = match &e {
+            LeaseError::Unsupported { .. } => Retry::Never,
+            LeaseError::Held { .. } => Retry::Every((ttl / 3).max(Duration::from_secs(1))),
+            LeaseError::Backend(b) if b.is_retryable() => Retry::Backoff,
+            LeaseError::Backend(_) => Retry::Every(SLOW_RETRY),
+        };
+        Self {
+            message: e.to_string(),
+            retry,
+        }
+    }
+}
+
+impl From<StoreError> for Refusal {
+    fn from(e: StoreError) -> Self {
+        let retry = match &e {
+            StoreError::Backend(b) if b.is_retryable() => Retry::Backoff,
+            StoreError::Backend(_) => Retry::Every(SLOW_RETRY),
+            _ => Retry::Never,
+        };
+        Self {
+            message: e.to_string(),
+            retry,
+        }
+    }
+}
+
+/// What opening an export needs besides its definition; one per daemon.
+#[derive(Debug, Clone)]
+pub struct OpenContext {
+    /// Memory budget shared by every export's cache.
+    pub budget: Arc<CacheBudget>,
+    /// How long a FLUSH waits for S3.
+    pub flush_timeout: Duration,
+    /// This daemon's export leases.
+    pub leases: Arc<LeaseManager>,
+}
+
 /// Opens an export's store. Never fails: a store that cannot be opened (block-size mismatch,
-/// unreachable bucket) yields a refused export that carries the reason, logged once here.
+/// unreachable bucket, lease held elsewhere) yields a refused export that carries the reason,
+/// logged once here.
 pub async fn open_export<F: BucketSource + ?Sized>(
     cfg: &ExportConfig,
     factory: &F,
-    budget: &Arc<CacheBudget>,
-    flush_timeout: Duration,
+    ctx: &OpenContext,
 ) -> Arc<Export> {
+    let export = try_open(cfg, factory, ctx).await;
+    if let Err(message) = &export.store {
+        error!(export = cfg.name.as_str(), "export refused: {message}");
+    }
+    export
+}
+
+/// `open_export` without the log line (the background reopener logs its own way).
+pub async fn try_open<F: BucketSource + ?Sized>(
+    cfg: &ExportConfig,
+    factory: &F,
+    ctx: &OpenContext,
+) -> Arc<Export> {
+    let (store, lease, retry) = match open_store(cfg, factory, ctx).await {
+        Ok((store, lease)) => (Ok(store), lease, Retry::Never),
+        Err(r) => (Err(r.message), None, r.retry),
+    };
+    Arc::new(Export {
+        config: cfg.clone(),
+        store,
+        lease,
+        retry,
+        shared: Arc::default(),
+    })
+}
+
+/// Takes the lease (writable exports), then opens the block store behind the lease's fence,
+/// so not even the manifest is written without it.
+async fn open_store<F: BucketSource + ?Sized>(
+    cfg: &ExportConfig,
+    factory: &F,
+    ctx: &OpenContext,
+) -> Result<(Arc<BlockStore>, Option<Arc<Lease>>), Refusal> {
+    let objects = factory.bucket(&cfg.bucket).map_err(|e| Refusal {
+        message: e.to_string(),
+        retry: Retry::Every(SLOW_RETRY),
+    })?;
+    let (objects, lease) = match cfg.lease {
+        LeaseMode::On { ttl } if !cfg.read_only => {
+            let lease = ctx
+                .leases
+                .acquire(&objects, &cfg.bucket, &cfg.prefix, ttl)
+                .await
+                .map_err(|e| Refusal::lease(e, ttl))?;
+            let fenced = FencedStore::new(objects, Arc::clone(&lease));
+            (Arc::new(fenced) as DynObjectStore, Some(lease))
+        }
+        _ => (objects, None),
+    };
     let store_cfg = BlockStoreConfig {
         prefix: cfg.prefix.clone(),
         size: cfg.size,
         block_size: cfg.block_size,
         read_only: cfg.read_only,
-        flush_timeout,
+        flush_timeout: ctx.flush_timeout,
     };
-    let opened = match factory.bucket(&cfg.bucket) {
-        Ok(objects) => BlockStore::open(objects, store_cfg, Arc::clone(budget))
-            .await
-            .map_err(|e| e.to_string()),
-        Err(e) => Err(e.to_string()),
-    };
-    if let Err(message) = &opened {
-        error!(export = cfg.name.as_str(), "export refused: {message}");
+    let store = BlockStore::open(objects, store_cfg, Arc::clone(&ctx.budget)).await?;
+    if let Some(lease) = &lease {
+        store.set_write_gate(Arc::clone(lease) as Arc<dyn crate::store::WriteGate>);
     }
-    Export::new(cfg.clone(), opened)
+    Ok((store, lease))
 }
 
 /// Opens every export of a configuration (concurrently: each open lists a prefix in S3).
 pub async fn open_all<F: BucketSource + ?Sized>(
     exports: &[ExportConfig],
     factory: &F,
-    budget: &Arc<CacheBudget>,
-    flush_timeout: Duration,
+    ctx: &OpenContext,
 ) -> BTreeMap<String, Arc<Export>> {
-    let opens = exports
-        .iter()
-        .map(|cfg| open_export(cfg, factory, budget, flush_timeout));
+    let opens = exports.iter().map(|cfg| open_export(cfg, factory, ctx));
     let opened = futures_util::future::join_all(opens).await;
     opened
         .into_iter()
@@ -321,13 +436,12 @@ mod tests {
     async fn removed_export_is_kept_until_s3_takes_its_data() {
         let mem = Arc::new(MemoryStore::new());
         let budget = CacheBudget::new(64 << 20, 32 << 20);
-        let export = open_export(
-            &cfg(),
-            &One(Arc::clone(&mem)),
-            &budget,
-            Duration::from_millis(50),
-        )
-        .await;
+        let ctx = OpenContext {
+            budget,
+            flush_timeout: Duration::from_millis(50),
+            leases: LeaseManager::new(),
+        };
+        let export = open_export(&cfg(), &One(Arc::clone(&mem)), &ctx).await;
         let store = export.store.clone().expect("store opens");
         mem.fail_next_permanent(u64::MAX);
         store

@@ -12,11 +12,10 @@ pub use watcher::{ConfigWatcher, WatchError, DEBOUNCE};
 
 use crate::config::size::format_size;
 use crate::config::{Config, ExportConfig, ListenAddr};
-use crate::export::{open_export, BucketSource, Export, Registry};
-use crate::store::CacheBudget;
+use crate::export::{open_export, BucketSource, Export, OpenContext, Registry};
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+
 use tracing::{info, warn};
 
 /// What a reload does to one export.
@@ -300,8 +299,7 @@ pub async fn apply_exports<F: BucketSource + ?Sized>(
     plan: ReloadPlan,
     registry: &Registry,
     factory: &F,
-    budget: &Arc<CacheBudget>,
-    flush_timeout: Duration,
+    ctx: &OpenContext,
 ) -> Applied {
     let current = registry.snapshot();
     let mut staging = Staging {
@@ -323,7 +321,7 @@ pub async fn apply_exports<F: BucketSource + ?Sized>(
     let draining = registry.draining();
     let opens = to_open
         .iter()
-        .map(|cfg| open_or_reuse(cfg, &draining, registry, factory, budget, flush_timeout));
+        .map(|cfg| open_or_reuse(cfg, &draining, registry, factory, ctx));
     let mut added = Vec::new();
     for (export, fresh) in futures_util::future::join_all(opens).await {
         info!(
@@ -361,8 +359,7 @@ async fn open_or_reuse<F: BucketSource + ?Sized>(
     draining: &[Arc<Export>],
     registry: &Registry,
     factory: &F,
-    budget: &Arc<CacheBudget>,
-    flush_timeout: Duration,
+    ctx: &OpenContext,
 ) -> (Arc<Export>, bool) {
     let overlapping = draining.iter().filter(|d| {
         d.config.bucket == cfg.bucket
@@ -404,5 +401,5 @@ async fn open_or_reuse<F: BucketSource + ?Sized>(
             return (Export::new(cfg.clone(), Err(msg)), false);
         }
     }
-    (open_export(cfg, factory, budget, flush_timeout).await, true)
+    (open_export(cfg, factory, ctx).await, true)
 }

@@ -4,7 +4,9 @@ use super::*;
 use crate::backend::memory::MemoryStore;
 use crate::backend::{BackendError, DynObjectStore};
 use crate::config::{CacheConfig, S3Config, ServerConfig};
+use crate::store::CacheBudget;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 fn export(name: &str) -> ExportConfig {
     ExportConfig {
@@ -197,10 +199,18 @@ impl BucketSource for Buckets {
     }
 }
 
+fn ctx(budget: &Arc<crate::store::CacheBudget>, flush_timeout: Duration) -> OpenContext {
+    OpenContext {
+        budget: Arc::clone(budget),
+        flush_timeout,
+        leases: crate::lease::LeaseManager::new(),
+    }
+}
+
 async fn apply(old: &Config, new: &Config, registry: &Registry, buckets: &Buckets) -> Applied {
     let budget = CacheBudget::new(1 << 30, 256 << 20);
     let p = plan(old, new, registry);
-    apply_exports(p, registry, buckets, &budget, Duration::from_secs(5)).await
+    apply_exports(p, registry, buckets, &ctx(&budget, Duration::from_secs(5))).await
 }
 
 async fn wait_until(what: &str, cond: impl Fn() -> bool) {
@@ -306,11 +316,11 @@ async fn unopenable_export_is_refused_then_retried() {
     let buckets = Buckets::default();
     buckets.fail.store(true, Ordering::SeqCst);
     let one = config(vec![export("a"), export("b")]);
+    let budget = CacheBudget::new(1 << 30, 1 << 28);
     let e = open_export(
         &export("a"),
         &buckets,
-        &CacheBudget::new(1 << 30, 1 << 28),
-        Duration::from_secs(1),
+        &ctx(&budget, Duration::from_secs(1)),
     )
     .await;
     assert!(matches!(&e.store, Err(m) if m.contains("bucket nbd is unavailable")));
@@ -338,7 +348,13 @@ async fn client_attaching_during_reload_blocks_a_reopen() {
     assert!(matches!(p.exports["a"], ExportAction::Reopen { .. }));
     let before = registry.get("a").unwrap();
     let client = before.attach();
-    let applied = apply_exports(p, &registry, &buckets, &budget, Duration::from_secs(5)).await;
+    let applied = apply_exports(
+        p,
+        &registry,
+        &buckets,
+        &ctx(&budget, Duration::from_secs(5)),
+    )
+    .await;
     assert!(
         Arc::ptr_eq(&registry.get("a").unwrap(), &before),
         "store replaced under a client"
@@ -369,7 +385,13 @@ async fn reopen_waits_for_the_old_data_to_reach_s3() {
     a.block_size = 4096;
     let one = config(vec![a.clone()]);
     let p = plan(&config(vec![]), &one, &registry);
-    apply_exports(p, &registry, &buckets, &budget, Duration::from_millis(50)).await;
+    apply_exports(
+        p,
+        &registry,
+        &buckets,
+        &ctx(&budget, Duration::from_millis(50)),
+    )
+    .await;
     let running = registry.get("a").unwrap();
     mem.fail_next_permanent(u64::MAX);
     let store = running.store.clone().unwrap();
@@ -382,7 +404,13 @@ async fn reopen_waits_for_the_old_data_to_reach_s3() {
     let moved_cfg = config(vec![moved]);
     let p = plan(&one, &moved_cfg, &registry);
     assert!(matches!(p.exports["a"], ExportAction::Reopen { .. }));
-    let applied = apply_exports(p, &registry, &buckets, &budget, Duration::from_millis(50)).await;
+    let applied = apply_exports(
+        p,
+        &registry,
+        &buckets,
+        &ctx(&budget, Duration::from_millis(50)),
+    )
+    .await;
     assert!(
         Arc::ptr_eq(&registry.get("a").unwrap(), &running),
         "moved away from unflushed data"
@@ -399,9 +427,14 @@ async fn reopen_waits_for_the_old_data_to_reach_s3() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
         let p = plan(&effective, &moved_cfg, &registry);
-        effective = apply_exports(p, &registry, &buckets, &budget, Duration::from_secs(5))
-            .await
-            .effective;
+        effective = apply_exports(
+            p,
+            &registry,
+            &buckets,
+            &ctx(&budget, Duration::from_secs(5)),
+        )
+        .await
+        .effective;
     }
     assert!(
         mem.peek("a/0000000000000000").is_some(),

@@ -1,0 +1,130 @@
+//! Background reopening of refused exports: an export refused because S3 was unreachable (at
+//! start or at a reload), or because another daemon held its lease, is opened again by itself
+//! with backoff, and swapped into the registry the moment it opens — no reload needed.
+//! Exports refused for reasons only an admin can fix (`Retry::Never`) are left alone.
+
+use super::Daemon;
+use crate::export::{try_open, Export, Retry};
+use std::collections::HashMap;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+/// First wait after a refusal caused by an unreachable S3.
+const FIRST_DELAY: Duration = Duration::from_secs(1);
+/// Longest wait between attempts while S3 stays unreachable.
+const MAX_DELAY: Duration = Duration::from_secs(60);
+/// How often the registry is scanned for newly refused exports.
+const SCAN: Duration = Duration::from_millis(500);
+
+/// Retry bookkeeping of one refused export.
+struct Pending {
+    /// The refused version in the registry; a reload replacing it resets the schedule.
+    export: Weak<Export>,
+    due: Instant,
+    delay: Duration,
+    attempts: u32,
+}
+
+/// Runs until the daemon is gone or stops it (shutdown aborts the task).
+pub(super) async fn run(daemon: Weak<Daemon>) {
+    let mut pending: HashMap<String, Pending> = HashMap::new();
+    let mut scan = tokio::time::interval(SCAN);
+    scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        scan.tick().await;
+        let Some(d) = daemon.upgrade() else { return };
+        schedule(&d, &mut pending);
+        let now = Instant::now();
+        let due: Vec<String> = pending
+            .iter()
+            .filter(|(_, p)| p.due <= now)
+            .map(|(n, _)| n.clone())
+            .collect();
+        let attempts = due.iter().filter_map(|name| {
+            let old = pending.get(name)?.export.upgrade()?;
+            Some(attempt(&d, old))
+        });
+        for (name, outcome) in futures_util::future::join_all(attempts).await {
+            match (outcome, pending.get_mut(&name)) {
+                (Some(refused), Some(p)) => reschedule(p, &refused),
+                _ => drop(pending.remove(&name)),
+            }
+        }
+    }
+}
+
+/// Adds refused, retryable exports of the current registry to `pending`; forgets entries whose
+/// export was replaced or removed by a reload.
+fn schedule(d: &Daemon, pending: &mut HashMap<String, Pending>) {
+    let snapshot = d.registry.snapshot();
+    pending.retain(|name, p| {
+        let current = snapshot.get(name);
+        current.is_some_and(|c| p.export.upgrade().is_some_and(|o| Arc::ptr_eq(c, &o)))
+    });
+    for (name, export) in snapshot.iter() {
+        if export.store.is_ok() || export.retry == Retry::Never || pending.contains_key(name) {
+            continue;
+        }
+        let delay = first_delay(export.retry);
+        pending.insert(
+            name.clone(),
+            Pending {
+                export: Arc::downgrade(export),
+                due: Instant::now() + delay,
+                delay,
+                attempts: 0,
+            },
+        );
+    }
+}
+
+fn first_delay(retry: Retry) -> Duration {
+    match retry {
+        Retry::Every(d) => d,
+        Retry::Backoff | Retry::Never => FIRST_DELAY,
+    }
+}
+
+/// Sets the next attempt after another refusal (`refused` is now the registry's version).
+fn reschedule(p: &mut Pending, refused: &Arc<Export>) {
+    p.attempts += 1;
+    p.export = Arc::downgrade(refused);
+    p.delay = match refused.retry {
+        Retry::Every(d) => d,
+        _ => (p.delay * 2).min(MAX_DELAY),
+    };
+    p.due = Instant::now() + p.delay;
+}
+
+/// Opens `old`'s definition again. Returns the export's name and, if it is still refused, the
+/// refused version now in the registry (`None`: it is up, or a reload took over).
+async fn attempt(d: &Daemon, old: Arc<Export>) -> (String, Option<Arc<Export>>) {
+    let name = old.name().to_owned();
+    let fresh = try_open(&old.config, &d.factory, &d.ctx).await;
+    let _no_reload_meanwhile = d.reload_lock.lock().await;
+    let current = d.registry.snapshot();
+    if !current.get(&name).is_some_and(|c| Arc::ptr_eq(c, &old)) {
+        return (name, None); // a reload replaced or removed it while we were opening
+    }
+    let up = fresh.store.is_ok();
+    match (&old.store, &fresh.store) {
+        (_, Ok(_)) => info!(
+            export = name.as_str(),
+            "export is up (refused before: opened again by itself)"
+        ),
+        (Err(before), Err(now)) if before != now || fresh.retry == Retry::Never => {
+            warn!(export = name.as_str(), "export still refused: {now}")
+        }
+        (_, Err(now)) => debug!(export = name.as_str(), "export still refused: {now}"),
+    }
+    let mut next = (*current).clone();
+    next.insert(name.clone(), Arc::clone(&fresh));
+    d.registry.replace(next);
+    if up {
+        info!("{}", d.status());
+    }
+    let still_refused = (!up && fresh.retry != Retry::Never).then_some(fresh);
+    (name, still_refused)
+}
