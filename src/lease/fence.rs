@@ -1,11 +1,19 @@
 //! The fence: what stops this daemon from changing an export's objects once its lease is in
-//! doubt. Two layers, both driven by the lease's own validity clock rather than by a timer, so
-//! a stalled renewal task cannot delay fencing:
-//! - the block store's write gate (`store::WriteGate`): WRITE, TRIM, WRITE_ZEROES and FLUSH
-//!   fail with EIO at once;
-//! - [`FencedStore`], the object store the block store writes through: write-back PUTs and
-//!   DELETEs fail (transiently, so dirty data stays dirty and is retried once the lease is
-//!   back), and a PUT still in flight when the lease would run out is abandoned.
+//! doubt. Two layers:
+//! - [`FencedStore`], the object store the block store writes through, driven by the lease's
+//!   validity clock (not by a timer, so a stalled renewal task cannot delay it): from a third
+//!   of the ttl before the lease would run out, write-back PUTs and DELETEs fail (transiently,
+//!   so dirty data stays dirty and is retried once the lease is renewed), and a PUT still in
+//!   flight when the lease would run out is abandoned. This is what keeps two daemons from
+//!   ever writing one export.
+//! - the block store's write gate (`store::WriteGate`): once the lease is lost to another
+//!   daemon (or released), WRITE, TRIM, WRITE_ZEROES and FLUSH fail with EIO at once.
+//!
+//! Why clients are not refused while renewals merely fail: S3 being unreachable is the usual
+//! cause, and issue 7 asks that a 30 s outage lets writes continue into the cache (up to the
+//! dirty limit, FLUSH failing after its timeout) — with a 30 s lease both cannot hold. Cached
+//! writes reach nobody else while write-back is fenced; if the lease turns out lost they are
+//! dropped, which only ever affects writes whose FLUSH failed.
 
 use super::Lease;
 use crate::backend::{BackendError, DynObjectStore, ETag, ObjectStore};
@@ -78,6 +86,13 @@ impl ObjectStore for FencedStore {
 
 impl crate::store::WriteGate for Lease {
     fn check(&self) -> Result<(), String> {
-        self.write_deadline().map(|_| ())
+        let st = self.state.lock();
+        if st.released {
+            return Err("the export lease was released".into());
+        }
+        match &st.lost {
+            Some(lost) => Err(lost.clone()),
+            None => Ok(()),
+        }
     }
 }

@@ -1,8 +1,9 @@
 //! Export leases: so two daemons never write one export. A writable export is served only
 //! while this daemon holds `<prefix>nbd-s3.lock`, taken with a conditional write
 //! (`If-None-Match: *`) and renewed every third of its ttl with `If-Match`. A daemon that
-//! cannot renew fences the export (writes get EIO, write-back stops) a third of the ttl
-//! before the lease runs out, so a daemon taking over an expired lease never races its writes.
+//! cannot renew fences the export a third of the ttl before the lease runs out (nothing more
+//! is written to S3; see [`fence`] for what clients see), so a daemon taking over an expired
+//! lease never races its writes; one that lost the lease to another daemon fails every write.
 //!
 //! - [`record`]: the lease JSON and the pure "may we take it?" decision;
 //! - [`fence`]: the write gate and the fenced object store;

@@ -51,9 +51,9 @@ pub(super) async fn renew_loop(lease: Weak<Lease>, wake: Arc<tokio::sync::Notify
         }
         let now_fenced = l.write_deadline().is_err();
         if now_fenced && !fenced {
-            error!(lease = %l.key, "export lease could not be renewed in time: writes to this export get EIO and write-back is paused (dirty data stays in memory) until it is");
+            error!(lease = %l.key, "export lease could not be renewed in time: nothing is written to S3 for this export until it is (dirty data stays in memory, FLUSH fails); if another daemon takes the lease, writes get EIO");
         } else if fenced && !now_fenced {
-            info!(lease = %l.key, "export lease renewed; writes resume");
+            info!(lease = %l.key, "export lease renewed; write-back resumes");
         }
         fenced = now_fenced;
     }

@@ -141,7 +141,10 @@ async fn renewal_keeps_the_lease_and_a_live_holder_is_never_taken_over() {
     let b = manager("beta", 2);
     for _ in 0..10 {
         tokio::time::sleep(TTL).await;
-        assert!(lease.check().is_ok(), "renewed lease stays writable");
+        assert!(
+            lease.write_deadline().is_ok(),
+            "renewed lease stays writable"
+        );
         assert!(take(&b, &store).await.is_err(), "live holder taken over");
     }
     assert!(stored(&mem).expires_unix_ms > WALL0 + 30_000);
@@ -205,17 +208,24 @@ async fn failed_renewals_fence_before_expiry_and_recovery_unfences() {
     fenced.put("vm/0", Bytes::from_static(b"x")).await.unwrap();
     link.down.store(true, Ordering::SeqCst);
     let started = Instant::now();
-    while lease.check().is_ok() {
+    while lease.write_deadline().is_ok() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let fenced_after = started.elapsed();
     assert!(fenced_after < TTL, "fenced only after {fenced_after:?}");
+    assert!(
+        lease.check().is_ok(),
+        "clients refused while the lease is only unrenewed"
+    );
     link.down.store(false, Ordering::SeqCst);
     let put = fenced.put("vm/1", Bytes::from_static(b"y")).await;
     assert!(put.is_err(), "write-back PUT while fenced");
     assert!(mem.peek("vm/1").is_none());
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(lease.check().is_ok(), "lease re-taken after the outage");
+    assert!(
+        lease.write_deadline().is_ok(),
+        "lease re-taken after the outage"
+    );
     fenced.put("vm/1", Bytes::from_static(b"y")).await.unwrap();
 }
 
