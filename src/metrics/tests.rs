@@ -126,6 +126,33 @@ async fn a_scrape_shows_requests_store_and_backend_per_export_and_bucket() {
     assert_eq!(value(&s, "nbd_s3_connections", &[]), Some(0.0));
     assert!(value(&s, "nbd_s3_reloads_total", &[("outcome", "ok")]).is_some());
     assert!(text.contains("# TYPE nbd_s3_request_duration_seconds histogram\n"));
+    dashboard_queries_exist_in(&text);
+}
+
+/// Every metric packaging/grafana/nbd-s3.json queries is in `text` (a renamed metric would
+/// otherwise leave an empty panel nobody notices).
+fn dashboard_queries_exist_in(text: &str) {
+    let json = include_str!("../../packaging/grafana/nbd-s3.json");
+    let dashboard: serde_json::Value = serde_json::from_str(json).expect("dashboard is JSON");
+    assert_eq!(dashboard["templating"]["list"][0]["query"], "prometheus");
+    let mut names = std::collections::BTreeSet::new();
+    let mut rest = json;
+    while let Some(at) = rest.find("nbd_s3_") {
+        rest = &rest[at..];
+        let end = rest
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(rest.len());
+        names.insert(rest[..end].to_owned());
+        rest = &rest[end..];
+    }
+    assert!(names.len() > 15, "{names:?}");
+    for name in names {
+        let family = name.strip_suffix("_bucket").unwrap_or(&name);
+        assert!(
+            text.contains(&format!("# TYPE {family} ")),
+            "the dashboard queries {name}, which the scrape lacks"
+        );
+    }
 }
 
 #[tokio::test]
