@@ -15,6 +15,7 @@ pub mod fault_proxy;
 pub mod nbdkit;
 pub mod proc;
 pub mod s3;
+pub mod tls;
 
 pub use clients::{
     fio, nbd_client, nbdcopy, nbdinfo, nbdsh, nbdsh_script, qemu_img, qemu_io, run, run_fails,

@@ -5,6 +5,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod access;
 mod backend_s3;
 mod cli_config;
 mod clients;
@@ -21,3 +22,4 @@ mod store;
 mod store_bed;
 mod store_layout;
 mod store_load;
+mod tls;

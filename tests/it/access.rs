@@ -1,0 +1,146 @@
+//! Per-export `allow` lists against the real daemon: a TCP client on 127.0.0.1 and a client of
+//! a Unix-socket listener each see (NBD_OPT_LIST) and open only the exports that admit them;
+//! the others are refused with ERR_POLICY and the refusal is logged.
+
+use crate::common::*;
+use crate::raw_nbd::{Raw, OPT_GO, OPT_INFO, OPT_LIST, REP_ERR_POLICY, REP_SERVER};
+use std::time::Duration;
+
+/// Exports with different allow lists, served on TCP and a Unix socket.
+struct AccessBed {
+    nbd: NbdS3,
+    sock: String,
+    _dir: tempfile::TempDir,
+    _s3: S3Server,
+}
+
+impl AccessBed {
+    fn start() -> AccessBed {
+        let s3 = S3Server::start();
+        let dir = tempfile::Builder::new()
+            .prefix("nbd-s3-access.")
+            .tempdir()
+            .unwrap();
+        let sock = format!("unix:{}", dir.path().join("nbd.sock").display());
+        let export = |name: &str, allow: Option<&str>| {
+            let e = ExportSpec::new(name).size("4MiB");
+            match allow {
+                Some(list) => e.line(&format!("allow = {list}")),
+                None => e,
+            }
+        };
+        let nbd = NbdS3::builder(&s3)
+            .listen(&["127.0.0.1:0", &sock])
+            .export(export("open", None))
+            .export(export(
+                "loopback",
+                Some(r#"["127.0.0.0/8", "2001:db8::/32"]"#),
+            ))
+            .export(export("v6only", Some(r#"["::1"]"#)))
+            .export(export("unixonly", Some(r#"["unix"]"#)))
+            .start();
+        AccessBed {
+            nbd,
+            sock,
+            _dir: dir,
+            _s3: s3,
+        }
+    }
+
+    fn tcp(&self) -> String {
+        format!("127.0.0.1:{}", self.nbd.port())
+    }
+}
+
+/// Whether nbdinfo can open `uri`, and what it printed.
+fn opens(uri: &str) -> (bool, String) {
+    let out = run(tool("nbdinfo").arg(uri));
+    (out.status.success(), show(&out))
+}
+
+/// The export names NBD_OPT_LIST returns through `uri` (libnbd in option mode).
+fn listed(uri: &str) -> Vec<String> {
+    let out = nbdsh_script(&[
+        "names = []",
+        "h.set_opt_mode(True)",
+        &format!("h.connect_uri({uri:?})"),
+        "h.opt_list(lambda name, desc: names.append(name))",
+        "h.opt_abort()",
+        "print('\\n'.join(sorted(names)))",
+    ]);
+    stdout(&out).lines().map(str::to_owned).collect()
+}
+
+#[test]
+fn tcp_client_sees_and_opens_only_exports_that_admit_it() {
+    let bed = AccessBed::start();
+    let tcp = bed.tcp();
+    for name in ["open", "loopback"] {
+        let (ok, text) = opens(&NbdS3::uri_via(&tcp, name));
+        assert!(ok, "{name} refused over TCP: {text}");
+    }
+    for name in ["v6only", "unixonly"] {
+        let (ok, text) = opens(&NbdS3::uri_via(&tcp, name));
+        assert!(!ok, "{name} opened over TCP from 127.0.0.1: {text}");
+    }
+    assert_eq!(listed(&NbdS3::uri_via(&tcp, "")), ["loopback", "open"]);
+    let line = bed.nbd.wait_for_log(
+        "refused export unixonly to 127.0.0.1:",
+        Duration::from_secs(10),
+    );
+    assert!(line.contains("not in its allow list"), "{line}");
+}
+
+#[test]
+fn unix_client_sees_and_opens_only_exports_that_admit_it() {
+    let bed = AccessBed::start();
+    for name in ["open", "unixonly"] {
+        let (ok, text) = opens(&NbdS3::uri_via(&bed.sock, name));
+        assert!(ok, "{name} refused over the Unix socket: {text}");
+    }
+    for name in ["loopback", "v6only"] {
+        let (ok, text) = opens(&NbdS3::uri_via(&bed.sock, name));
+        assert!(!ok, "{name} opened over the Unix socket: {text}");
+    }
+    assert_eq!(listed(&NbdS3::uri_via(&bed.sock, "")), ["open", "unixonly"]);
+    let line = bed.nbd.wait_for_log(
+        &format!("refused export loopback to {}", bed.sock),
+        Duration::from_secs(10),
+    );
+    assert!(line.contains("not in its allow list"), "{line}");
+}
+
+#[test]
+fn refusals_are_err_policy_on_the_wire() {
+    let bed = AccessBed::start();
+    let mut raw = Raw::connect(&bed.tcp());
+    for option in [OPT_INFO, OPT_GO] {
+        let mut data = Vec::new();
+        data.extend_from_slice(&8u32.to_be_bytes());
+        data.extend_from_slice(b"unixonly");
+        data.extend_from_slice(&0u16.to_be_bytes());
+        raw.send_opt(option, &data);
+        let r = raw.opt_reply();
+        assert_eq!(r.kind, REP_ERR_POLICY, "option {option}: {r:?}");
+    }
+    // The connection is still usable: LIST works and leaves the refused exports out.
+    raw.send_opt(OPT_LIST, b"");
+    let mut names = Vec::new();
+    loop {
+        let r = raw.opt_reply();
+        if r.kind != REP_SERVER {
+            break;
+        }
+        let len = u32::from_be_bytes(r.data[..4].try_into().unwrap()) as usize;
+        names.push(String::from_utf8(r.data[4..4 + len].to_vec()).unwrap());
+    }
+    names.sort();
+    assert_eq!(names, ["loopback", "open"]);
+    // EXPORT_NAME cannot carry an error: the server closes.
+    let mut raw = Raw::connect(&bed.tcp());
+    raw.send_opt(1, b"v6only");
+    assert!(
+        raw.try_opt_reply().is_none(),
+        "EXPORT_NAME of a refused export answered"
+    );
+}
