@@ -21,7 +21,12 @@ pub struct Bed {
 
 impl Bed {
     pub fn new() -> Bed {
-        let daemon = Daemon::start();
+        Bed::with_export(ExportSpec::new(EXPORT).size("16MiB"))
+    }
+
+    /// Like `new`, with the export `spec` (name `EXPORT` and size `SIZE` expected).
+    pub fn with_export(spec: ExportSpec) -> Bed {
+        let daemon = Daemon::start(spec);
         let addr = daemon.addr();
         let (bystander, info) = Raw::open(&addr, EXPORT);
         assert_eq!(info.size, SIZE, "advertised size");
@@ -41,7 +46,7 @@ impl Bed {
     }
 
     /// The bystander writes a new pattern in its own 64 KiB region and reads it back.
-    fn check_bystander(&mut self) {
+    pub fn check_bystander(&mut self) {
         self.rounds += 1;
         let off = SIZE - 64 * 1024;
         let data = pattern(self.rounds, off, 64 * 1024);
@@ -52,6 +57,11 @@ impl Bed {
             .read_at(c, off, 64 * 1024)
             .expect("bystander read");
         assert_bytes("bystander read back", &back, &data);
+    }
+
+    /// Peak resident set of the daemon, KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        self.daemon.rss_kib()
     }
 
     /// After a hostile act: the bystander still works and a fresh connection sees its data.
@@ -396,11 +406,9 @@ struct Daemon {
 }
 
 impl Daemon {
-    fn start() -> Daemon {
+    fn start(spec: ExportSpec) -> Daemon {
         let s3 = S3Server::start();
-        let nbd = NbdS3::builder(&s3)
-            .export(ExportSpec::new(EXPORT).size("16MiB"))
-            .start();
+        let nbd = NbdS3::builder(&s3).export(spec).start();
         Daemon { nbd, _s3: s3 }
     }
     fn addr(&self) -> String {
