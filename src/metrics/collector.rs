@@ -5,7 +5,7 @@
 
 use super::histogram::Snapshot;
 use super::{exports, reloads};
-use crate::backend::stats::{Op, Outcome};
+use crate::backend::stats::{BackendStats, Op, Outcome};
 use crate::backend::StoreFactory;
 use crate::export::{Export, Registry};
 use crate::server::Server;
@@ -122,20 +122,57 @@ fn process(enc: &mut DescriptorEncoder, s: &Sources) -> fmt::Result {
     )
 }
 
+/// One bucket's counters.
+type Bucket = (String, Arc<BackendStats>);
+/// One `BackendStats` total as a metric: name, help text, value.
+type BackendField = (&'static str, &'static str, fn(&BackendStats) -> u64);
+
 /// Object-store counters of the buckets in use (`BackendStats`, one per bucket).
 fn backend(
     enc: &mut DescriptorEncoder,
     factory: &StoreFactory,
     buckets: &BTreeSet<&str>,
 ) -> fmt::Result {
-    let stats: Vec<_> = factory
+    let stats: Vec<Bucket> = factory
         .bucket_stats()
         .into_iter()
         .filter(|(b, _)| buckets.contains(b.as_str()))
         .collect();
+    backend_requests(enc, &stats)?;
+    let totals: [BackendField; 4] = [
+        (
+            "nbd_s3_backend_retries",
+            "Transient object-store failures that were retried",
+            BackendStats::retries,
+        ),
+        (
+            "nbd_s3_backend_failures",
+            "Object-store calls that still failed after all retries",
+            BackendStats::exhausted,
+        ),
+        (
+            "nbd_s3_backend_received_bytes",
+            "Object bytes received (GET bodies)",
+            BackendStats::bytes_read,
+        ),
+        (
+            "nbd_s3_backend_sent_bytes",
+            "Object bytes sent (PUT bodies)",
+            BackendStats::bytes_written,
+        ),
+    ];
+    for (name, help, field) in totals {
+        let samples = stats.iter().map(|(b, s)| (label("bucket", b), field(s)));
+        counters(enc, name, help, samples)?;
+    }
+    Ok(())
+}
+
+/// Requests by operation and outcome, and their latency.
+fn backend_requests(enc: &mut DescriptorEncoder, stats: &[Bucket]) -> fmt::Result {
     let mut requests = Vec::new();
     let mut latency = Vec::new();
-    for (bucket, s) in &stats {
+    for (bucket, s) in stats {
         for op in Op::ALL {
             for outcome in Outcome::ALL {
                 let n = s.requests(op, outcome);
@@ -153,10 +190,8 @@ fn backend(
             let h = s.latency(op);
             if h.count > 0 {
                 let l = vec![("bucket", bucket.clone()), ("op", op.name().into())];
-                latency.push((
-                    l,
-                    Snapshot::from_cumulative(&h.buckets, h.count, h.sum_seconds),
-                ));
+                let snapshot = Snapshot::from_cumulative(&h.buckets, h.count, h.sum_seconds);
+                latency.push((l, snapshot));
             }
         }
     }
@@ -171,36 +206,6 @@ fn backend(
         "nbd_s3_backend_request_duration_seconds",
         "Object-store request latency by operation",
         latency,
-    )?;
-    let per = |f: &dyn Fn(&crate::backend::stats::BackendStats) -> u64| {
-        stats
-            .iter()
-            .map(|(b, s)| (label("bucket", b), f(s)))
-            .collect::<Vec<_>>()
-    };
-    counters(
-        enc,
-        "nbd_s3_backend_retries",
-        "Transient object-store failures that were retried",
-        per(&|s| s.retries()),
-    )?;
-    counters(
-        enc,
-        "nbd_s3_backend_failures",
-        "Object-store calls that still failed after all retries",
-        per(&|s| s.exhausted()),
-    )?;
-    counters(
-        enc,
-        "nbd_s3_backend_received_bytes",
-        "Object bytes received (GET bodies)",
-        per(&|s| s.bytes_read()),
-    )?;
-    counters(
-        enc,
-        "nbd_s3_backend_sent_bytes",
-        "Object bytes sent (PUT bodies)",
-        per(&|s| s.bytes_written()),
     )
 }
 

@@ -62,6 +62,65 @@ fn state(enc: &mut DescriptorEncoder, exports: &[Arc<Export>]) -> fmt::Result {
     )
 }
 
+/// One `StoreStats` field as a metric: name, help text, value.
+type StoreField = (&'static str, &'static str, fn(&StoreStats) -> u64);
+
+const STORE_GAUGES: [StoreField; 3] = [
+    (
+        "nbd_s3_export_dirty_bytes",
+        "Data acknowledged to clients but not yet in the object store",
+        |s| s.dirty_bytes,
+    ),
+    (
+        "nbd_s3_export_cached_blocks",
+        "Blocks in memory (clean, dirty or loading)",
+        |s| s.cached_blocks,
+    ),
+    (
+        "nbd_s3_export_present_blocks",
+        "Blocks that hold data (the rest read as zeros)",
+        |s| s.present_blocks,
+    ),
+];
+
+const STORE_COUNTERS: [StoreField; 7] = [
+    (
+        "nbd_s3_export_cache_hits",
+        "Block reads served from memory or known holes",
+        |s| s.cache_hits,
+    ),
+    (
+        "nbd_s3_export_cache_misses",
+        "Block reads that needed a GET",
+        |s| s.cache_misses,
+    ),
+    (
+        "nbd_s3_export_readahead_blocks",
+        "Blocks fetched ahead of sequential readers",
+        |s| s.readahead_blocks,
+    ),
+    (
+        "nbd_s3_export_block_gets",
+        "Block GETs sent, retries included",
+        |s| s.gets,
+    ),
+    (
+        "nbd_s3_export_block_puts",
+        "Blocks written back (successful PUTs)",
+        |s| s.puts,
+    ),
+    (
+        "nbd_s3_export_block_deletes",
+        "Blocks deleted (successful DELETEs of zeroed or trimmed blocks)",
+        |s| s.deletes,
+    ),
+    (
+        "nbd_s3_export_write_back_failures",
+        "Failed write-back attempts (the data stays dirty and is retried)",
+        |s| s.write_back_failures,
+    ),
+];
+
 /// The block store of each served export: cache, dirty data, object traffic, flushes.
 fn store(enc: &mut DescriptorEncoder, exports: &[Arc<Export>]) -> fmt::Result {
     let stores: Vec<(&str, StoreStats, Snapshot)> = exports
@@ -77,65 +136,11 @@ fn store(enc: &mut DescriptorEncoder, exports: &[Arc<Export>]) -> fmt::Result {
             .map(|(name, s, _)| (label("export", name), f(s)))
             .collect::<Vec<_>>()
     };
-    let g = [
-        (
-            "nbd_s3_export_dirty_bytes",
-            "Data acknowledged to clients but not yet in the object store",
-            each(|s| s.dirty_bytes),
-        ),
-        (
-            "nbd_s3_export_cached_blocks",
-            "Blocks in memory (clean, dirty or loading)",
-            each(|s| s.cached_blocks),
-        ),
-        (
-            "nbd_s3_export_present_blocks",
-            "Blocks that hold data (the rest read as zeros)",
-            each(|s| s.present_blocks),
-        ),
-    ];
-    for (name, help, samples) in g {
-        gauges(enc, name, help, samples)?;
+    for (name, help, field) in STORE_GAUGES {
+        gauges(enc, name, help, each(field))?;
     }
-    let c = [
-        (
-            "nbd_s3_export_cache_hits",
-            "Block reads served from memory or known holes",
-            each(|s| s.cache_hits),
-        ),
-        (
-            "nbd_s3_export_cache_misses",
-            "Block reads that needed a GET",
-            each(|s| s.cache_misses),
-        ),
-        (
-            "nbd_s3_export_readahead_blocks",
-            "Blocks fetched ahead of sequential readers",
-            each(|s| s.readahead_blocks),
-        ),
-        (
-            "nbd_s3_export_block_gets",
-            "Block GETs sent, retries included",
-            each(|s| s.gets),
-        ),
-        (
-            "nbd_s3_export_block_puts",
-            "Blocks written back (successful PUTs)",
-            each(|s| s.puts),
-        ),
-        (
-            "nbd_s3_export_block_deletes",
-            "Blocks deleted (successful DELETEs of zeroed or trimmed blocks)",
-            each(|s| s.deletes),
-        ),
-        (
-            "nbd_s3_export_write_back_failures",
-            "Failed write-back attempts (the data stays dirty and is retried)",
-            each(|s| s.write_back_failures),
-        ),
-    ];
-    for (name, help, samples) in c {
-        counters(enc, name, help, samples)?;
+    for (name, help, field) in STORE_COUNTERS {
+        counters(enc, name, help, each(field))?;
     }
     let flushes = stores
         .iter()

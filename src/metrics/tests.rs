@@ -156,6 +156,30 @@ fn dashboard_queries_exist_in(text: &str) {
 }
 
 #[tokio::test]
+async fn a_draining_export_and_its_successor_share_a_name_but_not_a_series() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = sources(dir.path(), &["d-a"]).await;
+    let old = src.registry.get("d-a").unwrap();
+    let _client = old.attach(); // keeps the removed version draining
+    let refused = Export::new(old.config.clone(), Err("refused for the test".into()));
+    src.registry
+        .replace(BTreeMap::from([("d-a".to_string(), refused)]));
+    src.registry.retire(Arc::clone(&old));
+    assert_eq!(src.registry.draining().len(), 1);
+    let text = renderer(src.clone())().unwrap();
+    let s = parse(&text);
+    let up: Vec<_> = s
+        .iter()
+        .filter(|x| x.metric == "nbd_s3_export_up")
+        .collect();
+    assert_eq!(up.len(), 1, "one series per name:\n{text}");
+    assert_eq!(
+        value(&s, "nbd_s3_export_up", &[("export", "d-a")]),
+        Some(0.0)
+    );
+}
+
+#[tokio::test]
 async fn removed_exports_drop_out_of_the_scrape() {
     let dir = tempfile::tempdir().unwrap();
     let src = sources(dir.path(), &["r-keep", "r-gone"]).await;
