@@ -161,11 +161,16 @@ fn diff_export(o: &ExportConfig, n: &ExportConfig, st: ExportState) -> ExportAct
             reason: "definition changed (was refused)".into(),
         };
     }
-    let moved = o.bucket != n.bucket || o.prefix != n.prefix || o.block_size != n.block_size;
+    // A lease switched on (or off) needs a new store: only a fresh open takes the lease and
+    // puts the store behind its fence.
+    let moved = o.bucket != n.bucket
+        || o.prefix != n.prefix
+        || o.block_size != n.block_size
+        || o.lease != n.lease;
     if moved && st.attached > 0 {
         return ExportAction::Refuse {
             reason: format!(
-                "bucket, prefix or block_size cannot change while {} client(s) are attached",
+                "bucket, prefix, block_size or lease cannot change while {} client(s) are attached",
                 st.attached
             ),
         };
@@ -182,7 +187,7 @@ fn diff_export(o: &ExportConfig, n: &ExportConfig, st: ExportState) -> ExportAct
     if moved {
         return ExportAction::Reopen {
             new: n.clone(),
-            reason: "bucket, prefix or block_size changed".into(),
+            reason: "bucket, prefix, block_size or lease changed".into(),
         };
     }
     if o.read_only && !n.read_only {

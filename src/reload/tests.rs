@@ -441,3 +441,23 @@ async fn reopen_waits_for_the_old_data_to_reach_s3() {
         "old data not flushed before the move"
     );
 }
+
+#[test]
+fn lease_change_reopens_idle_exports_and_is_refused_under_clients() {
+    let old = config(vec![export("a")]);
+    let mut leased = export("a");
+    leased.lease = crate::config::LeaseMode::On {
+        ttl: Duration::from_secs(30),
+    };
+    let new = config(vec![leased]);
+    let idle_plan = plan_with(&old, &new, idle);
+    assert!(matches!(
+        idle_plan.exports["a"],
+        ExportAction::Reopen { .. }
+    ));
+    let busy_plan = plan_with(&old, &new, attached);
+    assert!(matches!(
+        busy_plan.exports["a"],
+        ExportAction::Refuse { .. }
+    ));
+}

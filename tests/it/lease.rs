@@ -196,3 +196,24 @@ fn export_refused_while_s3_is_down_at_start_comes_up_by_itself() {
         .wait_for_log("opened again by itself", DAEMON_TIMEOUT);
     assert_eq!(write_and_flush(&uri, 0, 0x33).trim(), "flushed");
 }
+
+#[test]
+fn clean_shutdown_releases_the_lease_for_the_next_daemon() {
+    let s3 = S3Server::start();
+    let vm = ExportSpec::new("vm").size("8MiB");
+    let mut first = start(&s3, None, &[vm.clone()], "30s");
+    assert_eq!(
+        write_and_flush(&first.nbd.uri("vm"), 0, 0x44).trim(),
+        "flushed"
+    );
+    assert!(s3.read_object("nbd", "vm/nbd-s3.lock").is_some());
+    first.nbd.sigterm();
+    assert!(first.nbd.wait_exit(DAEMON_TIMEOUT).success());
+    assert!(
+        s3.read_object("nbd", "vm/nbd-s3.lock").is_none(),
+        "lease left behind by a clean shutdown"
+    );
+    // A daemon started right after needs no takeover (a 30 s lease would otherwise block it).
+    let next = start(&s3, None, &[vm], "30s");
+    assert!(served(&next.nbd.uri("vm")));
+}
