@@ -6,7 +6,8 @@
 # Knobs: WS (working set, 256M), RT (seconds per random job, 10), NBDS3 (binary),
 #        STORE=s3 (s3s-fs on tmpfs, default) | file (file:// store on tmpfs).
 # The working set is written once before the measured reads, so nbd-s3 serves every read
-# from its cache; the cache (1GiB) holds the whole working set.
+# from its cache; the cache (1GiB) holds the whole working set. After each write phase an
+# untimed FLUSH (both peers) lets write-back finish before the next phase is measured.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WS=${WS:-256M}; RT=${RT:-10}; STORE=${STORE:-s3}
@@ -60,6 +61,9 @@ run_workloads() { # PEER URI
                        --time_based --runtime="$RT") ;;
     esac
     echo "$peer $w $r" >>"$W/results"
+    # Untimed, for both peers alike: a write phase's data is stored (for nbd-s3: written back
+    # to the store) before the next phase starts, so no phase pays for the one before it.
+    case $w in *write*) PATH=/usr/bin:$PATH nbdsh -u "$uri" -c 'h.flush()' ;; esac
   done
 }
 

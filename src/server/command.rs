@@ -140,32 +140,45 @@ fn data_part(e: Extent) -> Part {
     }
 }
 
-/// OFFSET_DATA / OFFSET_HOLE chunks covering the read, DONE on the last one.
+/// OFFSET_DATA / OFFSET_HOLE chunks covering the read, DONE on the last one. Adjacent data
+/// extents (one per cached block when the store shares its buffers) become one chunk.
 fn chunks(req: &Request, extents: Vec<Extent>) -> Vec<Part> {
-    let extents: Vec<Extent> = extents.into_iter().filter(|e| extent_len(e) > 0).collect();
-    let last = extents.len().saturating_sub(1);
-    let mut parts = Vec::with_capacity(extents.len() * 2);
+    let runs = runs(extents);
+    let last = runs.len().saturating_sub(1);
+    let mut parts = Vec::with_capacity(runs.len() + runs.iter().map(Vec::len).sum::<usize>());
     let mut offset = req.offset;
-    for (i, e) in extents.into_iter().enumerate() {
+    let cookie = req.cookie;
+    for (i, run) in runs.into_iter().enumerate() {
         let flags = if i == last { REPLY_FLAG_DONE } else { 0 };
-        let len = extent_len(&e) as u32;
-        let cookie = req.cookie;
-        match e {
-            Extent::Data(b) => {
-                parts.push(Part::Head(Head::build(|h| {
-                    reply::offset_data_header(h, flags, cookie, offset, len)
-                })));
-                parts.push(Part::Data(b));
-            }
-            Extent::Zero(n) => {
-                parts.push(Part::Head(Head::build(|h| {
-                    reply::offset_hole(h, flags, cookie, offset, n)
-                })));
-            }
+        let len: u64 = run.iter().map(extent_len).sum();
+        let len = len as u32; // a run never exceeds the request's u32 length
+        if let [Extent::Zero(n)] = run[..] {
+            parts.push(Part::Head(Head::build(|h| {
+                reply::offset_hole(h, flags, cookie, offset, n)
+            })));
+        } else {
+            parts.push(Part::Head(Head::build(|h| {
+                reply::offset_data_header(h, flags, cookie, offset, len)
+            })));
+            parts.extend(run.into_iter().map(data_part));
         }
         offset += u64::from(len);
     }
     parts
+}
+
+/// Groups non-empty extents into runs: each zero extent alone, adjacent data extents together.
+fn runs(extents: Vec<Extent>) -> Vec<Vec<Extent>> {
+    let mut runs: Vec<Vec<Extent>> = Vec::new();
+    for e in extents.into_iter().filter(|e| extent_len(e) > 0) {
+        let joins = matches!(e, Extent::Data(_))
+            && matches!(runs.last().and_then(|r| r.last()), Some(Extent::Data(_)));
+        match runs.last_mut() {
+            Some(run) if joins => run.push(e),
+            _ => runs.push(vec![e]),
+        }
+    }
+    runs
 }
 
 /// `base:allocation` descriptors, clipped to the request (one only with REQ_ONE).
@@ -201,3 +214,57 @@ fn block_status(ctx: &ConnCtx, req: &Request) -> Reply {
 }
 
 const CHUNK_LEN: usize = reply::CHUNK_HEADER_LEN + 4;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(n: usize) -> Extent {
+        Extent::Data(Bytes::from(vec![7u8; n]))
+    }
+
+    #[test]
+    fn adjacent_data_extents_share_one_chunk_and_zeros_stay_holes() {
+        let extents = vec![data(3), data(5), Extent::Zero(4), Extent::Zero(0), data(2)];
+        let runs = runs(extents);
+        let lens: Vec<Vec<u64>> = runs
+            .iter()
+            .map(|r| r.iter().map(extent_len).collect())
+            .collect();
+        assert_eq!(lens, vec![vec![3, 5], vec![4], vec![2]]);
+    }
+
+    #[test]
+    fn chunks_cover_the_read_with_done_on_the_last() {
+        let req = Request {
+            flags: crate::proto::CommandFlags(0),
+            command: Command::Read,
+            cookie: 9,
+            offset: 100,
+            length: 14,
+        };
+        let parts = chunks(&req, vec![data(3), data(5), Extent::Zero(4), data(2)]);
+        // head + 2 data, hole head, head + 1 data
+        assert_eq!(parts.len(), 6);
+        let heads: Vec<&[u8]> = parts
+            .iter()
+            .filter_map(|p| match p {
+                Part::Head(h) => Some(h.bytes()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(heads.len(), 3);
+        let flags = |h: &[u8]| u16::from_be_bytes([h[4], h[5]]);
+        let kind = |h: &[u8]| u16::from_be_bytes([h[6], h[7]]);
+        let off = |h: &[u8]| u64::from_be_bytes(h[20..28].try_into().unwrap());
+        assert_eq!(kind(heads[0]), REPLY_TYPE_OFFSET_DATA);
+        assert_eq!(
+            u32::from_be_bytes(heads[0][16..20].try_into().unwrap()),
+            8 + 8
+        );
+        assert_eq!((off(heads[0]), flags(heads[0])), (100, 0));
+        assert_eq!(kind(heads[1]), REPLY_TYPE_OFFSET_HOLE);
+        assert_eq!(off(heads[1]), 108);
+        assert_eq!((off(heads[2]), flags(heads[2])), (112, REPLY_FLAG_DONE));
+    }
+}

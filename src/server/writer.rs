@@ -3,7 +3,7 @@
 //! and flushes only when the queue is empty, so pipelined clients get few, large writes.
 
 use bytes::Bytes;
-use std::io;
+use std::io::{self, IoSlice};
 use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
@@ -26,7 +26,7 @@ impl Head {
         let len = (HEAD_CAP - slice.len()) as u8;
         Head { buf, len }
     }
-    fn bytes(&self) -> &[u8] {
+    pub(crate) fn bytes(&self) -> &[u8] {
         &self.buf[..usize::from(self.len)]
     }
 }
@@ -76,47 +76,99 @@ impl Reply {
 
 static ZEROS: [u8; 64 * 1024] = [0u8; 64 * 1024];
 
-async fn write_part<W: AsyncWrite + Unpin>(w: &mut BufWriter<W>, part: &Part) -> io::Result<()> {
+/// Most replies taken from the queue for one round of vectored writes.
+const BATCH_REPLIES: usize = 64;
+/// Most slices per `writev` (Linux allows 1024).
+const MAX_SLICES: usize = 512;
+
+/// Appends the reply's bytes as slices: headers, data shared with the cache, static zeros.
+fn push_slices<'a>(reply: &'a Reply, out: &mut Vec<&'a [u8]>) {
+    match &reply.body {
+        Body::One(h) => out.push(h.bytes()),
+        Body::Many(parts) => parts.iter().for_each(|p| push_part(p, out)),
+    }
+}
+
+fn push_part<'a>(part: &'a Part, out: &mut Vec<&'a [u8]>) {
     match part {
-        Part::Head(h) => w.write_all(h.bytes()).await,
-        Part::Data(b) => w.write_all(b).await,
+        Part::Head(h) => out.push(h.bytes()),
+        Part::Data(b) => out.push(b),
         Part::Zeros(n) => {
             let mut left = *n as usize;
             while left > 0 {
                 let k = left.min(ZEROS.len());
-                w.write_all(&ZEROS[..k]).await?;
+                out.push(&ZEROS[..k]);
                 left -= k;
             }
-            Ok(())
         }
     }
 }
 
-async fn write_reply<W: AsyncWrite + Unpin>(w: &mut BufWriter<W>, reply: Reply) -> io::Result<()> {
-    match &reply.body {
-        Body::One(h) => w.write_all(h.bytes()).await,
-        Body::Many(parts) => {
-            for p in parts {
-                write_part(w, p).await?;
+/// Writes every slice with as few (vectored) writes as the socket takes. Large data goes
+/// straight from the cache's buffers to the socket; small replies are gathered by the
+/// `BufWriter`.
+async fn write_slices<W: AsyncWrite + Unpin>(
+    w: &mut BufWriter<W>,
+    mut slices: &[&[u8]],
+) -> io::Result<()> {
+    let mut skip = 0; // bytes of slices[0] already written
+    while let Some(first) = slices.first() {
+        if skip == first.len() {
+            (slices, skip) = (&slices[1..], 0);
+            continue;
+        }
+        let n = slices.len().min(MAX_SLICES);
+        let mut iov = Vec::with_capacity(n);
+        iov.push(IoSlice::new(&first[skip..]));
+        iov.extend(slices[1..n].iter().map(|s| IoSlice::new(s)));
+        let mut written = w.write_vectored(&iov).await?;
+        if written == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        // Advance past what was written.
+        while let Some(s) = slices.first() {
+            let left = s.len() - skip;
+            if written < left {
+                skip += written;
+                break;
             }
-            Ok(())
+            written -= left;
+            (slices, skip) = (&slices[1..], 0);
         }
     }
-    // `reply.budget` drops here: the bytes are in the buffer or on the socket.
+    Ok(())
+}
+
+/// Writes a batch of replies, in order, never interleaving two of them.
+async fn write_batch<W: AsyncWrite + Unpin>(
+    w: &mut BufWriter<W>,
+    batch: &mut Vec<Reply>,
+) -> io::Result<()> {
+    let mut slices: Vec<&[u8]> = Vec::with_capacity(batch.len() * 3);
+    for reply in batch.iter() {
+        push_slices(reply, &mut slices);
+    }
+    write_slices(w, &slices).await?;
+    drop(slices);
+    // The replies' budget permits drop here: their bytes are buffered or on the socket.
+    batch.clear();
+    Ok(())
 }
 
 /// Writes replies until every sender is gone, then flushes and shuts the write half down.
-/// An error (the client went away) ends the task; dropping `rx` tells the reader.
+/// Whatever is queued goes out in one round of vectored writes; the buffer is flushed only
+/// when the queue is empty, so pipelined clients get few, large writes. An error (the
+/// client went away) ends the task; dropping `rx` tells the reader.
 pub(crate) async fn run<W: AsyncWrite + Unpin>(
     mut w: BufWriter<W>,
     mut rx: mpsc::Receiver<Reply>,
 ) -> io::Result<()> {
-    while let Some(reply) = rx.recv().await {
-        write_reply(&mut w, reply).await?;
-        while let Ok(more) = rx.try_recv() {
-            write_reply(&mut w, more).await?;
+    let mut batch = Vec::with_capacity(BATCH_REPLIES);
+    while rx.recv_many(&mut batch, BATCH_REPLIES).await > 0 {
+        write_batch(&mut w, &mut batch).await?;
+        if rx.is_empty() {
+            w.flush().await?;
         }
-        w.flush().await?;
     }
     w.flush().await?;
     w.shutdown().await
