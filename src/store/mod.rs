@@ -128,6 +128,8 @@ pub(crate) struct Inner {
     flush_target: AtomicU64,
     /// Wakes the write-back dispatcher (new dirty block, flush, a PUT slot freed).
     kick: Notify,
+    /// The pressure level writers last woke the dispatcher for (see `kick_on_pressure`).
+    signalled: std::sync::atomic::AtomicU8,
     /// A block finished write-back: FLUSH/FUA waiters re-check.
     stored: Notify,
     put_slots: Arc<Semaphore>,
@@ -219,6 +221,7 @@ impl BlockStore {
             next_seq: AtomicU64::new(1),
             flush_target: AtomicU64::new(0),
             kick: Notify::new(),
+            signalled: Default::default(),
             stored: Notify::new(),
             put_slots: Arc::new(Semaphore::new(parallelism(bs))),
             get_slots: Arc::new(Semaphore::new(parallelism(bs))),

@@ -167,11 +167,13 @@ impl Inner {
                 token.commit(fresh);
             }
             self.dirty.fetch_add(fresh, SeqCst);
-            self.kick.notify_one(); // the dispatcher re-checks the pressure level
+            self.kick_on_pressure();
         }
-        // A fully written block is unlikely to change again soon (sequential writers): store
-        // it at once. Partly written ones wait a little so neighbouring writes share one PUT.
-        let full = slot.pages.is_full(self.pages);
+        // A block a sequential writer just finished (this write made it full and ends at its
+        // end) is unlikely to change again soon: store it at once. Others wait a little so
+        // neighbouring writes share one PUT; a block that random writes happened to fill
+        // would be dirty again right after its PUT.
+        let full = fresh > 0 && slot.pages.is_full(self.pages) && c.start + c.len == self.bs();
         let now = tokio::time::Instant::now();
         slot.last_write = Some(now);
         if let Some(seq) = slot.dirty_seq {
@@ -193,6 +195,18 @@ impl Inner {
         };
         self.wb.lock().add(seq, block, due);
         self.kick.notify_one();
+    }
+}
+
+impl Inner {
+    /// Wakes the write-back dispatcher when dirty data reaches a higher pressure level. Below
+    /// that it has nothing new to do, and waking it on every small write cost more CPU than
+    /// the write itself.
+    fn kick_on_pressure(&self) {
+        let level = self.budget.pressure_level() as u8;
+        if self.signalled.swap(level, SeqCst) < level {
+            self.kick.notify_one();
+        }
     }
 }
 
