@@ -2,6 +2,7 @@
 //! address learnt from the `metrics on ADDR` log line, `/metrics` parsed with prometheus-parse
 //! (every line must parse), real NBD clients as the workload, a real S3 server behind.
 
+use crate::common::fault_proxy::{Fault, FaultProxy, Op, Rule};
 use crate::common::{qemu_io, tool, wait_until, ExportSpec, NbdS3, S3Server};
 use prometheus_parse::{LineInfo, Sample, Scrape, Value};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -15,10 +16,19 @@ const SLOW: Duration = Duration::from_secs(30);
 /// A daemon with exports `m1` and `m2` and metrics on `127.0.0.1:0`; returns it with the
 /// metrics address it logged.
 fn daemon(s3: &S3Server) -> (NbdS3, String) {
+    daemon_via(s3, None)
+}
+
+/// `daemon`, talking to S3 through `proxy` when given.
+fn daemon_via(s3: &S3Server, proxy: Option<&FaultProxy>) -> (NbdS3, String) {
+    let endpoint = proxy.map_or_else(|| s3.endpoint(), FaultProxy::endpoint);
     let d = NbdS3::builder(s3)
         .export(ExportSpec::new("m1").size("16MiB"))
         .export(ExportSpec::new("m2").size("16MiB"))
-        .config(|c| c.metrics = Some("127.0.0.1:0".into()))
+        .config(|c| {
+            c.metrics = Some("127.0.0.1:0".into());
+            c.endpoint = endpoint;
+        })
         .start();
     let line = d.wait_for_log("metrics on ", SLOW);
     let addr = line
@@ -219,4 +229,37 @@ fn other_paths_and_garbage_are_refused_and_the_daemon_serves_on() {
     qemu_io(&d.uri("m1"), &["write -P 0x11 0 64k", "read -P 0x11 0 64k"]);
     let s = scrape(&addr);
     assert!(get(&s, "nbd_s3_requests_total", &cmd("m1", "read")) >= 1.0);
+}
+
+#[test]
+fn s3_errors_and_retries_are_counted_per_bucket() {
+    let s3 = S3Server::start();
+    let proxy = FaultProxy::start(s3.port(), 8);
+    let (d, addr) = daemon_via(&s3, Some(&proxy));
+    // Three block PUTs of m1 get 503 SlowDown; the backend retries them.
+    proxy.add(
+        Rule::new(Fault::SlowDown)
+            .only(&[Op::Put])
+            .key_contains("m1/00")
+            .times(3),
+    );
+    qemu_io(&d.uri("m1"), &["write -P 0x5a 0 1M", "flush"]);
+    assert_eq!(proxy.injected(Fault::SlowDown), 3, "{}", proxy.summary());
+    let s = scrape(&addr);
+    let bucket = [("bucket", "nbd")];
+    let transient = [("bucket", "nbd"), ("op", "put"), ("outcome", "transient")];
+    assert!(get(&s, "nbd_s3_backend_requests_total", &transient) >= 3.0);
+    assert!(get(&s, "nbd_s3_backend_retries_total", &bucket) >= 3.0);
+    assert_eq!(get(&s, "nbd_s3_backend_failures_total", &bucket), 0.0);
+    let put_latency = [("bucket", "nbd"), ("op", "put")];
+    let put_ok = [("bucket", "nbd"), ("op", "put"), ("outcome", "ok")];
+    assert!(
+        get(&s, "nbd_s3_backend_request_duration_seconds", &put_latency)
+            >= get(&s, "nbd_s3_backend_requests_total", &put_ok) + 3.0,
+        "every attempt, failed or not, has a latency"
+    );
+    assert_eq!(
+        get(&s, "nbd_s3_export_dirty_bytes", &[("export", "m1")]),
+        0.0
+    );
 }
