@@ -67,7 +67,7 @@ fn hostname() -> String {
 fn second_daemon_refuses_then_takes_over_after_the_holder_dies() {
     let s3 = S3Server::start();
     let vm = ExportSpec::new("vm").size("8MiB");
-    let mut first = start(&s3, None, &[vm.clone()], "3s");
+    let mut first = start(&s3, None, std::slice::from_ref(&vm), "3s");
     assert!(served(&first.nbd.uri("vm")));
     let lock = s3
         .read_object("nbd", "vm/nbd-s3.lock")
@@ -78,7 +78,7 @@ fn second_daemon_refuses_then_takes_over_after_the_holder_dies() {
         "{lock}"
     );
 
-    let second = start(&s3, None, &[vm.clone()], "3s");
+    let second = start(&s3, None, std::slice::from_ref(&vm), "3s");
     let line = second.nbd.wait_for_log("export refused", DAEMON_TIMEOUT);
     let holder = format!("host {} (pid {}", hostname(), first.nbd.pid());
     assert!(line.contains(&holder), "refusal must name {holder}: {line}");
@@ -164,7 +164,7 @@ fn failed_renewals_stop_s3_writes_before_expiry_and_recovery_resumes_them() {
 fn lease_off_lets_the_admin_opt_out() {
     let s3 = S3Server::start();
     let vm = ExportSpec::new("vm").size("8MiB");
-    let a = start(&s3, None, &[vm.clone()], "off");
+    let a = start(&s3, None, std::slice::from_ref(&vm), "off");
     let b = start(&s3, None, &[vm], "off");
     assert!(served(&a.nbd.uri("vm")) && served(&b.nbd.uri("vm")));
     assert!(s3.read_object("nbd", "vm/nbd-s3.lock").is_none());
@@ -201,7 +201,7 @@ fn export_refused_while_s3_is_down_at_start_comes_up_by_itself() {
 fn clean_shutdown_releases_the_lease_for_the_next_daemon() {
     let s3 = S3Server::start();
     let vm = ExportSpec::new("vm").size("8MiB");
-    let mut first = start(&s3, None, &[vm.clone()], "30s");
+    let mut first = start(&s3, None, std::slice::from_ref(&vm), "30s");
     assert_eq!(
         write_and_flush(&first.nbd.uri("vm"), 0, 0x44).trim(),
         "flushed"
