@@ -9,6 +9,7 @@ use super::writer::{self, Reply};
 use super::{Inner, State, MAX_IN_FLIGHT};
 use crate::proto::consts::*;
 use crate::proto::{parse_header, validate, Command, FatalError, Limits, Request, RequestHeader};
+use crate::store::pool::{self, Pooled};
 use bytes::{Bytes, BytesMut};
 use std::future::pending;
 use std::io;
@@ -277,19 +278,27 @@ async fn expired(state: &mut watch::Receiver<State>) {
     }
 }
 
-/// Reads exactly `len` payload bytes into a reusable buffer without zero-filling it first.
+/// Small WRITE payloads are read into shared chunks of this size: below the allocator's
+/// mmap threshold (`service::allocator`), so chunks come from and go back to malloc's arenas
+/// without page faults.
+const SMALL_CHUNK: usize = 32 * 1024;
+
+/// Reads exactly `len` payload bytes without zero-filling a buffer first. Large payloads of
+/// a pooled size (1 MiB, ...) are read into a recycled buffer from the store's pool, which
+/// saves a fresh mapping, its page faults and its munmap per request.
 async fn read_payload<R: AsyncRead + Unpin>(
     reader: &mut BufReader<R>,
     buf: &mut BytesMut,
     len: usize,
 ) -> io::Result<Bytes> {
+    if len > SMALL_CHUNK && pool::is_pooled(len) {
+        let mut owned = Pooled(pool::take(len));
+        reader.read_exact(&mut owned.0).await?;
+        return Ok(Bytes::from_owner(owned));
+    }
     // Small writes share one allocation; big ones get their own so a cached block does not
     // pin a larger buffer than it needs.
-    buf.reserve(if len < 64 * 1024 {
-        len.max(256 * 1024)
-    } else {
-        len
-    });
+    buf.reserve(len.max(SMALL_CHUNK));
     let mut limited = reader.take(len as u64);
     while buf.len() < len {
         if limited.read_buf(buf).await? == 0 {

@@ -93,6 +93,7 @@ impl Drop for DirtyToken {
 impl CacheBudget {
     /// One budget per process; every export's store draws from it.
     pub fn new(memory: u64, dirty: u64) -> Arc<Self> {
+        super::pool::set_limit(pool_limit(memory));
         Arc::new(Self {
             memory,
             dirty,
@@ -268,6 +269,12 @@ impl CacheBudget {
         }
         drop(guard);
     }
+}
+
+/// Free buffers the pool may keep beyond the budget: 1/16 of it, 4..64 MiB (enough for a
+/// few clients' in-flight 1 MiB writes and the blocks they replace).
+fn pool_limit(memory: u64) -> usize {
+    usize::try_from((memory / 16).clamp(4 << 20, 64 << 20)).unwrap_or(4 << 20)
 }
 
 struct WaiterGuard<'a>(&'a CacheBudget);

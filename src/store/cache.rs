@@ -17,6 +17,13 @@ pub(crate) struct BlockBuf {
     pub _charge: Charge,
 }
 
+impl Drop for BlockBuf {
+    /// The memory goes back to the buffer pool for the next block (no fresh mapping).
+    fn drop(&mut self) {
+        super::pool::give(std::mem::take(&mut self.data));
+    }
+}
+
 /// Shared, copy-on-write block buffer (shared only with an in-flight PUT).
 pub(crate) type Buf = Arc<BlockBuf>;
 

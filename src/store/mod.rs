@@ -17,6 +17,7 @@ mod budget;
 mod cache;
 mod dirty;
 mod manifest;
+pub(crate) mod pool;
 mod presence;
 mod read;
 mod stats;

@@ -6,7 +6,7 @@
 use super::block::{is_zero, Chunk};
 use super::budget::{Charge, DirtyToken};
 use super::cache::{BlockBuf, Buf, Content, LoadResult, Shard, Slot};
-use super::{Inner, StoreError};
+use super::{pool, Inner, StoreError};
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Arc;
 use tokio::sync::watch;
@@ -212,15 +212,14 @@ impl Inner {
 
 /// A fresh block of zeros with `data` at `start`.
 fn new_buf(bs: usize, charge: Charge, start: usize, data: &[u8]) -> Buf {
-    let v = if start == 0 && data.len() == bs {
-        data.to_vec()
+    let mut v = if start == 0 && data.len() == bs {
+        pool::take(bs)
     } else {
-        let mut v = vec![0u8; bs];
-        v[start..start + data.len()].copy_from_slice(data);
-        v
+        pool::take_zeroed(bs)
     };
+    v[start..start + data.len()].copy_from_slice(data);
     Arc::new(BlockBuf {
-        data: v.into_boxed_slice(),
+        data: v,
         _charge: charge,
     })
 }
@@ -278,8 +277,10 @@ fn modify(
 fn writable<'b>(buf: &'b mut Buf, memory: &mut Option<Charge>) -> Option<&'b mut [u8]> {
     if Arc::get_mut(buf).is_none() {
         let charge = memory.take()?;
+        let mut data = pool::take(buf.data.len());
+        data.copy_from_slice(&buf.data);
         *buf = Arc::new(BlockBuf {
-            data: buf.data.clone(),
+            data,
             _charge: charge,
         });
     }
