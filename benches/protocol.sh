@@ -4,13 +4,14 @@
 # reaches >= 70% of nbdkit's IOPS and bandwidth.
 #   benches/protocol.sh            (from anywhere; builds target/release/nbd-s3 first)
 # Knobs: WS (working set, 256M), RT (seconds per random job, 10), NBDS3 (binary),
-#        STORE=s3 (s3s-fs on tmpfs, default) | file (file:// store on tmpfs).
+#        STORE: the stores to run nbd-s3 on, "s3 file" by default (s3 = s3s-fs on tmpfs,
+#        file = file:// store on tmpfs).
 # The working set is written once before the measured reads, so nbd-s3 serves every read
 # from its cache; the cache (1GiB) holds the whole working set. After each write phase an
 # untimed FLUSH (both peers) lets write-back finish before the next phase is measured.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-WS=${WS:-256M}; RT=${RT:-10}; STORE=${STORE:-s3}
+WS=${WS:-256M}; RT=${RT:-10}; STORE=${STORE:-s3 file}
 SIZE=1G
 NBDS3=${NBDS3:-$PWD/target/release/nbd-s3}
 [ -n "${NO_BUILD:-}" ] || cargo build --release --locked --bin nbd-s3 >&2
@@ -74,25 +75,30 @@ PIDS+=($!); wait_nbd "nbd://127.0.0.1:$port/" $! "$W/nbdkit.log"
 run_workloads nbdkit-memory "nbd://127.0.0.1:$port/"
 kill "${PIDS[-1]}"; wait "${PIDS[-1]}" 2>/dev/null || true
 
-# --- nbd-s3, cache holding the working set ---
-mkdir -p "$W/s3/nbd"
-if [ "$STORE" = s3 ]; then
-  s3port=$(free_port)
-  "$S3FS" --host 127.0.0.1 --port "$s3port" --access-key bench --secret-key benchsecret \
-    "$W/s3" >"$W/s3.log" 2>&1 &
-  PIDS+=($!)
-  printf 'benchsecret' >"$W/secret"; chmod 600 "$W/secret"
-  s3conf="endpoint = \"http://127.0.0.1:$s3port\"
+# --- nbd-s3, cache holding the working set, once per store ---
+# s3: s3s-fs on the same machine, so its CPU (MD5 of every PUT body, HTTP) competes with the
+#     client and the server for the cores during write phases: protocol + store cost.
+# file: the file:// store on tmpfs, a cheaper real store: closer to protocol overhead alone.
+start_nbds3() { # STORE -> sets URI; the server's pid is the last of PIDS
+  local store=$1 d="$W/$1" s3conf port
+  mkdir -p "$d/s3/nbd"
+  if [ "$store" = s3 ]; then
+    local s3port; s3port=$(free_port)
+    "$S3FS" --host 127.0.0.1 --port "$s3port" --access-key bench --secret-key benchsecret \
+      "$d/s3" >"$d/s3.log" 2>&1 &
+    PIDS+=($!)
+    printf 'benchsecret' >"$d/secret"; chmod 600 "$d/secret"
+    s3conf="endpoint = \"http://127.0.0.1:$s3port\"
 region = \"us-east-1\"
 path_style = true
 access_key_id = \"bench\"
-secret_access_key_file = \"$W/secret\""
-  for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$s3port") 2>/dev/null && break; sleep 0.1; done
-else
-  s3conf="endpoint = \"file://$W/s3\""
-fi
-port=$(free_port)
-cat >"$W/exports.toml" <<T
+secret_access_key_file = \"$d/secret\""
+    for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$s3port") 2>/dev/null && break; sleep 0.1; done
+  else
+    s3conf="endpoint = \"file://$d/s3\""
+  fi
+  port=$(free_port)
+  cat >"$d/exports.toml" <<T
 [server]
 listen = "127.0.0.1:$port"
 [s3]
@@ -106,28 +112,46 @@ size = "$SIZE"
 bucket = "nbd"
 prefix = "bench/"
 T
-"$NBDS3" serve --config "$W/exports.toml" >"$W/nbd-s3.log" 2>&1 &
-PIDS+=($!); wait_nbd "nbd://127.0.0.1:$port/bench" $! "$W/nbd-s3.log"
-run_workloads nbd-s3 "nbd://127.0.0.1:$port/bench"
+  "$NBDS3" serve --config "$d/exports.toml" >"$d/nbd-s3.log" 2>&1 &
+  PIDS+=($!); URI="nbd://127.0.0.1:$port/bench"
+  wait_nbd "$URI" $! "$d/nbd-s3.log"
+}
+for store in $STORE; do
+  start_nbds3 "$store"
+  run_workloads "nbd-s3-$store" "$URI"
+  kill "${PIDS[-1]}"; wait "${PIDS[-1]}" 2>/dev/null || true   # flushes, then exits
+  if [ "$store" = s3 ]; then kill "${PIDS[-2]}"; wait "${PIDS[-2]}" 2>/dev/null || true; fi
+done
 
 echo
-echo "protocol overhead: working set $WS, random jobs ${RT}s, iodepth 32 (4k) / 8 (1M), store=$STORE, load: $(cut -d' ' -f1-3 /proc/loadavg)"
-python3 - "$W/results" <<'P'
+echo "protocol overhead: working set $WS, random jobs ${RT}s, iodepth 32 (4k) / 8 (1M), load: $(cut -d' ' -f1-3 /proc/loadavg)"
+python3 - "$W/results" $STORE <<'P'
 import sys
 rows = {}
 for line in open(sys.argv[1]):
     f = line.split()
     if len(f) == 4:
         rows[(f[0], f[1])] = (float(f[2]), float(f[3]))
-print(f"{'workload':12s} {'nbdkit memory':>24s} {'nbd-s3 (warm)':>24s} {'ratio':>7s}")
-worst = None
+stores = sys.argv[2:]
+fmt = lambda r: f"{r[0]:7.1f} MiB/s {r[1]:7.0f} IOPS" if r else f"{'failed':>22s}"
+head = f"{'workload':12s} {'nbdkit memory':>22s}"
+for s in stores:
+    head += f" {'nbd-s3 ' + s + ' store':>22s} {'ratio':>6s}"
+print(head)
+worst = {}
 for w in ["seqwrite1M", "seqread1M", "randread4k", "randwrite4k"]:
-    a, b = rows.get(("nbdkit-memory", w)), rows.get(("nbd-s3", w))
-    fmt = lambda r: f"{r[0]:8.1f} MiB/s {r[1]:8.0f} IOPS" if r else f"{'failed':>24s}"
-    ratio = f"{100 * b[1] / a[1]:6.0f}%" if a and b and a[1] else "   n/a"
-    if a and b and a[1]:
-        worst = min(worst or 1e9, 100 * b[1] / a[1])
-    print(f"{w:12s} {fmt(a):>24s} {fmt(b):>24s} {ratio}")
-if worst is not None:
-    print(f"lowest ratio: {worst:.0f}% (target >= 70%)")
+    a = rows.get(("nbdkit-memory", w))
+    line = f"{w:12s} {fmt(a):>22s}"
+    for s in stores:
+        b = rows.get((f"nbd-s3-{s}", w))
+        ratio = "   n/a"
+        if a and b and a[1]:
+            r = 100 * b[1] / a[1]
+            worst[s] = min(worst.get(s, 1e9), r)
+            ratio = f"{r:5.0f}%"
+        line += f" {fmt(b):>22s} {ratio:>6s}"
+    print(line)
+for s in stores:
+    if s in worst:
+        print(f"lowest ratio, {s} store: {worst[s]:.0f}% (target >= 70%)")
 P
