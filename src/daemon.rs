@@ -239,6 +239,17 @@ impl Daemon {
         if refused > 0 {
             line.push_str(&format!(", {refused} refused"));
         }
+        let unleased = exports
+            .iter()
+            .filter(|e| {
+                e.lease
+                    .as_ref()
+                    .is_some_and(|l| l.write_deadline().is_err())
+            })
+            .count();
+        if unleased > 0 {
+            line.push_str(&format!(", {unleased} without lease (S3 writes paused)"));
+        }
         line
     }
 

@@ -1,7 +1,10 @@
 //! Background reopening of refused exports: an export refused because S3 was unreachable (at
 //! start or at a reload), or because another daemon held its lease, is opened again by itself
 //! with backoff, and swapped into the registry the moment it opens — no reload needed.
-//! Exports refused for reasons only an admin can fix (`Retry::Never`) are left alone.
+//! Exports refused for reasons only an admin can fix (`Retry::Never`) are left alone. An
+//! export whose lease another daemon took is treated as refused once no client is attached:
+//! new clients then get "in use by …" instead of EIO on every write, and it comes back by
+//! itself when the other daemon lets go.
 
 use super::Daemon;
 use crate::export::{try_open, Export, Retry};
@@ -64,10 +67,13 @@ fn schedule(d: &Daemon, pending: &mut HashMap<String, Pending>) {
         current.is_some_and(|c| p.export.upgrade().is_some_and(|o| Arc::ptr_eq(c, &o)))
     });
     for (name, export) in snapshot.iter() {
-        if export.store.is_ok() || export.retry == Retry::Never || pending.contains_key(name) {
+        let Some(retry) = retry_of(export) else {
+            continue;
+        };
+        if pending.contains_key(name) {
             continue;
         }
-        let delay = first_delay(export.retry);
+        let delay = first_delay(retry);
         pending.insert(
             name.clone(),
             Pending {
@@ -78,6 +84,20 @@ fn schedule(d: &Daemon, pending: &mut HashMap<String, Pending>) {
             },
         );
     }
+}
+
+/// How to retry `export`, if at all: refused ones by their own class; served ones whose lease
+/// was lost, idle, every third of the lease time.
+fn retry_of(export: &Export) -> Option<Retry> {
+    if export.store.is_err() {
+        return (export.retry != Retry::Never).then_some(export.retry);
+    }
+    let lost = export.lease.as_ref().is_some_and(|l| l.is_lost());
+    let ttl = match export.config.lease {
+        crate::config::LeaseMode::On { ttl } => ttl,
+        crate::config::LeaseMode::Off => return None,
+    };
+    (lost && export.attached() == 0).then(|| Retry::Every((ttl / 3).max(FIRST_DELAY)))
 }
 
 fn first_delay(retry: Retry) -> Duration {
@@ -91,8 +111,8 @@ fn first_delay(retry: Retry) -> Duration {
 fn reschedule(p: &mut Pending, refused: &Arc<Export>) {
     p.attempts += 1;
     p.export = Arc::downgrade(refused);
-    p.delay = match refused.retry {
-        Retry::Every(d) => d,
+    p.delay = match retry_of(refused) {
+        Some(Retry::Every(d)) => d,
         _ => (p.delay * 2).min(MAX_DELAY),
     };
     p.due = Instant::now() + p.delay;
@@ -108,11 +128,18 @@ async fn attempt(d: &Daemon, old: Arc<Export>) -> (String, Option<Arc<Export>>) 
     if !current.get(&name).is_some_and(|c| Arc::ptr_eq(c, &old)) {
         return (name, None); // a reload replaced or removed it while we were opening
     }
+    if old.attached() > 0 && old.store.is_ok() {
+        return (name, Some(old)); // lost lease, but a client attached meanwhile: not now
+    }
     let up = fresh.store.is_ok();
     match (&old.store, &fresh.store) {
         (_, Ok(_)) => info!(
             export = name.as_str(),
             "export is up (refused before: opened again by itself)"
+        ),
+        (Ok(_), Err(now)) => warn!(
+            export = name.as_str(),
+            "export lease lost: new clients are refused until it is free again: {now}"
         ),
         (Err(before), Err(now)) if before != now || fresh.retry == Retry::Never => {
             warn!(export = name.as_str(), "export still refused: {now}")
@@ -125,6 +152,6 @@ async fn attempt(d: &Daemon, old: Arc<Export>) -> (String, Option<Arc<Export>>) 
     if up {
         info!("{}", d.status());
     }
-    let still_refused = (!up && fresh.retry != Retry::Never).then_some(fresh);
+    let still_refused = retry_of(&fresh).is_some().then_some(fresh);
     (name, still_refused)
 }

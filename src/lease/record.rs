@@ -44,10 +44,15 @@ fn read_trimmed(path: &str) -> Option<String> {
 /// The JSON stored at `<prefix>nbd-s3.lock`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct LeaseRecord {
+    /// [`FORMAT`]; a newer format is never taken over.
     pub format: u32,
+    /// The holder's [`Identity::owner`]: tells its own lease from another daemon's.
     pub owner: String,
+    /// Where the holder runs, for the refusal message and the dead-pid check.
     pub host: String,
+    /// The holder's process id, same uses.
     pub pid: u32,
+    /// The holder's kernel boot id (see [`Identity::boot_id`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot_id: Option<String>,
     /// Expiry as RFC 3339, for humans reading the object.
@@ -110,6 +115,7 @@ pub enum Verdict {
 
 /// Facts about the world the verdict needs besides the record.
 pub struct Context<'a> {
+    /// This daemon.
     pub me: &'a Identity,
     /// Our wall clock, in Unix ms.
     pub now_ms: u64,

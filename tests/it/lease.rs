@@ -9,7 +9,7 @@ use crate::common::config::quote;
 use crate::common::daemon::DAEMON_TIMEOUT;
 use crate::common::fault_proxy::{Fault, FaultProxy, Rule};
 use crate::common::S3Server;
-use crate::common::{nbdsh, run, tool, wait_until, DaemonConfig, ExportSpec, NbdS3};
+use crate::common::{nbdsh, run, tool, DaemonConfig, ExportSpec, NbdS3};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -49,6 +49,19 @@ fn start(s3: &S3Server, endpoint: Option<String>, exports: &[ExportSpec], lease:
     Leased {
         nbd: b.start(),
         _dir: dir,
+    }
+}
+
+/// Polls until `nbd` serves `export`; panics with the daemon's log after `DAEMON_TIMEOUT`.
+fn wait_served(nbd: &NbdS3, export: &str, what: &str) {
+    let deadline = std::time::Instant::now() + DAEMON_TIMEOUT;
+    while !served(&nbd.uri(export)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}; daemon log:\n{}",
+            nbd.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -95,10 +108,10 @@ fn second_daemon_refuses_then_takes_over_after_the_holder_dies() {
 
     first.nbd.kill9();
     let pid = second.nbd.pid();
-    wait_until(
+    wait_served(
+        &second.nbd,
+        "vm",
         "the second daemon to take over by itself",
-        DAEMON_TIMEOUT,
-        || served(&second.nbd.uri("vm")),
     );
     assert_eq!(second.nbd.pid(), pid);
     second
@@ -186,11 +199,7 @@ fn export_refused_while_s3_is_down_at_start_comes_up_by_itself() {
     assert!(!served(&uri), "served while S3 is unreachable");
     let pid = bed.nbd.pid();
     proxy.set_outage(false);
-    wait_until(
-        "the export to come up without a reload",
-        DAEMON_TIMEOUT,
-        || served(&uri),
-    );
+    wait_served(&bed.nbd, "vm", "the export to come up without a reload");
     assert_eq!(bed.nbd.pid(), pid);
     bed.nbd
         .wait_for_log("opened again by itself", DAEMON_TIMEOUT);
@@ -216,4 +225,49 @@ fn clean_shutdown_releases_the_lease_for_the_next_daemon() {
     // A daemon started right after needs no takeover (a 30 s lease would otherwise block it).
     let next = start(&s3, None, &[vm], "30s");
     assert!(served(&next.nbd.uri("vm")));
+}
+
+#[test]
+fn partitioned_holder_loses_the_lease_and_never_writes_over_the_new_one() {
+    let s3 = S3Server::start();
+    let proxy = FaultProxy::start(s3.port(), 11);
+    let vm = ExportSpec::new("vm").size("8MiB");
+    let a = start(&s3, Some(proxy.endpoint()), std::slice::from_ref(&vm), "3s");
+    assert_eq!(write_and_flush(&a.nbd.uri("vm"), 0, 0x11).trim(), "flushed");
+    let b = start(&s3, None, std::slice::from_ref(&vm), "3s");
+    b.nbd.wait_for_log("export refused", DAEMON_TIMEOUT);
+
+    // A cannot reach its lease for a while (B can): A pauses S3 writes, B takes over.
+    let cut = Rule::new(Fault::InternalError).key_contains("nbd-s3.lock");
+    proxy.add(cut.for_period(Duration::from_secs(10)));
+    a.nbd
+        .wait_for_log("could not be renewed in time", Duration::from_secs(20));
+    let out = write_and_flush(&a.nbd.uri("vm"), BLOCK, 0x55);
+    assert_eq!(out.trim(), "flush EIO", "FLUSH without a lease");
+    wait_served(&b.nbd, "vm", "B to take the export over");
+    assert_eq!(
+        write_and_flush(&b.nbd.uri("vm"), 2 * BLOCK, 0x66).trim(),
+        "flushed"
+    );
+
+    // A's link heals: it finds B's lease, gives up, and never writes its cached data.
+    a.nbd
+        .wait_for_log("was taken over by", Duration::from_secs(30));
+    let line = a
+        .nbd
+        .wait_for_log("export lease lost", Duration::from_secs(30));
+    assert!(line.contains(&format!("pid {}", b.nbd.pid())), "{line}");
+    assert!(
+        !served(&a.nbd.uri("vm")),
+        "A still serves an export B holds"
+    );
+    assert!(
+        s3.read_object("nbd", "vm/0000000000000001").is_none(),
+        "A wrote after losing the lease"
+    );
+    let lock = s3
+        .read_object("nbd", "vm/nbd-s3.lock")
+        .expect("lease object");
+    let pid = format!("\"pid\": {}", b.nbd.pid());
+    assert!(String::from_utf8_lossy(&lock).contains(&pid));
 }
