@@ -3,7 +3,7 @@
 //! configuration to run; `service::run` runs it.
 
 use clap::{Args, Parser, Subcommand};
-use nbd_s3::config::{summary_table, AdHoc, Config, ConfigError, DEFAULT_CONFIG_PATH};
+use nbd_s3::config::{summary_table, AdHoc, Config, ConfigError, Secret, DEFAULT_CONFIG_PATH};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -84,7 +84,7 @@ struct AdHocArgs {
         value_name = "SECRET",
         hide_env_values = true
     )]
-    s3_secret_key: Option<String>,
+    s3_secret_key: Option<Secret>,
     /// Bucket holding the export's blocks (prefix `<export-name>/`).
     #[arg(long, env = "NBD_S3_BUCKET", default_value = "nbd-storage")]
     s3_bucket: String,
@@ -119,6 +119,9 @@ fn check_config(args: CheckArgs) -> ExitCode {
             // design.md §1: check-config writes to stderr; a redirected stdout gets the table
             // too so scripts can capture it.
             eprint!("{}: OK\n{table}", path.display());
+            for warning in nbd_s3::config::file_warnings(&path, &cfg) {
+                eprintln!("warning: {warning}");
+            }
             if !std::io::stdout().is_terminal() {
                 print!("{table}");
             }
@@ -132,6 +135,9 @@ fn check_config(args: CheckArgs) -> ExitCode {
 }
 
 fn serve(args: ServeArgs) -> ExitCode {
+    for warning in nbd_s3::config::command_line_warnings(std::env::args_os()) {
+        eprintln!("warning: {warning}");
+    }
     if let Some(level) = &args.log_level {
         // Read by service::logging (RUST_LOG still wins); set before any thread exists.
         std::env::set_var("NBD_LOG_LEVEL", level);

@@ -17,7 +17,8 @@ pub struct AdHoc {
     pub size: String,
     pub s3_endpoint: Option<String>,
     pub s3_access_key: Option<String>,
-    pub s3_secret_key: Option<String>,
+    /// Redacted in `Debug` (clap's derived `Debug` of the parsed flags included).
+    pub s3_secret_key: Option<super::Secret>,
     pub s3_bucket: String,
     pub s3_region: Option<String>,
 }
@@ -31,10 +32,7 @@ impl std::fmt::Debug for AdHoc {
             .field("size", &self.size)
             .field("s3_endpoint", &self.s3_endpoint)
             .field("s3_access_key", &self.s3_access_key)
-            .field(
-                "s3_secret_key",
-                &self.s3_secret_key.as_ref().map(|_| "<redacted>"),
-            )
+            .field("s3_secret_key", &self.s3_secret_key)
             .field("s3_bucket", &self.s3_bucket)
             .field("s3_region", &self.s3_region)
             .finish()
@@ -63,8 +61,8 @@ impl AdHoc {
             check_endpoint(e).map_err(|m| flag_err("--s3-endpoint", m))?;
         }
         let (access_key_id, secret_access_key) = match (self.s3_access_key, self.s3_secret_key) {
-            (Some(id), Some(secret)) if !id.is_empty() && !secret.is_empty() => {
-                (Some(id), Some(secret))
+            (Some(id), Some(secret)) if !id.is_empty() && !secret.expose().is_empty() => {
+                (Some(id), Some(secret.into_inner()))
             }
             (None, None) => (None, None),
             _ => {

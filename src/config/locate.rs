@@ -114,6 +114,14 @@ fn rewrite(msg: &str, src: &str, span: &Range<usize>, key: Option<&str>) -> Stri
     let first_line = msg.lines().next().unwrap_or(msg).trim();
     if first_line.starts_with("unknown field") {
         if let Some(k) = backticked(first_line) {
+            if k.contains("secret") || k.contains("password") {
+                // Someone tried to inline a credential: say where it goes instead.
+                return format!(
+                    "unknown key {k:?}: secrets are never written in this file; put the secret \
+                     in a file only the daemon can read (chmod 600) and name it with \
+                     secret_access_key_file"
+                );
+            }
             return format!("unknown key {k:?}");
         }
     }

@@ -5,6 +5,7 @@ mod adhoc;
 mod error;
 mod locate;
 mod raw;
+mod secrets;
 mod security;
 pub mod size;
 mod summary;
@@ -15,6 +16,7 @@ mod tests;
 
 pub use adhoc::AdHoc;
 pub use error::{ConfigError, Diagnostic};
+pub use secrets::{command_line_warnings, file_warnings, Secret};
 pub use summary::summary_table;
 pub use validate::{check_name, parse_listen, read_secret, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
 pub use validate::{DEFAULT_DIRTY, DEFAULT_MEMORY};
@@ -39,8 +41,14 @@ impl Config {
             path: shown.clone(),
             source,
         })?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        Self::parse(&src, &shown, base)
+        // Absolute, so files named relative to the config ([server.tls], the secret) are
+        // found again at reload whatever the working directory is by then.
+        let base = match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        };
+        let base = std::path::absolute(base).unwrap_or_else(|_| base.to_path_buf());
+        Self::parse(&src, &shown, &base)
     }
 
     /// Parses and validates `src` (the contents of the file shown as `path`); relative

@@ -1,13 +1,39 @@
 //! The `check-config` summary: what the daemon would serve, in a table an admin can eyeball.
 
 use super::size::format_size;
-use super::{Config, ListenAddr};
+use super::{AllowRule, Config, ListenAddr, TlsConfig, TlsMode};
 
 fn listen_text(addr: &ListenAddr) -> String {
     match addr {
         ListenAddr::Tcp(s) => s.clone(),
         ListenAddr::Unix(p) => format!("unix:{}", p.display()),
     }
+}
+
+fn tls_text(tls: Option<&TlsConfig>) -> String {
+    let Some(tls) = tls else {
+        return "tls: off (plain text)\n".to_string();
+    };
+    let mode = match tls.mode {
+        TlsMode::Require => "required",
+        TlsMode::Allow => "offered, plain text allowed",
+    };
+    let clients = match &tls.client_ca {
+        Some(ca) => format!("client certificates from {}", ca.display()),
+        None => "no client certificates".to_string(),
+    };
+    format!("tls: {mode} (cert {}, {clients})\n", tls.cert.display())
+}
+
+fn allow_text(rules: &[AllowRule]) -> String {
+    let shown: Vec<String> = rules
+        .iter()
+        .map(|r| match r {
+            AllowRule::Net(net) => net.to_string(),
+            AllowRule::Unix => "unix".to_string(),
+        })
+        .collect();
+    shown.join(", ")
 }
 
 /// Renders the server settings and one row per export (name, size, bucket, prefix, block
@@ -19,6 +45,7 @@ pub fn summary_table(cfg: &Config) -> String {
     if let Some(m) = cfg.server.metrics {
         out.push_str(&format!("metrics: {m}\n"));
     }
+    out.push_str(&tls_text(cfg.server.tls.as_ref()));
     match cfg.s3.endpoint.as_deref() {
         Some(e) if e.starts_with("file://") => {
             out.push_str(&format!("s3: {e} (local directory store)\n"));
@@ -75,6 +102,11 @@ pub fn summary_table(cfg: &Config) -> String {
             .collect();
         out.push_str(cells.join("  ").trim_end());
         out.push('\n');
+    }
+    for e in &cfg.exports {
+        if let Some(rules) = &e.allow {
+            out.push_str(&format!("{} allows only: {}\n", e.name, allow_text(rules)));
+        }
     }
     let n = cfg.exports.len();
     out.push_str(&format!("{n} export{}\n", if n == 1 { "" } else { "s" }));
