@@ -107,6 +107,21 @@ mod tests {
         assert_eq!(s.expose(), "hunter2");
     }
 
+    /// The S3 client's own types are the other place the secret lives: their `Debug` must not
+    /// show it either (a `{:?}` of the client config in a log line would otherwise leak it).
+    #[test]
+    fn s3_client_debug_output_hides_the_secret() {
+        let creds =
+            aws_sdk_s3::config::Credentials::new("AKIDEXAMPLE", "s3cr3t-value", None, None, "t");
+        let conf = aws_sdk_s3::config::Builder::new()
+            .credentials_provider(creds.clone())
+            .region(aws_sdk_s3::config::Region::new("us-east-1"))
+            .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+            .build();
+        let shown = format!("{creds:?} {conf:?}");
+        assert!(!shown.contains("s3cr3t-value"), "{shown}");
+    }
+
     #[test]
     fn secret_flag_on_the_command_line_is_flagged() {
         let args = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>();
