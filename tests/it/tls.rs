@@ -251,3 +251,28 @@ fn qemu_connects_with_tls_creds_x509() {
     assert!(!text.contains("Pattern verification failed"), "{text}");
     assert!(text.contains("read 1048576/1048576"), "{text}");
 }
+
+#[test]
+fn nbd_client_lists_over_tls_with_certfile_options() {
+    let bed = TlsBed::start("require", true);
+    let certs = bed.client_dir("nbd-client", &bed.ca, Some(&bed.ca));
+    let port = bed.nbd.port().to_string();
+    let file = |name: &str| certs.join(name).display().to_string();
+    let listed = nbd_client(&[
+        "-l",
+        "127.0.0.1",
+        &port,
+        "-cacertfile",
+        &file("ca-cert.pem"),
+        "-certfile",
+        &file("client-cert.pem"),
+        "-keyfile",
+        &file("client-key.pem"),
+        "-tlshostname",
+        "127.0.0.1",
+    ]);
+    assert!(listed.lines().any(|l| l == EXPORT), "{listed}");
+    let plain = run(tool("nbd-client").args(["-l", "127.0.0.1", &port]));
+    assert!(!plain.status.success(), "{}", show(&plain));
+    assert!(show(&plain).contains("TLS is required"), "{}", show(&plain));
+}
