@@ -95,3 +95,7 @@ fn prepend(leftover: Vec<u8>, reader: BoxRead) -> BoxRead {
         Box::new(io::Cursor::new(leftover).chain(reader)) as Box<dyn AsyncRead + Send + Unpin>
     }
 }
+
+#[cfg(test)]
+#[path = "connection_tests.rs"]
+mod tests;
