@@ -92,6 +92,9 @@ struct Session<'a, S> {
     structured: bool,
     /// Canonical export name `base:allocation` was selected for.
     meta_export: Option<String>,
+    /// An allow-list refusal was logged at warn level; later ones go to debug, so a client
+    /// repeating refused options cannot flood the log.
+    refusal_logged: bool,
     out: Vec<u8>,
 }
 
@@ -135,6 +138,7 @@ where
         ctx,
         structured: false,
         meta_export: None,
+        refusal_logged: false,
         out: Vec::with_capacity(512),
     };
     let mut state = inner.state.subscribe();
@@ -300,14 +304,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
 
     /// Finds the export `name` asks for (the empty name: the only one) and checks that this
     /// client may have it. A refusal by the `allow` list is logged for the admin.
-    fn lookup(&self, name: &str) -> Result<(Arc<Export>, Arc<BlockStore>), Refusal> {
+    fn lookup(&mut self, name: &str) -> Result<(Arc<Export>, Arc<BlockStore>), Refusal> {
         let export = find(&self.inner.registry, name).map_err(|message| Refusal {
             kind: REP_ERR_UNKNOWN,
             message,
         })?;
         if !self.permitted(&export) {
             let (export, peer) = (export.name(), self.ctx.peer);
-            warn!("refused export {export} to {peer}: not in its allow list");
+            if std::mem::replace(&mut self.refusal_logged, true) {
+                debug!("refused export {export} to {peer}: not in its allow list");
+            } else {
+                warn!("refused export {export} to {peer}: not in its allow list");
+            }
             return Err(Refusal {
                 kind: REP_ERR_POLICY,
                 message: format!("export '{export}' is not available to this client"),

@@ -276,3 +276,30 @@ fn nbd_client_lists_over_tls_with_certfile_options() {
     assert!(!plain.status.success(), "{}", show(&plain));
     assert!(show(&plain).contains("TLS is required"), "{}", show(&plain));
 }
+
+#[test]
+fn startup_fails_on_a_key_that_does_not_match_the_certificate() {
+    let s3 = S3Server::start();
+    let certs = tempfile::tempdir().unwrap();
+    let files = write_server(certs.path(), &TestCa::new("ca"));
+    let other = TestCa::new("other").issue_server();
+    crate::common::tls::write_file(&files.key, &other.key_pem, 0o600);
+    let lines = server_tls_lines(&files, "require", false);
+    let failed = NbdS3::builder(&s3)
+        .export(ExportSpec::new(EXPORT).size("16MiB"))
+        .config(|c| c.extra_server.extend(lines))
+        .try_start()
+        .err()
+        .expect("started with a mismatched key");
+    assert_eq!(
+        failed.status.and_then(|s| s.code()),
+        Some(1),
+        "{}",
+        failed.logs
+    );
+    assert!(
+        failed.logs.contains("[server.tls]") && failed.logs.contains("does not belong"),
+        "{}",
+        failed.logs
+    );
+}
