@@ -144,3 +144,40 @@ fn refusals_are_err_policy_on_the_wire() {
         "EXPORT_NAME of a refused export answered"
     );
 }
+
+#[test]
+fn ipv6_loopback_and_ipv4_loopback_are_told_apart() {
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        eprintln!("skipped: this machine has no IPv6 loopback");
+        return;
+    }
+    let s3 = S3Server::start();
+    let nbd = NbdS3::builder(&s3)
+        .listen(&["127.0.0.1:0", "[::1]:0"])
+        .export(
+            ExportSpec::new("v6only")
+                .size("4MiB")
+                .line(r#"allow = ["::1"]"#),
+        )
+        .export(
+            ExportSpec::new("v4only")
+                .size("4MiB")
+                .line(r#"allow = ["127.0.0.1/32"]"#),
+        )
+        .start();
+    let v6 = nbd
+        .addrs()
+        .iter()
+        .find(|a| a.starts_with("[::1]:"))
+        .unwrap_or_else(|| panic!("no [::1] listener in {:?}", nbd.addrs()))
+        .clone();
+    let v4 = format!("127.0.0.1:{}", nbd.port());
+    assert!(opens(&NbdS3::uri_via(&v6, "v6only")).0);
+    assert!(opens(&NbdS3::uri_via(&v4, "v4only")).0);
+    let (ok, text) = opens(&NbdS3::uri_via(&v4, "v6only"));
+    assert!(!ok, "v6only opened from 127.0.0.1: {text}");
+    let (ok, text) = opens(&NbdS3::uri_via(&v6, "v4only"));
+    assert!(!ok, "v4only opened from ::1: {text}");
+    assert_eq!(listed(&NbdS3::uri_via(&v6, "")), ["v6only"]);
+    nbd.wait_for_log("refused export v4only to [::1]:", Duration::from_secs(10));
+}
