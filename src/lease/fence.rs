@@ -86,6 +86,9 @@ impl ObjectStore for FencedStore {
 
 impl crate::store::WriteGate for Lease {
     fn check(&self) -> Result<(), String> {
+        if !self.closed.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(());
+        }
         let st = self.state.lock();
         if st.released {
             return Err("the export lease was released".into());

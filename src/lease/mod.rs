@@ -155,6 +155,7 @@ impl LeaseManager {
             }),
             wake: Arc::new(tokio::sync::Notify::new()),
             lock: Arc::clone(&lock),
+            closed: std::sync::atomic::AtomicBool::new(false),
         });
         self.held.lock().insert(id, Arc::downgrade(&lease));
         tokio::spawn(renew::renew_loop(
@@ -299,6 +300,9 @@ pub struct Lease {
     state: parking_lot::Mutex<State>,
     wake: Arc<tokio::sync::Notify>,
     lock: Arc<tokio::sync::Mutex<()>>,
+    /// Set with `lost` or `released`: the write gate's lock-free fast path (checked on every
+    /// client write).
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl Lease {

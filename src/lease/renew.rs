@@ -119,6 +119,7 @@ impl Lease {
         );
         error!(lease = %self.key, "{msg}; dirty data not yet stored is kept in memory but will not be written");
         self.state.lock().lost = Some(msg);
+        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
         Renewal::Lost
     }
 
@@ -131,6 +132,7 @@ impl Lease {
                 return;
             }
             st.released = true;
+            self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
             Released::of(self, st.etag.clone(), st.valid_until)
         };
         self.wake.notify_one();
