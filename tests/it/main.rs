@@ -13,6 +13,7 @@ mod crash;
 mod faults;
 mod hostile;
 mod hostile_requests;
+mod lease;
 mod hostile_limits;
 mod metrics;
 mod outage;
