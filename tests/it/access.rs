@@ -181,3 +181,23 @@ fn ipv6_loopback_and_ipv4_loopback_are_told_apart() {
     assert_eq!(listed(&NbdS3::uri_via(&v6, "")), ["v6only"]);
     nbd.wait_for_log("refused export v4only to [::1]:", Duration::from_secs(10));
 }
+
+#[test]
+fn a_reload_changes_who_is_admitted() {
+    let s3 = S3Server::start();
+    let mut nbd = NbdS3::builder(&s3)
+        .export(
+            ExportSpec::new("disk")
+                .size("4MiB")
+                .line(r#"allow = ["unix"]"#),
+        )
+        .start();
+    let uri = nbd.uri("disk");
+    assert!(!opens(&uri).0, "admitted before the reload");
+    let mark = nbd.log_mark();
+    nbd.rewrite_config(|c| c.export_mut("disk").extra = vec![r#"allow = ["127.0.0.1"]"#.into()]);
+    nbd.sighup();
+    nbd.wait_for_log_after(mark, "reload complete", Duration::from_secs(30));
+    let (ok, text) = opens(&uri);
+    assert!(ok, "refused after the reload: {text}");
+}
