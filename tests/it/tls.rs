@@ -303,3 +303,28 @@ fn startup_fails_on_a_key_that_does_not_match_the_certificate() {
         failed.logs
     );
 }
+
+#[test]
+fn garbage_instead_of_a_client_hello_closes_only_that_connection() {
+    let bed = TlsBed::start("require", false);
+    let mut idle = Raw::connect(&bed.addr());
+    let mut raw = Raw::connect(&bed.addr());
+    raw.send_opt(OPT_STARTTLS, b"");
+    assert_eq!(raw.opt_reply().kind, REP_ACK);
+    raw.send(&[0x16, 0x03, 0x01, 0xff, 0xff, 1, 2, 3]);
+    raw.send(&[0x42; 64]);
+    // At most a TLS alert record (type 0x15) comes back, then the server closes.
+    let mut rest = Vec::new();
+    std::io::Read::read_to_end(&mut raw.s, &mut rest).expect("server kept the connection");
+    assert!(
+        rest.is_empty() || rest[0] == 0x15,
+        "not a TLS alert: {rest:x?}"
+    );
+    bed.nbd
+        .wait_for_log("TLS handshake failed", Duration::from_secs(10));
+    // The other connection and new ones are unaffected.
+    idle.send_opt(OPT_LIST, b"");
+    assert_eq!(idle.opt_reply().kind, REP_ERR_TLS_REQD);
+    let certs = bed.client_dir("good", &bed.ca, None);
+    nbdinfo(&[&bed.tls_uri(&certs)]);
+}
