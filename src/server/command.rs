@@ -21,6 +21,15 @@ pub(crate) struct ConnCtx {
     pub metrics: Arc<crate::metrics::ExportRequests>,
 }
 
+/// A request's WRITE payload as the reader got it.
+pub(crate) enum Payload {
+    /// Contiguous bytes (small or unaligned writes; empty for other commands).
+    Bytes(Bytes),
+    /// Whole blocks at a block-aligned offset, each read into its own block-sized buffer,
+    /// which the store keeps as the cached block without copying it.
+    Blocks(Vec<Box<[u8]>>),
+}
+
 /// A simple reply with no data.
 pub(crate) fn simple(errno: u32, cookie: u64) -> Reply {
     Reply::one(Head::build(|b| reply::simple_reply(b, errno, cookie)))
@@ -61,7 +70,7 @@ fn store_error(ctx: &ConnCtx, req: &Request, e: &StoreError) -> Reply {
 }
 
 /// Runs `req` (never DISC) with its WRITE payload and returns the reply to send.
-pub(crate) async fn execute(ctx: &ConnCtx, req: Request, payload: Bytes) -> Reply {
+pub(crate) async fn execute(ctx: &ConnCtx, req: Request, payload: Payload) -> Reply {
     let _counted = ctx.metrics.start(req.command, req.length); // metrics, on every exit
     let (store, off, len, fua) = (&ctx.store, req.offset, req.length, req.flags.fua());
     let result = match req.command {
@@ -71,7 +80,10 @@ pub(crate) async fn execute(ctx: &ConnCtx, req: Request, payload: Bytes) -> Repl
         Command::Disconnect => Ok(()),
         // Zero-length data commands are valid no-ops: answer without bothering the store.
         _ if len == 0 => Ok(()),
-        Command::Write => store.write(off, payload, fua).await,
+        Command::Write => match payload {
+            Payload::Bytes(data) => store.write(off, data, fua).await,
+            Payload::Blocks(blocks) => store.write_blocks(off, blocks, fua).await,
+        },
         Command::Trim => store.trim(off, len, fua).await,
         // FAST_ZERO: zeroing is always fast here (it only drops blocks), so just do it.
         Command::WriteZeroes => store.write_zeroes(off, len, fua).await,

@@ -3,7 +3,7 @@
 //! request as its own task, at most `MAX_IN_FLIGHT` at once; replies go to the writer task
 //! in completion order, which the protocol allows (cookies tell them apart).
 
-use super::command::{self, ConnCtx};
+use super::command::{self, ConnCtx, Payload};
 use super::handshake::Negotiated;
 use super::writer::{self, Reply};
 use super::{Inner, State, MAX_IN_FLIGHT};
@@ -191,9 +191,10 @@ async fn read_loop<R: AsyncRead + Unpin>(
             return Ok(());
         };
         let payload = match payload_len {
-            0 => Bytes::new(),
+            0 => Payload::Bytes(Bytes::new()),
             n => {
-                let read = read_payload(reader, &mut payload_buf, n as usize);
+                let bs = c.ctx.store.block_size() as usize;
+                let read = read_payload(reader, &mut payload_buf, header.offset, n as usize, bs);
                 match or_expired(&mut state, read).await {
                     Some(r) => r?,
                     None => return Ok(()),
@@ -283,21 +284,36 @@ async fn expired(state: &mut watch::Receiver<State>) {
 /// without page faults.
 const SMALL_CHUNK: usize = 32 * 1024;
 
-/// Reads exactly `len` payload bytes without zero-filling a buffer first. Large payloads of
-/// a pooled size (1 MiB, ...) are read into a recycled buffer from the store's pool, which
-/// saves a fresh mapping, its page faults and its munmap per request.
+/// Reads exactly `len` payload bytes without zero-filling a buffer first. A block-aligned
+/// payload of whole blocks is read straight into block-sized pool buffers that the store
+/// keeps as the cached blocks (no copy, no fresh mapping); other large payloads of a pooled
+/// size (1 MiB, ...) into one recycled pool buffer.
 async fn read_payload<R: AsyncRead + Unpin>(
     reader: &mut BufReader<R>,
     buf: &mut BytesMut,
+    offset: u64,
     len: usize,
-) -> io::Result<Bytes> {
+    block_size: usize,
+) -> io::Result<Payload> {
+    let whole_blocks = block_size > SMALL_CHUNK
+        && pool::is_pooled(block_size)
+        && len % block_size == 0
+        && offset % block_size as u64 == 0;
+    if whole_blocks {
+        let mut blocks = Vec::with_capacity(len / block_size);
+        for _ in 0..len / block_size {
+            let mut b = Pooled(pool::take(block_size));
+            reader.read_exact(&mut b.0).await?;
+            blocks.push(std::mem::take(&mut b.0));
+        }
+        return Ok(Payload::Blocks(blocks));
+    }
     if len > SMALL_CHUNK && pool::is_pooled(len) {
         let mut owned = Pooled(pool::take(len));
         reader.read_exact(&mut owned.0).await?;
-        return Ok(Bytes::from_owner(owned));
+        return Ok(Payload::Bytes(Bytes::from_owner(owned)));
     }
-    // Small writes share one allocation; big ones get their own so a cached block does not
-    // pin a larger buffer than it needs.
+    // Small writes share one allocation; big ones get their own.
     buf.reserve(len.max(SMALL_CHUNK));
     let mut limited = reader.take(len as u64);
     while buf.len() < len {
@@ -305,7 +321,7 @@ async fn read_payload<R: AsyncRead + Unpin>(
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
     }
-    Ok(buf.split_to(len).freeze())
+    Ok(Payload::Bytes(buf.split_to(len).freeze()))
 }
 
 struct RequestTask {
@@ -318,7 +334,7 @@ struct RequestTask {
 }
 
 impl RequestTask {
-    async fn run(mut self, req: Request, payload: Bytes) {
+    async fn run(mut self, req: Request, payload: Payload) {
         let op = command::execute(&self.ctx, req, payload);
         tokio::pin!(op);
         let reply = tokio::select! {

@@ -282,6 +282,17 @@ impl BlockStore {
             .write(offset, Some(&data), data.len() as u64, fua)
             .await
     }
+    /// Writes whole blocks at a block-aligned `offset` from buffers handed over (a large
+    /// aligned WRITE read straight into them): they become the cached blocks without a copy.
+    /// Anything not aligned is written through [`BlockStore::write`]'s path.
+    pub async fn write_blocks(
+        &self,
+        offset: u64,
+        blocks: Vec<Box<[u8]>>,
+        fua: bool,
+    ) -> Result<(), StoreError> {
+        self.inner.write_blocks(offset, blocks, fua).await
+    }
     /// Makes the range read as zeros (whole blocks become deletes).
     pub async fn write_zeroes(&self, offset: u64, len: u32, fua: bool) -> Result<(), StoreError> {
         self.gate()?;

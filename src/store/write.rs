@@ -31,6 +31,16 @@ enum Step {
 struct Room {
     dirty: Option<DirtyToken>,
     memory: Option<Charge>,
+    /// A whole-block write's own buffer (or, after a swap, the old content's).
+    block: Option<Box<[u8]>>,
+}
+
+impl Drop for Room {
+    fn drop(&mut self) {
+        if let Some(b) = self.block.take() {
+            pool::give(b);
+        }
+    }
 }
 
 impl Inner {
@@ -73,6 +83,112 @@ impl Inner {
                 .await?;
         }
         Ok(())
+    }
+
+    /// Writes whole blocks from buffers the caller hands over (a WRITE payload read straight
+    /// into block-sized pool buffers): each becomes the cached block as it is, no copy.
+    /// `offset` must be block-aligned and every buffer `block_size` long; anything else is
+    /// written through the copying path.
+    pub(crate) async fn write_blocks(
+        self: &Arc<Self>,
+        offset: u64,
+        blocks: Vec<Box<[u8]>>,
+        fua: bool,
+    ) -> Result<(), StoreError> {
+        let bs = self.bs();
+        let len = (blocks.len() * bs) as u64;
+        let aligned = offset % bs as u64 == 0 && blocks.iter().all(|b| b.len() == bs);
+        if !aligned || self.read_only {
+            let flat: Vec<u8> = blocks.concat();
+            let len = flat.len() as u64;
+            return self.write(offset, Some(&flat), len, fua).await;
+        }
+        let chunks = self.geo.chunks(offset, len, self.size.load(SeqCst))?;
+        for (c, block) in chunks.iter().zip(blocks) {
+            if is_zero(&block) {
+                pool::give(block);
+                self.write_chunk(c, Src::Zero).await?;
+            } else {
+                self.write_whole(c, block).await?;
+            }
+        }
+        if fua {
+            let target = self.next_seq.load(SeqCst);
+            self.write_through(chunks.iter().map(|c| c.block), target)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// One whole block from an owned buffer; see [`Inner::write_blocks`].
+    async fn write_whole(self: &Arc<Self>, c: &Chunk, block: Box<[u8]>) -> Result<(), StoreError> {
+        let mut room = Room::default();
+        room.block = Some(block);
+        loop {
+            let step = {
+                let mut shard = self.cache.lock(c.block);
+                self.adopt(&mut shard, c, &mut room)
+            };
+            match step {
+                Step::Done => return Ok(()),
+                Step::Wait(rx) => self.wait_load(c.block, rx).await?,
+                Step::NeedDirty => {
+                    let bytes = self.pages.bytes(self.pages.per_block as u32);
+                    room.dirty = Some(self.budget.reserve_dirty(bytes).await)
+                }
+                Step::NeedMemory => {
+                    room.memory = Some(self.budget.reserve_memory(self.geo.block_size).await)
+                }
+            }
+        }
+    }
+
+    /// Under the shard lock: makes `room.block` the block's content. An unshared cached
+    /// buffer swaps its bytes (keeping its budget charge); otherwise the new buffer needs one.
+    fn adopt(self: &Arc<Self>, shard: &mut Shard, c: &Chunk, room: &mut Room) -> Step {
+        let fresh = match shard.slots.get(&c.block) {
+            None => self.pages.per_block as u32,
+            Some(Slot {
+                content: Content::Loading(rx),
+                ..
+            }) => return Step::Wait(rx.clone()),
+            Some(slot) => slot.pages.clean_in(0, self.pages.per_block - 1),
+        };
+        if fresh > 0 && room.dirty.is_none() {
+            return Step::NeedDirty;
+        }
+        let in_place = shard
+            .slots
+            .get_mut(&c.block)
+            .and_then(|slot| match &mut slot.content {
+                Content::Ready(Some(buf)) => Arc::get_mut(buf),
+                _ => None,
+            });
+        match (in_place, room.block.as_mut()) {
+            (Some(cached), Some(new)) => std::mem::swap(&mut cached.data, new),
+            (_, Some(_)) => {
+                let Some(charge) = room.memory.take() else {
+                    return Step::NeedMemory;
+                };
+                let data = room.block.take().unwrap_or_default();
+                let buf = Arc::new(BlockBuf {
+                    data,
+                    _charge: charge,
+                });
+                match shard.slots.get_mut(&c.block) {
+                    Some(slot) => slot.content = Content::Ready(Some(buf)),
+                    None => {
+                        let present = self.presence.get(c.block);
+                        let slot = Slot::new(Content::Ready(Some(buf)), present);
+                        shard.slots.insert(c.block, slot);
+                    }
+                }
+            }
+            (_, None) => {} // applied in an earlier round (cannot happen: Done ends the loop)
+        }
+        self.presence.set(c.block, true);
+        self.mark_dirty(shard, c, room);
+        Step::Done
     }
 
     async fn write_chunk(self: &Arc<Self>, c: &Chunk, src: Src<'_>) -> Result<(), StoreError> {

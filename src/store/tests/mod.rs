@@ -2,6 +2,7 @@
 //! injection, a pause gate). Integration tests against a real S3 server live in tests/it.
 
 mod basics;
+mod blocks;
 mod budget;
 mod durability;
 mod model;
