@@ -1,19 +1,17 @@
 //! The fence: what stops this daemon from changing an export's objects once its lease is in
-//! doubt. Two layers:
-//! - [`FencedStore`], the object store the block store writes through, driven by the lease's
-//!   validity clock (not by a timer, so a stalled renewal task cannot delay it): from a third
-//!   of the ttl before the lease would run out, write-back PUTs and DELETEs fail (transiently,
-//!   so dirty data stays dirty and is retried once the lease is renewed), and a PUT still in
-//!   flight when the lease would run out is abandoned. This is what keeps two daemons from
-//!   ever writing one export.
-//! - the block store's write gate (`store::WriteGate`): once the lease is lost to another
-//!   daemon (or released), WRITE, TRIM, WRITE_ZEROES and FLUSH fail with EIO at once.
+//! doubt — from a third of the ttl before the lease would run out, until it is renewed (or for
+//! good once another daemon took it). Both layers read the lease's validity clock on every
+//! call rather than waiting for a timer, so a stalled renewal task cannot delay fencing:
+//! - the block store's write gate (`store::WriteGate`): WRITE, TRIM, WRITE_ZEROES and FLUSH
+//!   fail with EIO at once, so clients learn immediately instead of filling the cache with
+//!   writes that may never be stored;
+//! - [`FencedStore`], the object store the block store writes through: write-back PUTs and
+//!   DELETEs fail (transiently, so dirty data stays dirty and is retried once the lease is
+//!   renewed), and a PUT still in flight when the lease would run out is abandoned. This is
+//!   what keeps two daemons from ever writing one export.
 //!
-//! Why clients are not refused while renewals merely fail: S3 being unreachable is the usual
-//! cause, and issue 7 asks that a 30 s outage lets writes continue into the cache (up to the
-//! dirty limit, FLUSH failing after its timeout) — with a 30 s lease both cannot hold. Cached
-//! writes reach nobody else while write-back is fenced; if the lease turns out lost they are
-//! dropped, which only ever affects writes whose FLUSH failed.
+//! So an S3 outage longer than two thirds of the ttl fences a leased export; exports that must
+//! ride out long outages take a longer `lease` (or `lease = "off"` on a single daemon).
 
 use super::Lease;
 use crate::backend::{BackendError, DynObjectStore, ETag, ObjectStore};
@@ -86,16 +84,6 @@ impl ObjectStore for FencedStore {
 
 impl crate::store::WriteGate for Lease {
     fn check(&self) -> Result<(), String> {
-        if !self.closed.load(std::sync::atomic::Ordering::Relaxed) {
-            return Ok(());
-        }
-        let st = self.state.lock();
-        if st.released {
-            return Err("the export lease was released".into());
-        }
-        match &st.lost {
-            Some(lost) => Err(lost.clone()),
-            None => Ok(()),
-        }
+        self.writable()
     }
 }

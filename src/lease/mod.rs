@@ -1,9 +1,9 @@
 //! Export leases: so two daemons never write one export. A writable export is served only
 //! while this daemon holds `<prefix>nbd-s3.lock`, taken with a conditional write
 //! (`If-None-Match: *`) and renewed every third of its ttl with `If-Match`. A daemon that
-//! cannot renew fences the export a third of the ttl before the lease runs out (nothing more
-//! is written to S3; see [`fence`] for what clients see), so a daemon taking over an expired
-//! lease never races its writes; one that lost the lease to another daemon fails every write.
+//! cannot renew fences the export a third of the ttl before the lease runs out (writes get
+//! EIO, write-back stops; see [`fence`]), so a daemon taking over an expired lease never races
+//! its writes; it resumes if it renews in time, and stays fenced if another daemon took over.
 //!
 //! - [`record`]: the lease JSON and the pure "may we take it?" decision;
 //! - [`fence`]: the write gate and the fenced object store;
@@ -22,6 +22,7 @@ use crate::backend::conditional::supports_conditional_writes;
 use crate::backend::{BackendError, DynObjectStore, ETag};
 use record::{Identity, LeaseRecord, Verdict};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -155,8 +156,11 @@ impl LeaseManager {
             }),
             wake: Arc::new(tokio::sync::Notify::new()),
             lock: Arc::clone(&lock),
-            closed: std::sync::atomic::AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            born: sent,
+            fence_at_ms: AtomicU64::new(0),
         });
+        lease.publish(sent + ttl);
         self.held.lock().insert(id, Arc::downgrade(&lease));
         tokio::spawn(renew::renew_loop(
             Arc::downgrade(&lease),
@@ -300,9 +304,13 @@ pub struct Lease {
     state: parking_lot::Mutex<State>,
     wake: Arc<tokio::sync::Notify>,
     lock: Arc<tokio::sync::Mutex<()>>,
-    /// Set with `lost` or `released`: the write gate's lock-free fast path (checked on every
-    /// client write).
-    closed: std::sync::atomic::AtomicBool,
+    /// Set with `lost` or `released`. With `fence_at_ms`, the write gate's lock-free fast path
+    /// (it is checked on every client write).
+    closed: AtomicBool,
+    /// Time origin of `fence_at_ms`.
+    born: Instant,
+    /// When writes must stop (ms after `born`), unless renewed before.
+    fence_at_ms: AtomicU64,
 }
 
 impl Lease {
@@ -315,6 +323,27 @@ impl Lease {
     /// a write already on the wire.
     fn margin(&self) -> Duration {
         self.ttl / 3
+    }
+
+    /// Makes a new expiry visible to the lock-free write gate.
+    fn publish(&self, valid_until: Instant) {
+        let fence_at = valid_until
+            .checked_sub(self.margin())
+            .unwrap_or(valid_until);
+        let ms = fence_at.saturating_duration_since(self.born).as_millis();
+        self.fence_at_ms
+            .store(u64::try_from(ms).unwrap_or(u64::MAX), Ordering::SeqCst);
+    }
+
+    /// Whether client writes may proceed now: the lease is held and not about to run out.
+    /// Lock-free on the happy path; the reason comes from [`Lease::write_deadline`].
+    pub fn writable(&self) -> Result<(), String> {
+        let now_ms = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
+        if !self.closed.load(Ordering::Relaxed) && now_ms < self.fence_at_ms.load(Ordering::Relaxed)
+        {
+            return Ok(());
+        }
+        self.write_deadline().map(|_| ())
     }
 
     /// The instant until which a write may still run, or why none may start.

@@ -51,9 +51,9 @@ pub(super) async fn renew_loop(lease: Weak<Lease>, wake: Arc<tokio::sync::Notify
         }
         let now_fenced = l.write_deadline().is_err();
         if now_fenced && !fenced {
-            error!(lease = %l.key, "export lease could not be renewed in time: nothing is written to S3 for this export until it is (dirty data stays in memory, FLUSH fails); if another daemon takes the lease, writes get EIO");
+            error!(lease = %l.key, "export lease could not be renewed in time: writes, trims and flushes get EIO and nothing more is written to S3 until it is (dirty data stays in memory)");
         } else if fenced && !now_fenced {
-            info!(lease = %l.key, "export lease renewed; write-back resumes");
+            info!(lease = %l.key, "export lease renewed; writes resume");
         }
         fenced = now_fenced;
     }
@@ -86,6 +86,7 @@ impl Lease {
         let mut st = self.state.lock();
         st.etag = Some(new);
         st.valid_until = st.valid_until.max(sent + self.ttl);
+        self.publish(st.valid_until);
         Ok(true)
     }
 
