@@ -19,6 +19,7 @@ mod metrics;
 mod outage;
 mod raw_nbd;
 mod reload;
+mod secrets;
 mod service;
 mod store;
 mod store_bed;
