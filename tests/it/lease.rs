@@ -10,6 +10,7 @@ use crate::common::daemon::DAEMON_TIMEOUT;
 use crate::common::fault_proxy::{Fault, FaultProxy, Rule};
 use crate::common::S3Server;
 use crate::common::{nbdsh, run, tool, ExportSpec, NbdS3};
+use crate::raw_nbd::{Raw, REP_ERR_UNKNOWN};
 use std::time::Duration;
 
 const LOG: &str = "nbd_s3=info";
@@ -72,6 +73,15 @@ fn second_daemon_refuses_then_takes_over_after_the_holder_dies() {
     let holder = format!("host {} (pid {}", hostname(), first.pid());
     assert!(line.contains(&holder), "refusal must name {holder}: {line}");
     assert!(!served(&second.uri("vm")), "two daemons serve one export");
+    // Clients get ERR_UNKNOWN carrying the holder (nbdinfo shows only the error type).
+    let mut raw = Raw::connect(&format!("127.0.0.1:{}", second.port()));
+    let err = raw.go("vm").expect_err("GO on the leased export");
+    assert_eq!(err.kind, REP_ERR_UNKNOWN);
+    let told = String::from_utf8_lossy(&err.data);
+    assert!(
+        told.contains(&holder),
+        "the client is not told who holds it: {told}"
+    );
 
     let reader = start(&s3, None, &[vm.clone().read_only(true)], "3s");
     assert!(served(&reader.uri("vm")), "read-only export needs no lease");
