@@ -218,6 +218,10 @@ fn s3_outage_of_30s_fills_cache_blocks_writer_flush_eio_then_nothing_lost() {
         at_rest + 2 * BS >= DIRTY,
         "writers waited with only {at_rest} of {DIRTY} dirty bytes in the cache"
     );
+    assert!(
+        at_rest <= DIRTY + BS,
+        "{at_rest} bytes were taken into the cache during the outage; the dirty limit is {DIRTY}"
+    );
     let refused = bed.proxy.refused();
     assert!(refused > 0, "the outage refused nothing");
 
