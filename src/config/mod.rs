@@ -153,9 +153,10 @@ pub enum LeaseMode {
     On { ttl: Duration },
 }
 
-/// Default lease time: a crashed holder on another host blocks takeover at most this long,
-/// and renewals (every third of it) stay far apart enough to cost nothing.
-pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(30);
+/// Default lease time: a crashed holder on another host blocks takeover at most this long;
+/// long enough that a 30 s S3 outage does not fence the export (see `lease::RENEWALS_PER_TTL`),
+/// and renewals (every 10 s) cost one small PUT.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(60);
 
 /// One listening address.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

@@ -1,5 +1,5 @@
 //! The fence: what stops this daemon from changing an export's objects once its lease is in
-//! doubt — from a third of the ttl before the lease would run out, until it is renewed (or for
+//! doubt — from a sixth of the ttl before the lease would run out, until it is renewed (or for
 //! good once another daemon took it). Both layers read the lease's validity clock on every
 //! call rather than waiting for a timer, so a stalled renewal task cannot delay fencing:
 //! - the block store's write gate (`store::WriteGate`): WRITE, TRIM, WRITE_ZEROES and FLUSH
@@ -10,8 +10,9 @@
 //!   renewed), and a PUT still in flight when the lease would run out is abandoned. This is
 //!   what keeps two daemons from ever writing one export.
 //!
-//! So an S3 outage longer than two thirds of the ttl fences a leased export; exports that must
-//! ride out long outages take a longer `lease` (or `lease = "off"` on a single daemon).
+//! An S3 outage shorter than two thirds of the ttl (40 s with the default lease) never fences
+//! an export, wherever it falls between renewals; exports that must ride out longer outages
+//! take a longer `lease` (or `lease = "off"` on a single daemon).
 
 use super::Lease;
 use crate::backend::{BackendError, DynObjectStore, ETag, ObjectStore};

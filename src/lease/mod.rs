@@ -1,7 +1,7 @@
 //! Export leases: so two daemons never write one export. A writable export is served only
 //! while this daemon holds `<prefix>nbd-s3.lock`, taken with a conditional write
-//! (`If-None-Match: *`) and renewed every third of its ttl with `If-Match`. A daemon that
-//! cannot renew fences the export a third of the ttl before the lease runs out (writes get
+//! (`If-None-Match: *`) and renewed every sixth of its ttl with `If-Match`. A daemon that
+//! cannot renew fences the export a sixth of the ttl before the lease runs out (writes get
 //! EIO, write-back stops; see [`fence`]), so a daemon taking over an expired lease never races
 //! its writes; it resumes if it renews in time, and stays fenced if another daemon took over.
 //!
@@ -26,6 +26,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 use tokio::time::Instant;
+
+/// Renewals (and the fencing margin) come every `ttl / RENEWALS_PER_TTL`. With the default
+/// 60 s lease that is every 10 s and fencing 10 s before expiry, so an S3 outage of up to
+/// 40 s (ttl minus one interval minus the margin, whenever it starts) never fences an export:
+/// issue 7's 30 s outage must let writes continue into the cache.
+pub(crate) const RENEWALS_PER_TTL: u32 = 6;
 
 /// Name of the lease object under the export's prefix.
 pub const LEASE_NAME: &str = "nbd-s3.lock";
@@ -322,7 +328,7 @@ impl Lease {
     /// Writes must stop this long before the lease runs out: room for clock skew and for
     /// a write already on the wire.
     fn margin(&self) -> Duration {
-        self.ttl / 3
+        self.ttl / RENEWALS_PER_TTL
     }
 
     /// Makes a new expiry visible to the lock-free write gate.

@@ -1,4 +1,4 @@
-//! Keeping a lease: renewal every third of the ttl (sooner after a failure), re-taking it after
+//! Keeping a lease: renewal every sixth of the ttl (sooner after a failure), re-taking it after
 //! an outage if nobody else did, giving up for good if somebody did, and deleting it when the
 //! export no longer needs it.
 
@@ -28,7 +28,7 @@ pub(super) async fn renew_loop(lease: Weak<Lease>, wake: Arc<tokio::sync::Notify
             let retry = (l.ttl / 10).clamp(Duration::from_millis(100), Duration::from_secs(2));
             match failing_since {
                 Some(_) => Instant::now() + retry,
-                None => l.state.lock().valid_until - l.ttl + l.ttl / 3,
+                None => l.state.lock().valid_until - l.ttl + l.ttl / super::RENEWALS_PER_TTL,
             }
         };
         tokio::select! {

@@ -229,6 +229,33 @@ async fn failed_renewals_fence_before_expiry_and_recovery_unfences() {
     fenced.put("vm/1", Bytes::from_static(b"y")).await.unwrap();
 }
 
+/// Issue 7's 30 s outage must not fence a leased export: an outage of just under two thirds
+/// of the ttl (40 s of the default 60 s), starting right before a renewal was due, leaves
+/// writes accepted throughout.
+#[tokio::test(start_paused = true)]
+async fn outage_shorter_than_two_thirds_of_the_ttl_never_fences() {
+    let mem = Arc::new(MemoryStore::new());
+    let link = Link::new(&mem);
+    let store: DynObjectStore = link.clone();
+    let lease = take(&manager("alpha", 1), &store).await.unwrap();
+    let interval = TTL / RENEWALS_PER_TTL;
+    tokio::time::sleep(interval - Duration::from_millis(1)).await;
+    link.down.store(true, Ordering::SeqCst);
+    let outage = TTL * 2 / 3 - Duration::from_millis(50);
+    let until = Instant::now() + outage;
+    while Instant::now() < until {
+        assert!(
+            lease.check().is_ok() && lease.write_deadline().is_ok(),
+            "fenced {:?} into an outage of {outage:?}",
+            outage - (until - Instant::now())
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    link.down.store(false, Ordering::SeqCst);
+    tokio::time::sleep(interval).await;
+    assert!(lease.write_deadline().is_ok(), "renewed after the outage");
+}
+
 #[tokio::test(start_paused = true)]
 async fn lease_lost_to_another_daemon_stays_fenced() {
     let mem = Arc::new(MemoryStore::new());
