@@ -59,6 +59,19 @@ fn state(enc: &mut DescriptorEncoder, exports: &[Arc<Export>]) -> fmt::Result {
         "nbd_s3_export_clients",
         "Clients attached to the export",
         each(&|e| e.attached() as u64),
+    )?;
+    gauges(
+        enc,
+        "nbd_s3_export_lease",
+        "Export lease: 1 held and writable, 0 fenced (renewals failing) or lost to another daemon; absent for exports without a lease",
+        exports
+            .iter()
+            .filter_map(|e| {
+                let lease = e.lease.as_ref()?;
+                let held = u64::from(lease.writable().is_ok());
+                Some((label("export", e.name()), held))
+            })
+            .collect::<Vec<_>>(),
     )
 }
 

@@ -170,6 +170,8 @@ fn connections_clients_and_reloads_follow_the_daemon() {
     assert_eq!(get(&s, "nbd_s3_connections", &[]), 1.0);
     assert_eq!(get(&s, "nbd_s3_export_clients", &[("export", "m2")]), 1.0);
     assert_eq!(get(&s, "nbd_s3_export_clients", &[("export", "m1")]), 0.0);
+    // Both exports are writable with the default lease, which this daemon holds.
+    assert_eq!(get(&s, "nbd_s3_export_lease", &[("export", "m2")]), 1.0);
     drop(session.stdin.take());
     session.wait().expect("nbdsh exits");
     wait_until("the connection gauge back at 0", SLOW, || {
