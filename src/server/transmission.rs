@@ -15,7 +15,7 @@ use std::future::{pending, Future};
 use std::io;
 use std::sync::Arc;
 use std::task::Context;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, BufReader, BufWriter};
+use tokio::io::{AsyncBufRead, AsyncRead, AsyncReadExt, AsyncWrite, BufReader, BufWriter};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
@@ -304,14 +304,14 @@ async fn read_payload<R: AsyncRead + Unpin>(
         let mut blocks = Vec::with_capacity(len / block_size);
         for _ in 0..len / block_size {
             let mut b = Pooled(pool::take(block_size));
-            reader.read_exact(&mut b.0).await?;
+            read_direct(reader, &mut b.0).await?;
             blocks.push(std::mem::take(&mut b.0));
         }
         return Ok(Payload::Blocks(blocks));
     }
     if len > SMALL_CHUNK && pool::is_pooled(len) {
         let mut owned = Pooled(pool::take(len));
-        reader.read_exact(&mut owned.0).await?;
+        read_direct(reader, &mut owned.0).await?;
         return Ok(Payload::Bytes(Bytes::from_owner(owned)));
     }
     // Small writes share one allocation; big ones get their own.
@@ -323,6 +323,22 @@ async fn read_payload<R: AsyncRead + Unpin>(
         }
     }
     Ok(Payload::Bytes(buf.split_to(len).freeze()))
+}
+
+/// Fills `dst` with what the read buffer holds, then straight from the socket: a large
+/// payload read through the buffer would be copied once more on the way.
+async fn read_direct<R: AsyncRead + Unpin>(
+    reader: &mut BufReader<R>,
+    dst: &mut [u8],
+) -> io::Result<()> {
+    let buffered = reader.buffer();
+    let n = buffered.len().min(dst.len());
+    dst[..n].copy_from_slice(&buffered[..n]);
+    std::pin::Pin::new(&mut *reader).consume(n);
+    if n < dst.len() {
+        reader.get_mut().read_exact(&mut dst[n..]).await?;
+    }
+    Ok(())
 }
 
 /// Runs a request right here if it completes without waiting (cache hits, writes into the
