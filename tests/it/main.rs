@@ -11,6 +11,7 @@ mod cli_config;
 mod clients;
 mod crash;
 mod faults;
+mod filesystem;
 mod hostile;
 mod hostile_requests;
 mod lease;
