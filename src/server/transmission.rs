@@ -1,7 +1,8 @@
 //! The transmission phase of one connection (`connection` ran the handshake). A single reader loop
-//! parses requests (always consuming WRITE payloads, to stay in sync) and spawns each valid
-//! request as its own task, at most `MAX_IN_FLIGHT` at once; replies go to the writer task
-//! in completion order, which the protocol allows (cookies tell them apart).
+//! parses requests (always consuming WRITE payloads, to stay in sync) and runs each valid
+//! request in place when it needs no waiting, else as its own task, at most `MAX_IN_FLIGHT`
+//! at once; replies go to the writer task in completion order, which the protocol allows
+//! (cookies tell them apart).
 
 use super::command::{self, ConnCtx, Payload};
 use super::handshake::Negotiated;

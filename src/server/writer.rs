@@ -1,6 +1,7 @@
 //! The single task that owns a connection's write half. Request tasks hand it complete
-//! replies through a bounded channel; it batches whatever is queued into one buffered write
-//! and flushes only when the queue is empty, so pipelined clients get few, large writes.
+//! replies through a bounded channel; it writes whatever is queued with vectored writes (read
+//! data straight from the cache's buffers) and flushes only when the queue is empty, so
+//! pipelined clients get few, large writes.
 
 use bytes::Bytes;
 use std::io::{self, IoSlice};

@@ -3,7 +3,9 @@
 //! *dynamic* mmap threshold rises after the first such free, after which block buffers come
 //! from the heap arenas and freed ones stay in the process (measured: RSS at 2–3× the
 //! `[cache] memory` budget under a write storm). Pinning the threshold below the block size
-//! makes every block buffer its own mapping, returned to the OS when it is freed.
+//! makes every block buffer its own mapping, returned to the OS when it is freed. The cost
+//! (a fresh mapping and a page fault per 4 KiB for every buffer) is taken back by
+//! `store::pool`, which recycles freed blocks and large payload buffers up to a small bound.
 
 /// Allocations at or above this size are served by mmap and unmapped on free.
 const MMAP_THRESHOLD: i32 = 64 * 1024;
