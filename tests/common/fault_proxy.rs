@@ -122,6 +122,8 @@ struct State {
     upstream: SocketAddr,
     rules: Mutex<Vec<Rule>>,
     outage: AtomicBool,
+    /// An outage set with `outage_for` ends by itself at this instant.
+    outage_until: Mutex<Option<Instant>>,
     rng: Mutex<u64>,
     injected: Mutex<HashMap<Fault, u64>>,
     refused: AtomicU64,
@@ -149,6 +151,12 @@ impl State {
         None
     }
 
+    /// Whether S3 is unreachable now (`set_outage` or a running `outage_for`).
+    fn in_outage(&self) -> bool {
+        let until = *self.outage_until.lock().unwrap();
+        self.outage.load(Ordering::SeqCst) || until.is_some_and(|u| Instant::now() < u)
+    }
+
     /// A uniform number in [0, 1) from the seeded xorshift.
     fn roll(&self) -> f64 {
         let mut x = self.rng.lock().unwrap();
@@ -174,6 +182,7 @@ impl FaultProxy {
             upstream: SocketAddr::from(([127, 0, 0, 1], upstream_port)),
             rules: Mutex::new(vec![]),
             outage: AtomicBool::new(false),
+            outage_until: Mutex::new(None),
             rng: Mutex::new(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1),
             injected: Mutex::new(HashMap::new()),
             refused: AtomicU64::new(0),
@@ -227,6 +236,14 @@ impl FaultProxy {
     /// While on, every connection and every request is reset: S3 is unreachable.
     pub fn set_outage(&self, on: bool) {
         self.state.outage.store(on, Ordering::SeqCst);
+    }
+
+    /// S3 is unreachable from now for `d`, then back by itself (whatever the test is blocked
+    /// on meanwhile); returns the instant the outage ends.
+    pub fn outage_for(&self, d: Duration) -> Instant {
+        let end = Instant::now() + d;
+        *self.state.outage_until.lock().unwrap() = Some(end);
+        end
     }
 
     /// Faults injected so far of kind `f`.
@@ -300,7 +317,7 @@ async fn accept_loop(listener: TcpListener, st: Arc<State>) {
             continue;
         };
         let _ = sock.set_nodelay(true);
-        if st.outage.load(Ordering::SeqCst) {
+        if st.in_outage() {
             st.refused.fetch_add(1, Ordering::SeqCst);
             reset(sock);
             continue;
@@ -519,7 +536,7 @@ async fn serve(client: TcpStream, st: Arc<State>) -> io::Result<()> {
             let text = String::from_utf8_lossy(&req.raw).into_owned();
             st.heads.lock().unwrap().push(text);
         }
-        if st.outage.load(Ordering::SeqCst) {
+        if st.in_outage() {
             st.refused.fetch_add(1, Ordering::SeqCst);
             reset(client.into_inner());
             return Ok(());
