@@ -225,8 +225,10 @@ fn s3_outage_of_30s_fills_cache_blocks_writer_flush_eio_then_nothing_lost() {
     assert!(refused > 0, "the outage refused nothing");
 
     let took = writer_finishes(writer, &path, Duration::from_secs(90));
+    let t = Instant::now();
     let attempts = flush_until_ok(&uri, 20);
-    eprintln!("after S3 came back: writer done in {took:?}, FLUSH ok at attempt {attempts}");
+    let flushed_in = t.elapsed();
+    eprintln!("after S3 came back: writer done in {took:?}, then FLUSH ok at attempt {attempts} after {flushed_in:?}");
     assert_bucket_matches(&bed.s3, "o/", &image, BS);
     eprintln!(
         "{refused} connections/requests refused; {}",
