@@ -3,7 +3,8 @@
 //! limit waits (it is still pending when the outage ends), and FLUSH fails with EIO after
 //! `[cache] flush_timeout`. Once S3 is back the writer finishes and FLUSH succeeds; after
 //! kill -9 + restart every flushed byte reads back (fio verify for the bytes fio wrote during
-//! the outage, a reference image for the rest).
+//! the outage, a reference image for the rest). The export keeps its default lease, which a
+//! 30 s outage must not fence.
 
 use crate::common::{self, nbdsh, tool, ExportSpec};
 use crate::faults::{apply, assert_bucket_matches, ops_code, write_ops, FaultBed, KIB, MIB};
@@ -180,9 +181,9 @@ fn writer_finishes(mut writer: Child, path: &Path, timeout: Duration) -> Duratio
 
 #[test]
 fn s3_outage_of_30s_fills_cache_blocks_writer_flush_eio_then_nothing_lost() {
-    // A lease cannot be renewed during an outage; this test is about the cache, so no lease.
+    // The default lease stays on: it must not fence the export during a 30 s outage.
     let spec = ExportSpec::new("o").size("16MiB").block_size("64KiB");
-    let mut bed = FaultBed::start(vec![spec.line("lease = \"off\"")], 7, |b| {
+    let mut bed = FaultBed::start(vec![spec], 7, |b| {
         b.cache("32MiB", "2MiB").flush_timeout("5s")
     });
     let uri = bed.nbd.uri("o");
