@@ -136,7 +136,8 @@ pub(crate) struct Inner {
     put_slots: Arc<Semaphore>,
     get_slots: Arc<Semaphore>,
     dirty: AtomicU64,
-    /// Write-back tasks started by background pressure only (bounded by the dispatcher).
+    /// Write-back tasks nobody asked for (due blocks below half the dirty limit, cold blocks
+    /// above it), bounded by the dispatcher; FLUSH, FUA and hard pressure are not counted.
     background_puts: std::sync::atomic::AtomicUsize,
     closed: AtomicBool,
     /// How long a partly written block may stay dirty unasked (ms; tests stretch it).

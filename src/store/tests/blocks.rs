@@ -78,3 +78,32 @@ async fn unaligned_blocks_fall_back_to_the_copying_write() {
         .unwrap();
     assert_eq!(read_bytes(&store, 0, 100).await, pattern(100, 6));
 }
+
+#[tokio::test]
+async fn finished_blocks_share_a_few_puts_until_a_flush_asks_for_all() {
+    let mem = Arc::new(MemoryStore::new());
+    let store = open(&mem, 64).await;
+    let bs = BS as usize;
+    mem.pause();
+    let blocks: Vec<Box<[u8]>> = (0..20).map(|i| boxed(bs, i)).collect();
+    store.write_blocks(0, blocks, false).await.unwrap();
+    eventually("quiet PUTs reach the store", || mem.waiting() == 8).await;
+    for _ in 0..100 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(
+        mem.waiting(),
+        8,
+        "below half the dirty limit, 8 PUTs at most"
+    );
+    let flushing = {
+        let s = Arc::clone(&store);
+        tokio::spawn(async move { s.flush().await })
+    };
+    eventually("FLUSH sends the rest at once", || mem.waiting() == 20).await;
+    mem.resume();
+    flushing.await.unwrap().unwrap();
+    for i in 0..20u8 {
+        assert!(mem.peek(&key(u64::from(i))).unwrap()[..] == pattern(bs, i)[..]);
+    }
+}
