@@ -3,7 +3,7 @@
 //! both a long-lived "bystander" connection and a fresh connection are still served correctly.
 //! The transmission phase is in `hostile_requests.rs`; the raw client in `raw_nbd.rs`.
 
-use crate::common::{ExportSpec, NbdS3, S3Server};
+use crate::common::{wait_until, ExportSpec, NbdS3, S3Server, DAEMON_TIMEOUT};
 use crate::raw_nbd::*;
 use std::io::Write;
 use std::thread;
@@ -194,7 +194,17 @@ fn hundreds_of_options_are_answered_or_capped_without_hanging() {
             "transmission after flood"
         );
     } else {
-        assert!((16..600).contains(&n), "closed after {n} pipelined options");
+        // Closing with most of the flood unread makes the kernel send a reset, which may
+        // discard replies already on their way, so fewer than 256 may arrive; more never may.
+        assert!(
+            n <= 256,
+            "answered {n} pipelined options, past the cap of 256"
+        );
+        wait_until(
+            "the option cap logged for both floods",
+            DAEMON_TIMEOUT,
+            || bed.daemon.nbd.log_lines("more than 256 options").len() >= 2,
+        );
     }
     bed.check_served();
 }
