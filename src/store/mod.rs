@@ -133,6 +133,9 @@ pub(crate) struct Inner {
     signalled: std::sync::atomic::AtomicU8,
     /// A block finished write-back: FLUSH/FUA waiters re-check.
     stored: Notify,
+    /// Cuts write-back retry backoffs short: a FLUSH arrived, or a block that had been
+    /// failing was stored (S3 is back), so blocks waiting out a backoff of up to 10 s retry now.
+    retry_now: Notify,
     put_slots: Arc<Semaphore>,
     get_slots: Arc<Semaphore>,
     dirty: AtomicU64,
@@ -225,6 +228,7 @@ impl BlockStore {
             kick: Notify::new(),
             signalled: Default::default(),
             stored: Notify::new(),
+            retry_now: Notify::new(),
             put_slots: Arc::new(Semaphore::new(parallelism(bs))),
             get_slots: Arc::new(Semaphore::new(parallelism(bs))),
             dirty: AtomicU64::new(0),

@@ -217,6 +217,7 @@ async fn store_block(inner: Arc<Inner>, block: u64, _permit: OwnedSemaphorePermi
                 inner.finish_store(block, has_data);
                 if failing {
                     tracing::info!(key = %key, "write-back succeeded after failures");
+                    inner.retry_now.notify_waiters();
                 }
                 return;
             }
@@ -227,7 +228,10 @@ async fn store_block(inner: Arc<Inner>, block: u64, _permit: OwnedSemaphorePermi
                         "write-back failed; block stays dirty and is retried");
                     failing = true;
                 }
-                tokio::time::sleep(backoff.next_delay()).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff.next_delay()) => {}
+                    _ = inner.retry_now.notified() => {}
+                }
             }
         }
     }
@@ -349,6 +353,7 @@ impl Inner {
         }
         self.flush_target.fetch_max(target, SeqCst);
         self.kick.notify_one();
+        self.retry_now.notify_waiters();
         self.wait_stored_below(target, self.flush_timeout).await
     }
 

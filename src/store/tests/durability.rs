@@ -217,3 +217,29 @@ async fn fully_written_blocks_go_out_without_a_flush_partial_ones_wait() {
     );
     assert_eq!(store.dirty_bytes(), 4096);
 }
+
+/// Once S3 is back, a FLUSH stores the dirty blocks at once instead of after their retry
+/// backoff (which grows to 10 s during an outage) runs out.
+#[tokio::test(start_paused = true)]
+async fn flush_after_an_outage_does_not_wait_out_the_retry_backoff() {
+    let mem = Arc::new(MemoryStore::new());
+    let store = open_big(&mem).await;
+    mem.fail_next(u64::MAX);
+    let data = pattern(BIG as usize, 9);
+    store
+        .write(0, Bytes::from(data.clone()), false)
+        .await
+        .unwrap();
+    let err = store.flush().await.unwrap_err();
+    assert!(matches!(err, StoreError::FlushTimeout(_)), "{err}");
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    mem.fail_next(0);
+    let t = tokio::time::Instant::now();
+    store.flush().await.unwrap();
+    assert!(
+        t.elapsed() < Duration::from_millis(100),
+        "FLUSH after the outage took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(mem.peek(&key(0)).unwrap(), &data[..]);
+}
