@@ -4,17 +4,19 @@
 # reaches >= 70% of nbdkit's IOPS and bandwidth.
 #   benches/protocol.sh            (from anywhere; builds target/release/nbd-s3 first)
 # Knobs: WS (working set, 256M), RT (seconds per random job, 10), NBDS3 (binary),
-#        STORE: the stores to run nbd-s3 on, "s3 file" by default (s3 = s3s-fs on tmpfs,
-#        file = file:// store on tmpfs).
+#        STORE: the stores to run nbd-s3 on, "s3 file memory" by default (s3 = s3s-fs on
+#        tmpfs, file = file:// store on tmpfs, memory = examples/memory_server: the same server
+#        and cache over an in-process memory object store, i.e. protocol + cache overhead alone).
 # The working set is written once before the measured reads, so nbd-s3 serves every read
 # from its cache; the cache (1GiB) holds the whole working set. After each write phase an
 # untimed FLUSH (both peers) lets write-back finish before the next phase is measured.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-WS=${WS:-256M}; RT=${RT:-10}; STORE=${STORE:-s3 file}
+WS=${WS:-256M}; RT=${RT:-10}; STORE=${STORE:-s3 file memory}
 SIZE=1G
 NBDS3=${NBDS3:-$PWD/target/release/nbd-s3}
-[ -n "${NO_BUILD:-}" ] || cargo build --release --locked --bin nbd-s3 >&2
+MEMSRV=${MEMSRV:-$PWD/target/release/examples/memory_server}
+[ -n "${NO_BUILD:-}" ] || cargo build --release --locked --bin nbd-s3 --example memory_server >&2
 S3FS=${S3S_FS:-$(command -v s3s-fs || echo "$HOME/.cargo/bin/s3s-fs")}
 BASE=${TMPDIR:-/tmp}; [ -d /dev/shm ] && BASE=/dev/shm
 W=$(mktemp -d "$BASE/protobench.XXXX")
@@ -82,6 +84,13 @@ kill "${PIDS[-1]}"; wait "${PIDS[-1]}" 2>/dev/null || true
 start_nbds3() { # STORE -> sets URI; the server's pid is the last of PIDS
   local store=$1 d="$W/$1" s3conf port
   mkdir -p "$d/s3/nbd"
+  if [ "$store" = memory ]; then
+    port=$(free_port)
+    "$MEMSRV" "$port" $((1 << 30)) >"$d/nbd-s3.log" 2>&1 &
+    PIDS+=($!); URI="nbd://127.0.0.1:$port/bench"
+    wait_nbd "$URI" $! "$d/nbd-s3.log"
+    return
+  fi
   if [ "$store" = s3 ]; then
     local s3port; s3port=$(free_port)
     "$S3FS" --host 127.0.0.1 --port "$s3port" --access-key bench --secret-key benchsecret \

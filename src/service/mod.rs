@@ -2,7 +2,7 @@
 //! never passes through here; this module decides *when* the daemon starts, reloads and stops,
 //! and tells systemd and the admin about it.
 
-mod allocator;
+pub mod allocator;
 pub mod logging;
 pub mod notify;
 pub mod shutdown;
