@@ -75,7 +75,7 @@ async fn landed(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::memory::MemoryStore;
+    use crate::backend::memory::{CarelessStore, MemoryStore};
     use async_trait::async_trait;
 
     #[tokio::test]
@@ -86,41 +86,6 @@ mod tests {
             .await
             .unwrap());
         assert!(s.is_empty());
-    }
-
-    /// A store that accepts conditional writes but ignores the conditions.
-    #[derive(Debug, Default)]
-    struct Careless(MemoryStore);
-
-    #[async_trait]
-    impl ObjectStore for Careless {
-        async fn get(&self, key: &str) -> Result<Option<Bytes>, BackendError> {
-            self.0.get(key).await
-        }
-        async fn put(&self, key: &str, data: Bytes) -> Result<(), BackendError> {
-            self.0.put(key, data).await
-        }
-        async fn delete(&self, key: &str) -> Result<(), BackendError> {
-            self.0.delete(key).await
-        }
-        async fn list(&self, prefix: &str) -> Result<Vec<String>, BackendError> {
-            self.0.list(prefix).await
-        }
-        async fn put_if_absent(
-            &self,
-            key: &str,
-            data: Bytes,
-        ) -> Result<Option<ETag>, BackendError> {
-            self.0.put(key, data).await.map(|()| Some("\"x\"".into()))
-        }
-        async fn put_if_match(
-            &self,
-            key: &str,
-            data: Bytes,
-            _etag: &str,
-        ) -> Result<Option<ETag>, BackendError> {
-            self.0.put(key, data).await.map(|()| Some("\"x\"".into()))
-        }
     }
 
     /// An honest store whose conditional PUT replies get lost once: the retry meets the first
@@ -173,7 +138,7 @@ mod tests {
 
     #[tokio::test]
     async fn store_ignoring_conditions_fails() {
-        let s = Careless::default();
+        let s = CarelessStore::default();
         assert!(!supports_conditional_writes(&s, "probe").await.unwrap());
         assert!(s.0.is_empty());
     }

@@ -283,6 +283,43 @@ fn etag_of(version: u64) -> ETag {
     format!("\"{version:016x}\"")
 }
 
+/// A store that accepts conditional writes but ignores the conditions, as some S3-compatible
+/// servers do: what the conditional-write probe and export leases must refuse to trust.
+#[cfg(test)]
+#[derive(Debug, Default)]
+pub struct CarelessStore(pub MemoryStore);
+
+#[cfg(test)]
+#[async_trait]
+impl ObjectStore for CarelessStore {
+    async fn get(&self, key: &str) -> Result<Option<Bytes>, BackendError> {
+        self.0.get(key).await
+    }
+    async fn put(&self, key: &str, data: Bytes) -> Result<(), BackendError> {
+        self.0.put(key, data).await
+    }
+    async fn delete(&self, key: &str) -> Result<(), BackendError> {
+        self.0.delete(key).await
+    }
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, BackendError> {
+        self.0.list(prefix).await
+    }
+    async fn get_with_etag(&self, key: &str) -> Result<Option<(Bytes, ETag)>, BackendError> {
+        self.0.get_with_etag(key).await
+    }
+    async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<Option<ETag>, BackendError> {
+        self.0.put(key, data).await.map(|()| Some("\"x\"".into()))
+    }
+    async fn put_if_match(
+        &self,
+        key: &str,
+        data: Bytes,
+        _etag: &str,
+    ) -> Result<Option<ETag>, BackendError> {
+        self.0.put(key, data).await.map(|()| Some("\"x\"".into()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,7 +5,7 @@
 use super::fence::FencedStore;
 use super::record::{Identity, LeaseRecord};
 use super::*;
-use crate::backend::memory::MemoryStore;
+use crate::backend::memory::{CarelessStore, MemoryStore};
 use crate::backend::ObjectStore;
 use crate::store::WriteGate;
 use async_trait::async_trait;
@@ -293,43 +293,9 @@ async fn release_deletes_only_our_own_lease() {
     assert!(mem.peek(KEY).is_none());
 }
 
-/// Accepts conditional writes but ignores the conditions (some S3-compatible servers do).
-#[derive(Debug, Default)]
-struct Careless(MemoryStore);
-
-#[async_trait]
-impl ObjectStore for Careless {
-    async fn get(&self, key: &str) -> Result<Option<Bytes>, BackendError> {
-        self.0.get(key).await
-    }
-    async fn put(&self, key: &str, data: Bytes) -> Result<(), BackendError> {
-        self.0.put(key, data).await
-    }
-    async fn delete(&self, key: &str) -> Result<(), BackendError> {
-        self.0.delete(key).await
-    }
-    async fn list(&self, prefix: &str) -> Result<Vec<String>, BackendError> {
-        self.0.list(prefix).await
-    }
-    async fn get_with_etag(&self, key: &str) -> Result<Option<(Bytes, ETag)>, BackendError> {
-        self.0.get_with_etag(key).await
-    }
-    async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<Option<ETag>, BackendError> {
-        self.0.put(key, data).await.map(|()| Some("\"x\"".into()))
-    }
-    async fn put_if_match(
-        &self,
-        key: &str,
-        data: Bytes,
-        _etag: &str,
-    ) -> Result<Option<ETag>, BackendError> {
-        self.0.put(key, data).await.map(|()| Some("\"x\"".into()))
-    }
-}
-
 #[tokio::test(start_paused = true)]
 async fn store_ignoring_conditions_is_refused_with_advice() {
-    let store: DynObjectStore = Arc::new(Careless::default());
+    let store: DynObjectStore = Arc::new(CarelessStore::default());
     let err = take(&manager("alpha", 1), &store).await.unwrap_err();
     assert!(!err.is_retryable());
     assert!(err.to_string().contains("lease = \"off\""), "{err}");
