@@ -296,6 +296,7 @@ impl BlockStore {
         blocks: Vec<Box<[u8]>>,
         fua: bool,
     ) -> Result<(), StoreError> {
+        self.gate()?;
         self.inner.write_blocks(offset, blocks, fua).await
     }
     /// Makes the range read as zeros (whole blocks become deletes).

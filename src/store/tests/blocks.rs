@@ -107,3 +107,25 @@ async fn finished_blocks_share_a_few_puts_until_a_flush_asks_for_all() {
         assert!(mem.peek(&key(u64::from(i))).unwrap()[..] == pattern(bs, i)[..]);
     }
 }
+
+/// A fenced export (its lease in doubt) refuses whole-block writes like every other write:
+/// the client gets EIO and nothing reaches the cache.
+#[tokio::test]
+async fn a_closed_write_gate_refuses_whole_block_writes() {
+    #[derive(Debug)]
+    struct Closed;
+    impl WriteGate for Closed {
+        fn check(&self) -> Result<(), String> {
+            Err("lease lost".into())
+        }
+    }
+    let mem = Arc::new(MemoryStore::new());
+    let store = open(&mem, 16).await;
+    store.set_write_gate(Arc::new(Closed));
+    let err = store
+        .write_blocks(0, vec![boxed(BS as usize, 1)], false)
+        .await
+        .unwrap_err();
+    assert_eq!(err.errno(), 5, "{err}");
+    assert_eq!(store.dirty_bytes(), 0, "a refused write reached the cache");
+}
