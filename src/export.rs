@@ -50,6 +50,24 @@ pub enum Retry {
     Every(Duration),
 }
 
+impl Retry {
+    /// For an export whose lease another daemon holds: asked about every third of the lease
+    /// time, so its expiry is noticed (and taken over) about as fast as a renewal would be.
+    pub fn lease_held(ttl: Duration) -> Retry {
+        Retry::Every((ttl / 3).max(Duration::from_secs(1)))
+    }
+
+    /// After a failed object-store call: soon with backoff when the error may pass by itself,
+    /// slowly when only an admin can fix it (missing bucket, credentials).
+    fn after_backend(e: &BackendError) -> Retry {
+        if e.is_retryable() {
+            Retry::Backoff
+        } else {
+            Retry::Every(SLOW_RETRY)
+        }
+    }
+}
+
 /// One served export: its definition and its block store, or why it cannot be served.
 #[derive(Debug)]
 pub struct Export {
@@ -202,14 +220,11 @@ struct Refusal {
 const SLOW_RETRY: Duration = Duration::from_secs(60);
 
 impl Refusal {
-    /// A lease held elsewhere is asked about every third of the lease time, so its expiry is
-    /// noticed (and taken over) about as fast as a renewal would have happened.
     fn lease(e: LeaseError, ttl: Duration) -> Self {
         let retry = match &e {
             LeaseError::Unsupported { .. } => Retry::Never,
-            LeaseError::Held { .. } => Retry::Every((ttl / 3).max(Duration::from_secs(1))),
-            LeaseError::Backend(b) if b.is_retryable() => Retry::Backoff,
-            LeaseError::Backend(_) => Retry::Every(SLOW_RETRY),
+            LeaseError::Held { .. } => Retry::lease_held(ttl),
+            LeaseError::Backend(b) => Retry::after_backend(b),
         };
         Self {
             message: e.to_string(),
@@ -221,8 +236,7 @@ impl Refusal {
 impl From<StoreError> for Refusal {
     fn from(e: StoreError) -> Self {
         let retry = match &e {
-            StoreError::Backend(b) if b.is_retryable() => Retry::Backoff,
-            StoreError::Backend(_) => Retry::Every(SLOW_RETRY),
+            StoreError::Backend(b) => Retry::after_backend(b),
             _ => Retry::Never,
         };
         Self {

@@ -9,7 +9,12 @@ pub const S3_METADATA_KEY: &str = "nbd-s3-crc32c";
 
 /// The checksum as we store it: 8 lowercase hex digits of the CRC32C.
 pub fn crc32c_hex(data: &[u8]) -> String {
-    format!("{:08x}", crc32c::crc32c(data))
+    hex_of(crc32c::crc32c(data))
+}
+
+/// How a CRC32C is written in object metadata (and xattrs): 8 lowercase hex digits.
+pub fn hex_of(crc: u32) -> String {
+    format!("{crc:08x}")
 }
 
 /// Checks a body read back from the store against what was recorded at write time.

@@ -1,12 +1,13 @@
 //! The S3 store (aws-sdk-s3), tuned for S3-compatible servers as much as for AWS: path-style
-//! addressing when asked, checksums only when an operation requires them (MinIO, Garage, Ceph
-//! and s3s-fs reject some of the newer flexible-checksum headers), no SDK retries (the
+//! addressing when asked, no checksums computed by the SDK unless an operation requires them
+//! (some S3-compatible servers reject the newer flexible-checksum defaults) — block PUTs send
+//! exactly one, `x-amz-checksum-crc32c`, themselves — and no SDK retries (the
 //! [`super::retry::Retrying`] wrapper and the block store's write-back own the retry policy).
 //!
 //! Every PUT carries the body's CRC32C as user metadata and every GET checks it, see
 //! [`super::integrity`].
 
-use super::integrity::{crc32c_hex, verify, S3_METADATA_KEY};
+use super::integrity::{hex_of, verify, S3_METADATA_KEY};
 use super::{BackendError, ETag, ObjectStore, MAX_OBJECT_SIZE};
 use crate::config::S3Config;
 use async_trait::async_trait;
@@ -177,16 +178,15 @@ impl S3Store {
         key: &str,
         data: Bytes,
     ) -> aws_sdk_s3::operation::put_object::builders::PutObjectFluentBuilder {
-        let crc = crc32c_hex(&data);
-        let wire_crc = u32::from_str_radix(&crc, 16).map(checksum_header);
+        let crc = crc32c::crc32c(&data);
         let len = i64::try_from(data.len()).unwrap_or(i64::MAX);
         self.client
             .put_object()
             .bucket(&self.bucket)
             .key(key)
             .content_length(len)
-            .metadata(S3_METADATA_KEY, crc)
-            .set_checksum_crc32_c(wire_crc.ok())
+            .metadata(S3_METADATA_KEY, hex_of(crc))
+            .checksum_crc32_c(checksum_header(crc))
             .body(ByteStream::from(data))
     }
 

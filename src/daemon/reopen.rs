@@ -93,11 +93,10 @@ fn retry_of(export: &Export) -> Option<Retry> {
         return (export.retry != Retry::Never).then_some(export.retry);
     }
     let lost = export.lease.as_ref().is_some_and(|l| l.is_lost());
-    let ttl = match export.config.lease {
-        crate::config::LeaseMode::On { ttl } => ttl,
-        crate::config::LeaseMode::Off => return None,
+    let crate::config::LeaseMode::On { ttl } = export.config.lease else {
+        return None; // no lease, nothing to lose
     };
-    (lost && export.attached() == 0).then(|| Retry::Every((ttl / 3).max(FIRST_DELAY)))
+    (lost && export.attached() == 0).then(|| Retry::lease_held(ttl))
 }
 
 fn first_delay(retry: Retry) -> Duration {

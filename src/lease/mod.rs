@@ -122,11 +122,6 @@ impl LeaseManager {
         })
     }
 
-    /// This daemon's identity as written into its leases.
-    pub fn identity(&self) -> &Identity {
-        &self.me
-    }
-
     /// Takes (or shares, if this process already holds it) the lease of the export at
     /// `prefix` in `bucket`, valid for `ttl` per renewal, and starts renewing it.
     pub async fn acquire(
@@ -320,22 +315,22 @@ pub struct Lease {
 }
 
 impl Lease {
-    /// The object key, for logs.
-    pub fn key(&self) -> &str {
-        &self.key
-    }
-
     /// Writes must stop this long before the lease runs out: room for clock skew and for
     /// a write already on the wire.
     fn margin(&self) -> Duration {
         self.ttl / RENEWALS_PER_TTL
     }
 
+    /// When writes must stop for a lease valid until `valid_until`.
+    fn fence_at(&self, valid_until: Instant) -> Instant {
+        valid_until
+            .checked_sub(self.margin())
+            .unwrap_or(valid_until)
+    }
+
     /// Makes a new expiry visible to the lock-free write gate.
     fn publish(&self, valid_until: Instant) {
-        let fence_at = valid_until
-            .checked_sub(self.margin())
-            .unwrap_or(valid_until);
+        let fence_at = self.fence_at(valid_until);
         let ms = fence_at.saturating_duration_since(self.born).as_millis();
         self.fence_at_ms
             .store(u64::try_from(ms).unwrap_or(u64::MAX), Ordering::SeqCst);
@@ -361,11 +356,7 @@ impl Lease {
         if let Some(lost) = &st.lost {
             return Err(lost.clone());
         }
-        let fence_at = st
-            .valid_until
-            .checked_sub(self.margin())
-            .unwrap_or(st.valid_until);
-        if Instant::now() >= fence_at {
+        if Instant::now() >= self.fence_at(st.valid_until) {
             return Err(format!(
                 "renewing lease s3://{}/{} keeps failing; writes resume once it is renewed",
                 self.bucket, self.key

@@ -52,9 +52,9 @@ impl Collector for DaemonCollector {
 /// series with the same labels would make the scrape invalid.
 fn live_exports(registry: &Registry) -> Vec<Arc<Export>> {
     let mut live = registry.list();
-    let served: BTreeSet<String> = live.iter().map(|e| e.name().to_owned()).collect();
+    let mut named: BTreeSet<String> = live.iter().map(|e| e.name().to_owned()).collect();
     for export in registry.draining() {
-        if !served.contains(export.name()) && !live.iter().any(|e| e.same_instance(&export)) {
+        if named.insert(export.name().to_owned()) {
             live.push(export);
         }
     }

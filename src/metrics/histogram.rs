@@ -105,7 +105,8 @@ impl Snapshot {
     }
 
     /// The bucket bound under which `q` (0..1) of the observations fall; a rough quantile
-    /// for tests and log lines (Prometheus computes its own with `histogram_quantile`).
+    /// for tests (Prometheus computes its own with `histogram_quantile`).
+    #[cfg(test)]
     pub fn quantile_bound(&self, q: f64) -> Option<f64> {
         let want = (self.count as f64 * q).ceil() as u64;
         let mut seen = 0;

@@ -9,7 +9,7 @@ use super::transmission::serve_negotiated;
 use super::{Inner, HANDSHAKE_TIMEOUT};
 use std::io;
 use std::sync::Arc;
-use tokio::io::{AsyncRead, AsyncReadExt, BufReader};
+use tokio::io::{AsyncReadExt, BufReader};
 use tracing::{debug, info, warn};
 
 /// Serves one accepted connection to the end; errors are logged here and go no further.
@@ -92,7 +92,7 @@ fn prepend(leftover: Vec<u8>, reader: BoxRead) -> BoxRead {
     if leftover.is_empty() {
         reader
     } else {
-        Box::new(io::Cursor::new(leftover).chain(reader)) as Box<dyn AsyncRead + Send + Unpin>
+        Box::new(io::Cursor::new(leftover).chain(reader))
     }
 }
 
