@@ -6,6 +6,7 @@
 mod common;
 
 mod access;
+mod architecture;
 mod backend_s3;
 mod cli_config;
 mod clients;
