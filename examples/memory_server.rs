@@ -60,7 +60,7 @@ async fn serve(port: u16, size: u64) -> Result<(), Box<dyn std::error::Error>> {
     let registry = Registry::new();
     registry.replace(BTreeMap::from([(
         "bench".to_owned(),
-        Export::new(cfg, Ok(store)),
+        Export::serving(cfg, store, None),
     )]));
     let server = Server::new(registry);
     let listener = Listener::bind(&ListenAddr::Tcp(format!("127.0.0.1:{port}"))).await?;

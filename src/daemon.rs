@@ -15,7 +15,10 @@ use std::sync::Arc;
 use std::time::Duration;
 use tracing::{error, info, warn};
 
+mod reloads;
 mod reopen;
+
+pub use reloads::{ReloadSnapshot, Reloads};
 
 /// Why the daemon could not start; the process logs it and exits 1.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +64,23 @@ pub struct ShutdownReport {
     pub failed: Vec<FlushFailure>,
 }
 
+/// The daemon's parts an observer reads (the metrics endpoint), shared, never copied. Handed to
+/// the hook of `Daemon::start_observed` before the exports open, so the observer sees a slow
+/// start too; the daemon itself knows nothing about who observes it.
+#[derive(Debug, Clone)]
+pub struct Observed {
+    /// Exports as new connections see them (plus removed ones still draining).
+    pub registry: Arc<Registry>,
+    /// Open connections.
+    pub server: Server,
+    /// Object-store counters, per bucket.
+    pub factory: StoreFactory,
+    /// The cache shared by all exports.
+    pub budget: Arc<CacheBudget>,
+    /// Reload outcomes.
+    pub reloads: Arc<Reloads>,
+}
+
 /// The live daemon. Shared (`Arc`) by the signal loop, the watchdog and status reporting.
 pub struct Daemon {
     config: ArcSwap<Config>,
@@ -75,6 +95,8 @@ pub struct Daemon {
     listeners: tokio::sync::Mutex<HashMap<ListenAddr, ListenerHandle>>,
     /// Serialises reloads: SIGHUP and the file watcher may fire together.
     reload_lock: tokio::sync::Mutex<()>,
+    /// Outcomes of `reload`.
+    reloads: Arc<Reloads>,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -93,6 +115,20 @@ impl Daemon {
         config: Config,
         config_path: Option<PathBuf>,
     ) -> Result<Arc<Daemon>, StartError> {
+        Self::start_observed(config, config_path, |_, _| std::future::ready(())).await
+    }
+
+    /// `start`, handing the parts an observer reads to `observe` once the listeners are bound
+    /// and before the exports open (e.g. to serve metrics while a slow S3 delays the start).
+    pub async fn start_observed<F, Fut>(
+        config: Config,
+        config_path: Option<PathBuf>,
+        observe: F,
+    ) -> Result<Arc<Daemon>, StartError>
+    where
+        F: FnOnce(&Config, Observed) -> Fut,
+        Fut: std::future::Future,
+    {
         let mut bound = Vec::with_capacity(config.server.listen.len());
         for addr in &config.server.listen {
             let listener = Listener::bind(addr)
@@ -109,8 +145,15 @@ impl Daemon {
         let server = Server::new(Arc::clone(&registry));
         // Validation already parsed the files; a failure now (changed since) fails closed.
         let _ = server.set_tls(config.server.tls.as_ref());
-        // Before the exports open, so a slow S3 at startup already shows in the metrics.
-        crate::metrics::spawn(&config, &registry, &server, &factory, &budget).await;
+        let reloads = Arc::new(Reloads::default());
+        let observed = Observed {
+            registry: Arc::clone(&registry),
+            server: server.clone(),
+            factory: factory.clone(),
+            budget: Arc::clone(&budget),
+            reloads: Arc::clone(&reloads),
+        };
+        observe(&config, observed).await;
         let daemon = Arc::new(Daemon {
             config: ArcSwap::from_pointee(config.clone()),
             config_path,
@@ -125,6 +168,7 @@ impl Daemon {
             reopener: parking_lot::Mutex::new(None),
             listeners: tokio::sync::Mutex::new(HashMap::new()),
             reload_lock: tokio::sync::Mutex::new(()),
+            reloads,
         });
         daemon.open_all(&config).await;
         let reopener = tokio::spawn(reopen::run(Arc::downgrade(&daemon)));
@@ -159,9 +203,21 @@ impl Daemon {
         &self.registry
     }
 
+    /// How reloads ended so far.
+    pub fn reloads(&self) -> &Reloads {
+        &self.reloads
+    }
+
     /// Re-reads the file and applies it: exports per `reload::plan`, listeners bound/closed.
-    /// An invalid file changes nothing and is returned (and logged) with its file:line.
+    /// An invalid file changes nothing and is returned (and logged) with its file:line. Every
+    /// finished reload is counted in `reloads`.
     pub async fn reload(&self) -> Result<(), ReloadError> {
+        let result = self.reload_once().await;
+        self.reloads.record(result.is_ok());
+        result
+    }
+
+    async fn reload_once(&self) -> Result<(), ReloadError> {
         let _one_at_a_time = self.reload_lock.lock().await;
         let Some(path) = &self.config_path else {
             warn!("reload requested, but there is no configuration file (ad-hoc mode)");
@@ -227,7 +283,7 @@ impl Daemon {
     /// One line for `systemctl status` and the log: exports, clients, dirty data.
     pub fn status(&self) -> String {
         let exports = self.registry.list();
-        let refused = exports.iter().filter(|e| e.store.is_err()).count();
+        let refused = exports.iter().filter(|e| !e.is_serving()).count();
         let served = exports.len() - refused;
         let clients = self.server.connection_count();
         let mut line = format!(
@@ -241,11 +297,7 @@ impl Daemon {
         }
         let unleased = exports
             .iter()
-            .filter(|e| {
-                e.lease
-                    .as_ref()
-                    .is_some_and(|l| l.write_deadline().is_err())
-            })
+            .filter(|e| e.lease().is_some_and(|l| l.write_deadline().is_err()))
             .count();
         if unleased > 0 {
             line.push_str(&format!(", {unleased} without lease (S3 writes paused)"));
@@ -257,7 +309,7 @@ impl Daemon {
     pub fn dirty_bytes(&self) -> u64 {
         self.live_exports()
             .iter()
-            .filter_map(|e| e.store.as_ref().ok())
+            .filter_map(|e| e.store())
             .map(|s| s.dirty_bytes())
             .sum()
     }
@@ -268,7 +320,7 @@ impl Daemon {
             .live_exports()
             .iter()
             .filter_map(|e| {
-                let dirty = e.store.as_ref().ok()?.dirty_bytes();
+                let dirty = e.store()?.dirty_bytes();
                 (dirty > 0).then(|| (e.name().to_owned(), dirty))
             })
             .collect();
@@ -326,14 +378,14 @@ impl Daemon {
 /// long as attempts make progress (dirty data shrinks), so a slow S3 is waited for and a dead
 /// one is reported, with the blocks it refused, instead of hanging until systemd's SIGKILL.
 async fn flush_export(export: Arc<Export>, step: Duration) -> Option<FlushFailure> {
-    let store = export.store.as_ref().ok()?;
+    let store = export.store()?;
     let mut before = store.dirty_bytes();
     loop {
         match store.shutdown_flush(Some(step)).await {
             Ok(()) => {
                 info!(export = export.name(), "flushed");
                 // Everything is in S3: hand the export over to any other daemon at once.
-                if let Some(lease) = &export.lease {
+                if let Some(lease) = export.lease() {
                     lease.release().await;
                 }
                 return None;
@@ -440,6 +492,9 @@ mod tests {
         let err = d.reload().await.unwrap_err();
         assert!(err.to_string().contains("exports.toml:2"), "{err}");
         assert_eq!(names(&d), ["a", "b"], "a refused file changes nothing");
+        let counted = d.reloads().snapshot();
+        assert_eq!((counted.ok, counted.failed), (1, 1));
+        assert!(counted.last_failed);
 
         write_config(dir.path(), "\"127.0.0.1:0\"", &["b"]);
         d.reload().await.unwrap();

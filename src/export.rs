@@ -1,33 +1,34 @@
-//! Exports and the live registry the server looks them up in. The registry is an `ArcSwap`
-//! snapshot: a reload builds a whole new map and swaps it in, so a handshake never sees half a
-//! reload. Connections hold an `Attachment` (an `Arc<Export>`), so a removed export lives —
+//! Exports: an export's definition and its state, [`ExportState`] — served by a block store
+//! (with the lease that fences it) or refused with a typed [`Refusal`] that says when to try
+//! again. Connections hold an [`Attachment`] (an `Arc<Export>`), so a removed export lives —
 //! and keeps serving its attached clients — until its last client goes; then it is flushed and
 //! released.
+//!
+//! - [`refusal`]: why an export is refused, and each reason's retry rule;
+//! - [`open`]: opening an export (bucket, lease, block store);
+//! - [`registry`]: the live map of exports that handshakes look up;
+//! - [`schedule`]: when a refused export is opened again by itself;
+//! - `retire`: the final flush of a removed export.
 
-use crate::backend::{BackendError, DynObjectStore};
+pub mod open;
+pub mod refusal;
+pub mod registry;
+pub mod requests;
+mod retire;
+pub mod schedule;
+
+pub use open::{open_all, open_export, try_open, BucketSource, OpenContext};
+pub use refusal::{Refusal, Retry, Step};
+pub use registry::Registry;
+pub use requests::ExportRequests;
+pub use retire::spawn_flush;
+pub use schedule::Schedule;
+
 use crate::config::{ExportConfig, LeaseMode};
-use crate::lease::fence::FencedStore;
-use crate::lease::{Lease, LeaseError, LeaseManager};
-use crate::store::{BlockStore, BlockStoreConfig, CacheBudget, StoreError};
-use arc_swap::ArcSwap;
-use std::collections::BTreeMap;
+use crate::lease::Lease;
+use crate::store::BlockStore;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
-use tracing::{error, info, warn};
-
-/// Hands out the object store of a bucket. The daemon's `StoreFactory` (one S3 client shared by
-/// every export) implements it; unit tests use in-memory stores.
-pub trait BucketSource: Send + Sync {
-    /// The object store bound to `bucket`.
-    fn bucket(&self, bucket: &str) -> Result<DynObjectStore, BackendError>;
-}
-
-impl BucketSource for crate::backend::StoreFactory {
-    fn bucket(&self, bucket: &str) -> Result<DynObjectStore, BackendError> {
-        Ok(crate::backend::StoreFactory::bucket(self, bucket))
-    }
-}
+use std::sync::Arc;
 
 /// State shared by every version of one export (a reload that only changes its description or
 /// grows it makes a new `Export` around the same store): who is attached, whether it was
@@ -36,73 +37,107 @@ impl BucketSource for crate::backend::StoreFactory {
 struct Shared {
     attached: AtomicUsize,
     removed: AtomicBool,
+    requests: Arc<ExportRequests>,
 }
 
-/// Whether a refused export is worth opening again without a reload.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Retry {
-    /// Served, or refused for a reason only an admin can fix (block-size mismatch, a store
-    /// without conditional writes): retrying would only spin.
-    Never,
-    /// S3 was unreachable: retry soon, backing off (1 s doubling to 60 s).
-    Backoff,
-    /// Waiting on something slow (another daemon's lease, a missing bucket): retry this often.
-    Every(Duration),
+/// Where an export is in its life.
+#[derive(Debug, Clone)]
+pub enum ExportState {
+    /// Served by `store`; `lease` is the export lease this daemon holds (writable exports with
+    /// `lease` on), which fences the store.
+    Serving {
+        store: Arc<BlockStore>,
+        lease: Option<Arc<Lease>>,
+    },
+    /// Not served; clients asking for it get ERR_UNKNOWN with the reason.
+    Refused { reason: Refusal },
 }
 
-impl Retry {
-    /// For an export whose lease another daemon holds: asked about every third of the lease
-    /// time, so its expiry is noticed (and taken over) about as fast as a renewal would be.
-    pub fn lease_held(ttl: Duration) -> Retry {
-        Retry::Every((ttl / 3).max(Duration::from_secs(1)))
-    }
-
-    /// After a failed object-store call: soon with backoff when the error may pass by itself,
-    /// slowly when only an admin can fix it (missing bucket, credentials).
-    fn after_backend(e: &BackendError) -> Retry {
-        if e.is_retryable() {
-            Retry::Backoff
-        } else {
-            Retry::Every(SLOW_RETRY)
-        }
-    }
-}
-
-/// One served export: its definition and its block store, or why it cannot be served.
+/// One export: its definition and its state.
 #[derive(Debug)]
 pub struct Export {
     pub config: ExportConfig,
-    /// `Err(message)` when the export is refused (e.g. block-size mismatch); clients asking for
-    /// it get ERR_UNKNOWN with this message.
-    pub store: Result<Arc<BlockStore>, String>,
-    /// The export lease this daemon holds (writable exports with `lease` on).
-    pub lease: Option<Arc<Lease>>,
-    /// For a refused export: whether the daemon reopens it by itself.
-    pub retry: Retry,
+    state: ExportState,
     shared: Arc<Shared>,
 }
 
 impl Export {
-    /// An export around an opened store (or the reason it is refused, not retried).
-    pub fn new(config: ExportConfig, store: Result<Arc<BlockStore>, String>) -> Arc<Self> {
+    /// An export served by `store` (and fenced by `lease`, if it has one).
+    pub fn serving(
+        config: ExportConfig,
+        store: Arc<BlockStore>,
+        lease: Option<Arc<Lease>>,
+    ) -> Arc<Self> {
+        Self::with_state(config, ExportState::Serving { store, lease })
+    }
+    /// An export refused for `reason`.
+    pub fn refused(config: ExportConfig, reason: Refusal) -> Arc<Self> {
+        Self::with_state(config, ExportState::Refused { reason })
+    }
+    fn with_state(config: ExportConfig, state: ExportState) -> Arc<Self> {
         Arc::new(Self {
             config,
-            store,
-            lease: None,
-            retry: Retry::Never,
+            state,
             shared: Arc::default(),
         })
     }
-    /// The same store and attachment state under a new definition (reload: description,
+    /// The same state and attachment state under a new definition (reload: description,
     /// read_only or a larger size). Connections already attached keep the old definition.
     pub fn with_config(&self, config: ExportConfig) -> Arc<Self> {
         Arc::new(Self {
             config,
-            store: self.store.clone(),
-            lease: self.lease.clone(),
-            retry: self.retry,
+            state: self.state.clone(),
             shared: Arc::clone(&self.shared),
         })
+    }
+    /// Served or refused, with what goes with each.
+    pub fn state(&self) -> &ExportState {
+        &self.state
+    }
+    /// The block store, if the export is served.
+    pub fn store(&self) -> Option<&Arc<BlockStore>> {
+        match &self.state {
+            ExportState::Serving { store, .. } => Some(store),
+            ExportState::Refused { .. } => None,
+        }
+    }
+    /// The export lease this daemon holds, if the export is served with one.
+    pub fn lease(&self) -> Option<&Arc<Lease>> {
+        match &self.state {
+            ExportState::Serving { lease, .. } => lease.as_ref(),
+            ExportState::Refused { .. } => None,
+        }
+    }
+    /// Why the export is refused, if it is.
+    pub fn refusal(&self) -> Option<&Refusal> {
+        match &self.state {
+            ExportState::Refused { reason } => Some(reason),
+            ExportState::Serving { .. } => None,
+        }
+    }
+    /// Whether new clients are served.
+    pub fn is_serving(&self) -> bool {
+        matches!(self.state, ExportState::Serving { .. })
+    }
+    /// Whether (and when) the daemon should open this export again by itself: a refused
+    /// export by its reason's rule; a served one whose lease another daemon took, once no
+    /// client uses it, as if the lease were held elsewhere (new clients then get "in use by
+    /// …" instead of EIO on every write). `None`: leave it alone.
+    pub fn reopen_rule(&self) -> Option<Retry> {
+        match &self.state {
+            ExportState::Refused { reason } => Some(reason.retry()).filter(|r| *r != Retry::Never),
+            ExportState::Serving { lease, .. } => {
+                let LeaseMode::On { ttl } = self.config.lease else {
+                    return None; // no lease, nothing to lose
+                };
+                let lost = lease.as_ref().is_some_and(|l| l.is_lost());
+                (lost && self.attached() == 0).then(|| Retry::lease_held(ttl))
+            }
+        }
+    }
+    /// The NBD requests its clients sent, by command (every version of the export shares them).
+    pub fn requests(&self) -> &Arc<ExportRequests> {
+        &self.shared.requests
     }
     /// The export's name as clients ask for it.
     pub fn name(&self) -> &str {
@@ -168,242 +203,6 @@ impl Drop for Attachment {
                 "last client detached from removed export",
             );
         }
-    }
-}
-
-/// Longest pause between flush attempts of a removed export while S3 refuses its data.
-const RETIRED_FLUSH_BACKOFF_MAX: Duration = Duration::from_secs(30);
-
-/// Flushes an export in the background and logs the outcome. The task keeps the export (and so
-/// its dirty data) alive until the flush succeeds: a removed export whose data S3 refuses is
-/// retried with backoff, never dropped; it stops early only if the export is served again.
-pub fn spawn_flush(export: Arc<Export>, why: &'static str) {
-    let Ok(handle) = tokio::runtime::Handle::try_current() else {
-        warn!(export = export.name(), "{why}: no runtime to flush on");
-        return;
-    };
-    handle.spawn(async move {
-        let Ok(store) = &export.store else { return };
-        let mut backoff = Duration::from_millis(500);
-        loop {
-            match store.flush().await {
-                Ok(()) => {
-                    info!(export = export.name(), "{why}: flushed");
-                    break;
-                }
-                Err(e) => error!(
-                    export = export.name(),
-                    "{why}: flush failed ({e}); {} dirty bytes stay queued, retrying in {backoff:?}",
-                    store.dirty_bytes()
-                ),
-            }
-            if !export.is_removed() {
-                return; // served again: its normal life cycle flushes it
-            }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(RETIRED_FLUSH_BACKOFF_MAX);
-        }
-        if export.is_removed() && export.attached() == 0 {
-            info!(export = export.name(), "removed export released");
-        }
-    });
-}
-
-/// Why an export could not be opened, and whether to try again by itself.
-struct Refusal {
-    message: String,
-    retry: Retry,
-}
-
-/// Longest wait between retries of a refused export whose store refused for good (a missing
-/// bucket or credentials): an admin fixing it sees the export come up within this.
-const SLOW_RETRY: Duration = Duration::from_secs(60);
-
-impl Refusal {
-    fn lease(e: LeaseError, ttl: Duration) -> Self {
-        let retry = match &e {
-            LeaseError::Unsupported { .. } => Retry::Never,
-            LeaseError::Held { .. } => Retry::lease_held(ttl),
-            LeaseError::Backend(b) => Retry::after_backend(b),
-        };
-        Self {
-            message: e.to_string(),
-            retry,
-        }
-    }
-}
-
-impl From<StoreError> for Refusal {
-    fn from(e: StoreError) -> Self {
-        let retry = match &e {
-            StoreError::Backend(b) => Retry::after_backend(b),
-            _ => Retry::Never,
-        };
-        Self {
-            message: e.to_string(),
-            retry,
-        }
-    }
-}
-
-/// What opening an export needs besides its definition; one per daemon.
-#[derive(Debug, Clone)]
-pub struct OpenContext {
-    /// Memory budget shared by every export's cache.
-    pub budget: Arc<CacheBudget>,
-    /// How long a FLUSH waits for S3.
-    pub flush_timeout: Duration,
-    /// This daemon's export leases.
-    pub leases: Arc<LeaseManager>,
-}
-
-/// Opens an export's store. Never fails: a store that cannot be opened (block-size mismatch,
-/// unreachable bucket, lease held elsewhere) yields a refused export that carries the reason,
-/// logged once here.
-pub async fn open_export<F: BucketSource + ?Sized>(
-    cfg: &ExportConfig,
-    factory: &F,
-    ctx: &OpenContext,
-) -> Arc<Export> {
-    let export = try_open(cfg, factory, ctx).await;
-    if let Err(message) = &export.store {
-        error!(export = cfg.name.as_str(), "export refused: {message}");
-    }
-    export
-}
-
-/// `open_export` without the log line (the background reopener logs its own way).
-pub async fn try_open<F: BucketSource + ?Sized>(
-    cfg: &ExportConfig,
-    factory: &F,
-    ctx: &OpenContext,
-) -> Arc<Export> {
-    let (store, lease, retry) = match open_store(cfg, factory, ctx).await {
-        Ok((store, lease)) => (Ok(store), lease, Retry::Never),
-        Err(r) => (Err(r.message), None, r.retry),
-    };
-    Arc::new(Export {
-        config: cfg.clone(),
-        store,
-        lease,
-        retry,
-        shared: Arc::default(),
-    })
-}
-
-/// Takes the lease (writable exports), then opens the block store behind the lease's fence,
-/// so not even the manifest is written without it.
-async fn open_store<F: BucketSource + ?Sized>(
-    cfg: &ExportConfig,
-    factory: &F,
-    ctx: &OpenContext,
-) -> Result<(Arc<BlockStore>, Option<Arc<Lease>>), Refusal> {
-    let objects = factory.bucket(&cfg.bucket).map_err(|e| Refusal {
-        message: e.to_string(),
-        retry: Retry::Every(SLOW_RETRY),
-    })?;
-    let (objects, lease) = match cfg.lease {
-        LeaseMode::On { ttl } if !cfg.read_only => {
-            let lease = ctx
-                .leases
-                .acquire(&objects, &cfg.bucket, &cfg.prefix, ttl)
-                .await
-                .map_err(|e| Refusal::lease(e, ttl))?;
-            let fenced = FencedStore::new(objects, Arc::clone(&lease));
-            (Arc::new(fenced) as DynObjectStore, Some(lease))
-        }
-        _ => (objects, None),
-    };
-    let store_cfg = BlockStoreConfig {
-        prefix: cfg.prefix.clone(),
-        size: cfg.size,
-        block_size: cfg.block_size,
-        read_only: cfg.read_only,
-        flush_timeout: ctx.flush_timeout,
-    };
-    let store = BlockStore::open(objects, store_cfg, Arc::clone(&ctx.budget)).await?;
-    if let Some(lease) = &lease {
-        store.set_write_gate(Arc::clone(lease) as Arc<dyn crate::store::WriteGate>);
-    }
-    Ok((store, lease))
-}
-
-/// Opens every export of a configuration (concurrently: each open lists a prefix in S3).
-pub async fn open_all<F: BucketSource + ?Sized>(
-    exports: &[ExportConfig],
-    factory: &F,
-    ctx: &OpenContext,
-) -> BTreeMap<String, Arc<Export>> {
-    let opens = exports.iter().map(|cfg| open_export(cfg, factory, ctx));
-    let opened = futures_util::future::join_all(opens).await;
-    opened
-        .into_iter()
-        .map(|e| (e.name().to_string(), e))
-        .collect()
-}
-
-/// The set of exports new connections can see, replaced atomically on reload, plus the removed
-/// exports still draining (attached clients, or a final flush running).
-#[derive(Debug, Default)]
-pub struct Registry {
-    exports: ArcSwap<BTreeMap<String, Arc<Export>>>,
-    draining: Mutex<Vec<Weak<Export>>>,
-}
-
-impl Registry {
-    /// An empty registry; fill it with `replace`.
-    pub fn new() -> Arc<Self> {
-        Arc::new(Self::default())
-    }
-    /// The export named `name` in the current snapshot.
-    pub fn get(&self, name: &str) -> Option<Arc<Export>> {
-        self.exports.load().get(name).cloned()
-    }
-    /// Every export of the current snapshot, sorted by name (NBD_OPT_LIST).
-    pub fn list(&self) -> Vec<Arc<Export>> {
-        self.exports.load().values().cloned().collect()
-    }
-    /// The current snapshot as one consistent map.
-    pub fn snapshot(&self) -> Arc<BTreeMap<String, Arc<Export>>> {
-        self.exports.load_full()
-    }
-    /// Swaps in a new snapshot in one step.
-    pub fn replace(&self, exports: BTreeMap<String, Arc<Export>>) {
-        self.exports.store(Arc::new(exports));
-    }
-    /// Takes an export out of service (call after `replace` dropped it): marks it removed, so
-    /// new connections cannot find it and its last detaching client releases it, and flushes
-    /// its dirty data now.
-    pub fn retire(&self, export: Arc<Export>) {
-        export.shared.removed.store(true, Ordering::SeqCst);
-        if let Ok(mut draining) = self.draining.lock() {
-            draining.retain(|w| w.strong_count() > 0);
-            draining.push(Arc::downgrade(&export));
-        }
-        let clients = export.attached();
-        info!(
-            export = export.name(),
-            clients, "export removed; new connections are refused"
-        );
-        spawn_flush(export, "export removed");
-    }
-    /// Removed exports still alive (clients attached or a final flush running). A re-added
-    /// export reuses such a store instead of opening a second cache on the same objects.
-    pub fn draining(&self) -> Vec<Arc<Export>> {
-        match self.draining.lock() {
-            Ok(mut d) => {
-                d.retain(|w| w.strong_count() > 0);
-                d.iter()
-                    .filter_map(Weak::upgrade)
-                    .filter(|e| e.is_removed())
-                    .collect()
-            }
-            Err(_) => Vec::new(),
-        }
-    }
-    /// Brings a draining export back (re-added with the same bucket, prefix and block size).
-    pub fn revive(&self, export: &Export) {
-        export.shared.removed.store(false, Ordering::SeqCst);
     }
 }
 

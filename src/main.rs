@@ -1,4 +1,4 @@
-//! The `nbd-s3` command line (design.md §1): `serve`, `check-config`, and the ad-hoc
+//! The `nbd-s3` command line: `serve`, `check-config`, and the ad-hoc
 //! single-export flags kept from the original Python server. This file only decides *which*
 //! configuration to run; `service::run` runs it.
 
@@ -116,7 +116,7 @@ fn check_config(args: CheckArgs) -> ExitCode {
     match Config::load(&path) {
         Ok(cfg) => {
             let table = summary_table(&cfg);
-            // design.md §1: check-config writes to stderr; a redirected stdout gets the table
+            // check-config writes to stderr; a redirected stdout gets the table
             // too so scripts can capture it.
             eprint!("{}: OK\n{table}", path.display());
             for warning in nbd_s3::config::file_warnings(&path, &cfg) {

@@ -12,7 +12,7 @@ pub use watcher::{ConfigWatcher, WatchError, DEBOUNCE};
 
 use crate::config::size::format_size;
 use crate::config::{Config, ExportConfig, ListenAddr};
-use crate::export::{open_export, BucketSource, Export, OpenContext, Registry};
+use crate::export::{open_export, BucketSource, Export, OpenContext, Refusal, Registry};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -37,9 +37,10 @@ pub enum ExportAction {
     Refuse { reason: String },
 }
 
-/// What the daemon knows about a running export when planning.
+/// What the planner needs to know about a running export: its clients, and whether it is
+/// refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct ExportState {
+pub struct RunningExport {
     /// Clients attached (every version of the export).
     pub attached: usize,
     /// The export is refused (its store could not be opened); any reload retries it.
@@ -73,9 +74,9 @@ impl ReloadPlan {
 /// Diffs `old` (what runs) against `new` (the file), asking the registry who is attached.
 pub fn plan(old: &Config, new: &Config, registry: &Registry) -> ReloadPlan {
     plan_with(old, new, |name| {
-        registry.get(name).map(|e| ExportState {
+        registry.get(name).map(|e| RunningExport {
             attached: e.attached(),
-            refused: e.store.is_err(),
+            refused: !e.is_serving(),
         })
     })
 }
@@ -84,7 +85,7 @@ pub fn plan(old: &Config, new: &Config, registry: &Registry) -> ReloadPlan {
 pub fn plan_with(
     old: &Config,
     new: &Config,
-    state: impl Fn(&str) -> Option<ExportState>,
+    state: impl Fn(&str) -> Option<RunningExport>,
 ) -> ReloadPlan {
     let mut exports = BTreeMap::new();
     let mut effective = new.clone();
@@ -144,7 +145,7 @@ pub fn plan_with(
 }
 
 /// The action for an export present in both files.
-fn diff_export(o: &ExportConfig, n: &ExportConfig, st: ExportState) -> ExportAction {
+fn diff_export(o: &ExportConfig, n: &ExportConfig, st: RunningExport) -> ExportAction {
     if o == n {
         return if st.refused {
             ExportAction::Reopen {
@@ -254,7 +255,7 @@ impl Staging {
             (ExportAction::Remove, Some(e)) => self.retire.push(e),
             (ExportAction::Remove, None) => {}
             (ExportAction::Update { new, grow }, Some(e)) => {
-                if let (true, Ok(store)) = (grow, &e.store) {
+                if let (true, Some(store)) = (grow, e.store()) {
                     store.resize(new.size);
                 }
                 info!(
@@ -263,7 +264,7 @@ impl Staging {
                 );
                 self.next.insert(name, e.with_config(new));
             }
-            (ExportAction::Reopen { .. }, Some(old)) if old.store.is_ok() && old.attached() > 0 => {
+            (ExportAction::Reopen { .. }, Some(old)) if old.is_serving() && old.attached() > 0 => {
                 // A client attached between planning and now: never two stores on its objects.
                 warn!(
                     export = name.as_str(),
@@ -350,9 +351,9 @@ pub async fn apply_exports<F: BucketSource + ?Sized>(
 /// `Err` (the flush error) means the old store still holds data S3 has not taken: opening a
 /// second store on its objects now would read stale blocks.
 async fn quiesce(old: &Export) -> Result<(), String> {
-    match &old.store {
-        Ok(store) => store.flush().await.map_err(|e| e.to_string()),
-        Err(_) => Ok(()),
+    match old.store() {
+        Some(store) => store.flush().await.map_err(|e| e.to_string()),
+        None => Ok(()),
     }
 }
 
@@ -375,10 +376,10 @@ async fn open_or_reuse<F: BucketSource + ?Sized>(
         let same = d.config.prefix == cfg.prefix
             && d.config.block_size == cfg.block_size
             && d.config.read_only == cfg.read_only
-            && d.store.is_ok();
+            && d.is_serving();
         if same {
             registry.revive(d);
-            if let (true, Ok(store)) = (cfg.size > d.config.size, &d.store) {
+            if let (true, Some(store)) = (cfg.size > d.config.size, d.store()) {
                 store.resize(cfg.size);
             }
             info!(
@@ -389,21 +390,20 @@ async fn open_or_reuse<F: BucketSource + ?Sized>(
             return (d.with_config(cfg.clone()), false);
         }
         if d.attached() > 0 {
-            let msg = format!(
-                "objects overlap removed export {:?}, which still has {} client(s) attached; reload again after they disconnect",
-                d.name(),
-                d.attached()
-            );
-            warn!(export = cfg.name.as_str(), "export refused: {msg}");
-            return (Export::new(cfg.clone(), Err(msg)), false);
+            let reason = Refusal::OverlapsAttached {
+                other: d.name().to_owned(),
+                clients: d.attached(),
+            };
+            warn!(export = cfg.name.as_str(), "export refused: {reason}");
+            return (Export::refused(cfg.clone(), reason), false);
         }
         if let Err(e) = quiesce(d).await {
-            let msg = format!(
-                "objects overlap removed export {:?}, whose data is not all in S3 yet ({e}); reload again later",
-                d.name()
-            );
-            warn!(export = cfg.name.as_str(), "export refused: {msg}");
-            return (Export::new(cfg.clone(), Err(msg)), false);
+            let reason = Refusal::OverlapsUnflushed {
+                other: d.name().to_owned(),
+                error: e,
+            };
+            warn!(export = cfg.name.as_str(), "export refused: {reason}");
+            return (Export::refused(cfg.clone(), reason), false);
         }
     }
     (open_export(cfg, factory, ctx).await, true)

@@ -10,8 +10,12 @@ use super::integrity::{crc32c_hex, verify};
 use super::{BackendError, ETag, ObjectStore, MAX_OBJECT_SIZE};
 use async_trait::async_trait;
 use bytes::Bytes;
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
+use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -81,19 +85,27 @@ where
 /// Sorts an I/O error into "an admin must act" and "try again".
 fn map_io(op: &str, path: &Path, e: io::Error) -> BackendError {
     let msg = format!("{op} {}: {e}", path.display());
-    match e.raw_os_error() {
+    match e.raw_os_error().map(Errno::from_raw) {
         Some(
-            libc::EACCES
-            | libc::EPERM
-            | libc::EROFS
-            | libc::ENOTDIR
-            | libc::EISDIR
-            | libc::ENAMETOOLONG
-            | libc::ELOOP
-            | libc::EINVAL,
+            Errno::EACCES
+            | Errno::EPERM
+            | Errno::EROFS
+            | Errno::ENOTDIR
+            | Errno::EISDIR
+            | Errno::ENAMETOOLONG
+            | Errno::ELOOP
+            | Errno::EINVAL,
         ) => BackendError::Permanent(msg),
         _ => BackendError::Transient(msg),
     }
+}
+
+/// Whether an I/O error means "no such file": the path, or a directory on it, is missing.
+fn is_missing(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error().map(Errno::from_raw),
+        Some(Errno::ENOENT | Errno::ENOTDIR)
+    )
 }
 
 /// An ETag for a file: a new inode is made by every write, so inode + mtime + length change
@@ -107,9 +119,7 @@ fn etag_of(meta: &fs::Metadata) -> ETag {
 fn read_object(path: &Path, key: &str) -> Result<Option<(Bytes, ETag)>, BackendError> {
     let mut file = match File::open(path) {
         Ok(f) => f,
-        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR)) => {
-            return Ok(None)
-        }
+        Err(e) if is_missing(&e) => return Ok(None),
         Err(e) => return Err(map_io("open", path, e)),
     };
     let meta = file.metadata().map_err(|e| map_io("stat", path, e))?;
@@ -151,10 +161,10 @@ fn parse_stored<'a>(key: &str, stored: &'a str) -> Result<(&'a str, u64), Backen
 /// filesystem without user xattrs).
 fn read_checksum(file: &File) -> io::Result<Option<String>> {
     let mut buf = [0u8; 64];
-    match rustix::fs::fgetxattr(file, XATTR, &mut buf) {
+    match fgetxattr(file, XATTR, &mut buf) {
         Ok(n) => Ok(Some(String::from_utf8_lossy(&buf[..n]).into_owned())),
-        Err(rustix::io::Errno::NODATA | rustix::io::Errno::NOTSUP) => Ok(None),
-        Err(rustix::io::Errno::RANGE) => Ok(Some(String::from("<oversized attribute>"))),
+        Err(Errno::ENODATA | Errno::ENOTSUP) => Ok(None),
+        Err(Errno::ERANGE) => Ok(Some(String::from("<oversized attribute>"))),
         Err(e) => Err(e.into()),
     }
 }
@@ -163,14 +173,9 @@ fn read_checksum(file: &File) -> io::Result<Option<String>> {
 fn write_checksum(file: &File, data: &[u8]) -> io::Result<()> {
     static WARNED: AtomicBool = AtomicBool::new(false);
     let value = format!("{} {}", crc32c_hex(data), data.len());
-    match rustix::fs::fsetxattr(
-        file,
-        XATTR,
-        value.as_bytes(),
-        rustix::fs::XattrFlags::empty(),
-    ) {
+    match fsetxattr(file, XATTR, value.as_bytes()) {
         Ok(()) => Ok(()),
-        Err(rustix::io::Errno::NOTSUP) => {
+        Err(Errno::ENOTSUP) => {
             if !WARNED.swap(true, Ordering::Relaxed) {
                 tracing::warn!(
                     "filesystem has no user extended attributes: file:// objects are stored \
@@ -181,6 +186,42 @@ fn write_checksum(file: &File, data: &[u8]) -> io::Result<()> {
         }
         Err(e) => Err(e.into()),
     }
+}
+
+// nix has no extended-attribute calls; these two wrap the system calls the way nix wraps
+// the others (C string in, `Errno` out), so the rest of the file stays free of `unsafe`.
+
+/// `fgetxattr(2)`: the attribute's length, its bytes in `buf`.
+fn fgetxattr(file: &File, name: &str, buf: &mut [u8]) -> Result<usize, Errno> {
+    let name = CString::new(name).map_err(|_| Errno::EINVAL)?;
+    // SAFETY: the descriptor is open for the call's duration, `name` is NUL-terminated and
+    // `buf` is valid for `buf.len()` bytes of writes.
+    let n = unsafe {
+        nix::libc::fgetxattr(
+            file.as_raw_fd(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    Errno::result(n).map(|n| n as usize)
+}
+
+/// `fsetxattr(2)` creating or replacing the attribute.
+fn fsetxattr(file: &File, name: &str, value: &[u8]) -> Result<(), Errno> {
+    let name = CString::new(name).map_err(|_| Errno::EINVAL)?;
+    // SAFETY: the descriptor is open for the call's duration, `name` is NUL-terminated and
+    // `value` is valid for `value.len()` bytes of reads.
+    let rc = unsafe {
+        nix::libc::fsetxattr(
+            file.as_raw_fd(),
+            name.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    Errno::result(rc).map(drop)
 }
 
 /// fsyncs a directory so a rename or a new entry in it survives a crash.
@@ -260,28 +301,31 @@ fn write_object(path: &Path, data: &[u8], no_replace: bool) -> io::Result<Option
 
 /// Renames unless the target exists (atomically); `false` when it exists.
 fn rename_no_replace(from: &Path, to: &Path) -> io::Result<bool> {
-    use rustix::fs::{renameat_with, RenameFlags, CWD};
-    match renameat_with(CWD, from, CWD, to, RenameFlags::NOREPLACE) {
-        Ok(()) => Ok(true),
-        Err(rustix::io::Errno::EXIST) => Ok(false),
-        // Filesystems without RENAME_NOREPLACE: link(2) also refuses an existing target.
-        Err(rustix::io::Errno::INVAL) => match fs::hard_link(from, to) {
-            Ok(()) => fs::remove_file(from).map(|()| true),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
-            Err(e) => Err(e),
-        },
-        Err(e) => Err(e.into()),
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        use nix::fcntl::{renameat2, RenameFlags};
+        match renameat2(None, from, None, to, RenameFlags::RENAME_NOREPLACE) {
+            Ok(()) => return Ok(true),
+            Err(Errno::EEXIST) => return Ok(false),
+            // Filesystems without RENAME_NOREPLACE: fall back to link(2) below.
+            Err(Errno::EINVAL) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    // link(2) also refuses an existing target, so the check and the rename stay one step.
+    match fs::hard_link(from, to) {
+        Ok(()) => fs::remove_file(from).map(|()| true),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(e),
     }
 }
 
 /// Holds an exclusive `flock` on the bucket directory, serialising conditional writes across
 /// processes sharing the directory (two daemons contending for a lease).
-fn lock_bucket(dir: &Path) -> Result<File, BackendError> {
+fn lock_bucket(dir: &Path) -> Result<Flock<File>, BackendError> {
     ensure_dir(dir).map_err(|e| map_io("mkdir", dir, e))?;
     let f = File::open(dir).map_err(|e| map_io("open", dir, e))?;
-    rustix::fs::flock(&f, rustix::fs::FlockOperation::LockExclusive)
-        .map_err(|e| map_io("flock", dir, e.into()))?;
-    Ok(f)
+    Flock::lock(f, FlockArg::LockExclusive).map_err(|(_, e)| map_io("flock", dir, e.into()))
 }
 
 /// Every key under `bucket_dir` starting with `prefix`.
@@ -302,7 +346,7 @@ fn list_prefix(bucket_dir: &Path, prefix: &str) -> Result<Vec<String>, BackendEr
     while let Some((dir, key_prefix, must_start)) = stack.pop() {
         let entries = match fs::read_dir(&dir) {
             Ok(e) => e,
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR)) => continue,
+            Err(e) if is_missing(&e) => continue,
             Err(e) => return Err(map_io("read_dir", &dir, e)),
         };
         for entry in entries {
@@ -346,9 +390,7 @@ impl ObjectStore for DirStore {
         blocking(move || {
             match fs::remove_file(&path) {
                 Ok(()) => {}
-                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR)) => {
-                    return Ok(())
-                }
+                Err(e) if is_missing(&e) => return Ok(()),
                 Err(e) => return Err(map_io("unlink", &path, e)),
             }
             match path.parent() {

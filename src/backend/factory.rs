@@ -3,11 +3,12 @@
 //! bucket. Reloads that keep `[s3]` keep the factory, so connections stay warm.
 
 use super::dir::DirStore;
-use super::retry::{RetryPolicy, Retrying};
+use super::retry::Retrying;
 use super::s3::{build_client, S3Store};
 use super::stats::BackendStats;
 use super::{BackendError, DynObjectStore, ObjectStore};
 use crate::config::S3Config;
+use crate::retry::Policy;
 use async_trait::async_trait;
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -38,7 +39,7 @@ impl std::fmt::Debug for Target {
 #[derive(Debug, Clone)]
 pub struct StoreFactory {
     target: Target,
-    policy: RetryPolicy,
+    policy: Policy,
     stats: Arc<BackendStats>,
     /// Each bucket's own counters (they also count into `stats`), for per-bucket metrics.
     buckets: Arc<Mutex<BTreeMap<String, Arc<BackendStats>>>>,
@@ -54,14 +55,14 @@ impl StoreFactory {
         };
         Ok(Self {
             target,
-            policy: RetryPolicy::default(),
+            policy: Policy::OBJECT_CALL,
             stats: Arc::new(BackendStats::default()),
             buckets: Arc::default(),
         })
     }
 
     /// Replaces the retry policy for stores made from now on (tests use short ones).
-    pub fn with_retry_policy(mut self, policy: RetryPolicy) -> Self {
+    pub fn with_retry_policy(mut self, policy: Policy) -> Self {
         self.policy = policy;
         self
     }

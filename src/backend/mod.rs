@@ -29,8 +29,9 @@ use std::sync::Arc;
 /// bucket is outside input: a huge object at a block key must not exhaust memory.
 pub const MAX_OBJECT_SIZE: u64 = 64 * 1024 * 1024;
 
-/// Why an object-store call failed, phrased as what the caller should do about it.
-#[derive(Debug, thiserror::Error)]
+/// Why an object-store call failed, phrased as what the caller should do about it. `Clone`, so
+/// a failure shared by several waiters (one GET serving many reads) keeps its kind.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum BackendError {
     /// Network trouble, 5xx, throttling: worth retrying with backoff.
     #[error("transient object-store error: {0}")]
@@ -51,6 +52,17 @@ impl BackendError {
     /// Whether a retry with backoff may succeed.
     pub fn is_retryable(&self) -> bool {
         matches!(self, BackendError::Transient(_))
+    }
+}
+
+impl crate::retry::Classify for BackendError {
+    fn kind(&self) -> crate::retry::Kind {
+        use crate::retry::Kind;
+        match self {
+            BackendError::Transient(_) => Kind::Transient,
+            BackendError::Corrupt { .. } => Kind::Corrupt,
+            BackendError::Permanent(_) | BackendError::Unsupported(_) => Kind::Permanent,
+        }
     }
 }
 

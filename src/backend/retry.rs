@@ -5,51 +5,12 @@
 
 use super::stats::{BackendStats, Op, Outcome};
 use super::{BackendError, DynObjectStore, ETag, ObjectStore};
+use crate::retry::{Classify, Policy};
 use async_trait::async_trait;
 use bytes::Bytes;
-use rand::Rng;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-
-/// How hard to retry a transient failure.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RetryPolicy {
-    /// Attempts in total, the first one included (1 = no retries).
-    pub max_attempts: u32,
-    /// Backoff ceiling before the first retry; doubles after each failure.
-    pub base_delay: Duration,
-    /// Largest backoff ceiling.
-    pub max_delay: Duration,
-    /// No new attempt starts after this much time since the first one.
-    pub max_elapsed: Duration,
-}
-
-impl Default for RetryPolicy {
-    /// About 6 s of retrying in the worst case: covers blips and throttling, while a real
-    /// outage surfaces quickly to the write-back loop that owns longer waits.
-    fn default() -> Self {
-        Self {
-            max_attempts: 6,
-            base_delay: Duration::from_millis(100),
-            max_delay: Duration::from_secs(5),
-            max_elapsed: Duration::from_secs(30),
-        }
-    }
-}
-
-impl RetryPolicy {
-    /// Full jitter: a uniformly random wait up to the exponential ceiling for `retry` (0-based),
-    /// so many writers failing together do not retry together.
-    pub fn backoff(&self, retry: u32) -> Duration {
-        let ceiling = self
-            .base_delay
-            .saturating_mul(1u32.checked_shl(retry.min(31)).unwrap_or(u32::MAX))
-            .min(self.max_delay);
-        let nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
-        Duration::from_nanos(rand::thread_rng().gen_range(0..=nanos))
-    }
-}
+use std::time::Instant;
 
 /// An `ObjectStore` that retries the transient failures of the store it wraps.
 ///
@@ -59,13 +20,13 @@ impl RetryPolicy {
 #[derive(Debug)]
 pub struct Retrying {
     inner: DynObjectStore,
-    policy: RetryPolicy,
+    policy: Policy,
     stats: Arc<BackendStats>,
 }
 
 impl Retrying {
     /// Wraps `inner`; `stats` may be shared among many wrappers.
-    pub fn new(inner: DynObjectStore, policy: RetryPolicy, stats: Arc<BackendStats>) -> Self {
+    pub fn new(inner: DynObjectStore, policy: Policy, stats: Arc<BackendStats>) -> Self {
         Self {
             inner,
             policy,
@@ -85,38 +46,31 @@ impl Retrying {
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, BackendError>>,
     {
-        let start = Instant::now();
-        let mut attempt: u32 = 0;
-        loop {
+        let attempt = || {
             let began = Instant::now();
-            let result = call().await;
-            self.stats.record(op, Outcome::of(&result), began.elapsed());
-            let err = match result {
-                Ok(v) => return Ok(v),
-                Err(e @ BackendError::Corrupt { .. }) => {
-                    // Issue 7: a checksum or length mismatch always leaves a log line naming
-                    // the key, whatever the caller does with the error.
-                    tracing::error!("{} {key}: {e}", op.name());
-                    return Err(e);
-                }
-                Err(e) if !e.is_retryable() => return Err(e),
-                Err(e) => e,
-            };
-            attempt += 1;
-            let delay = self.policy.backoff(attempt - 1);
-            if attempt >= self.policy.max_attempts
-                || start.elapsed() + delay > self.policy.max_elapsed
-            {
-                self.stats.record_exhausted();
-                return Err(err);
+            let pending = call();
+            async move {
+                let result = pending.await;
+                self.stats.record(op, Outcome::of(&result), began.elapsed());
+                result
             }
+        };
+        let on_retry = |err: &BackendError, retry: u32, delay| {
             self.stats.record_retry();
             tracing::debug!(
-                "{} {key}: attempt {attempt} failed ({err}); retrying in {delay:?}",
+                "{} {key}: attempt {retry} failed ({err}); retrying in {delay:?}",
                 op.name()
             );
-            tokio::time::sleep(delay).await;
+        };
+        let result = self.policy.run_observed(attempt, on_retry).await;
+        match &result {
+            // A checksum or length mismatch always leaves a log line naming the key, whatever
+            // the caller does with the error.
+            Err(e @ BackendError::Corrupt { .. }) => tracing::error!("{} {key}: {e}", op.name()),
+            Err(e) if self.policy.retries(e.kind()) => self.stats.record_exhausted(),
+            _ => {}
         }
+        result
     }
 }
 
@@ -178,16 +132,18 @@ mod tests {
     use super::*;
     use crate::backend::memory::MemoryStore;
 
-    fn fast(max_attempts: u32) -> RetryPolicy {
-        RetryPolicy {
+    use std::time::Duration;
+
+    fn fast(max_attempts: u32) -> Policy {
+        Policy {
             max_attempts,
-            base_delay: Duration::from_millis(1),
-            max_delay: Duration::from_millis(4),
-            max_elapsed: Duration::from_secs(30),
+            first: Duration::from_millis(1),
+            cap: Duration::from_millis(4),
+            ..Policy::OBJECT_CALL
         }
     }
 
-    fn wrap(policy: RetryPolicy) -> (Arc<MemoryStore>, Retrying) {
+    fn wrap(policy: Policy) -> (Arc<MemoryStore>, Retrying) {
         let mem = Arc::new(MemoryStore::new());
         let r = Retrying::new(mem.clone(), policy, Arc::new(BackendStats::default()));
         (mem, r)
@@ -225,11 +181,12 @@ mod tests {
 
     #[tokio::test]
     async fn elapsed_time_is_bounded() {
-        let policy = RetryPolicy {
+        let policy = Policy {
             max_attempts: u32::MAX,
-            base_delay: Duration::from_millis(20),
-            max_delay: Duration::from_millis(20),
+            first: Duration::from_millis(20),
+            cap: Duration::from_millis(20),
             max_elapsed: Duration::from_millis(200),
+            ..Policy::OBJECT_CALL
         };
         let (mem, r) = wrap(policy);
         mem.fail_next(u64::MAX);
@@ -266,19 +223,5 @@ mod tests {
             .await
             .unwrap()
             .is_some());
-    }
-
-    #[test]
-    fn backoff_stays_under_the_exponential_ceiling() {
-        let p = RetryPolicy::default();
-        for retry in 0..40 {
-            let ceiling = (p.base_delay * 2u32.saturating_pow(retry.min(20))).min(p.max_delay);
-            for _ in 0..20 {
-                assert!(p.backoff(retry) <= ceiling, "retry {retry}");
-            }
-        }
-        // Jitter: not always the same value.
-        let samples: std::collections::HashSet<_> = (0..50).map(|_| p.backoff(3)).collect();
-        assert!(samples.len() > 1);
     }
 }

@@ -1,8 +1,9 @@
-//! Object-store counters for operators (issue 8 metrics): S3 requests by operation and outcome,
+//! Object-store counters for operators (the metrics endpoint): S3 requests by operation and outcome,
 //! their latency, bytes moved and retries. Plain atomics, so the hot path pays a few relaxed
 //! increments and the metrics endpoint reads a snapshot whenever it likes.
 
 use super::BackendError;
+use crate::histogram::{Histogram, Snapshot};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -77,61 +78,14 @@ impl Outcome {
     }
 }
 
-/// Upper bounds (seconds) of the latency histogram buckets; `+Inf` is implied.
+/// Upper bounds (seconds) of the latency histogram buckets; `+Inf` is implied. An object-store
+/// call takes at least a network round trip, so the buckets start at 1 ms.
 pub const LATENCY_BUCKETS: [f64; 14] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
-/// A fixed-bucket latency histogram (Prometheus style, but not cumulative in storage).
-#[derive(Debug, Default)]
-struct Histogram {
-    buckets: [AtomicU64; LATENCY_BUCKETS.len()],
-    count: AtomicU64,
-    sum_micros: AtomicU64,
-}
-
-/// A histogram as read at one moment.
-#[derive(Debug, Clone, PartialEq)]
-pub struct HistogramSnapshot {
-    /// `(upper bound in seconds, requests at or below it)`, cumulative like Prometheus `le`.
-    pub buckets: Vec<(f64, u64)>,
-    /// All requests (the `+Inf` bucket).
-    pub count: u64,
-    /// Sum of latencies in seconds.
-    pub sum_seconds: f64,
-}
-
-impl Histogram {
-    fn observe(&self, d: Duration) {
-        let secs = d.as_secs_f64();
-        if let Some(i) = LATENCY_BUCKETS.iter().position(|&b| secs <= b) {
-            self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        let micros = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
-        self.sum_micros.fetch_add(micros, Ordering::Relaxed);
-    }
-
-    fn snapshot(&self) -> HistogramSnapshot {
-        let mut total = 0;
-        let buckets = LATENCY_BUCKETS
-            .iter()
-            .zip(&self.buckets)
-            .map(|(&le, n)| {
-                total += n.load(Ordering::Relaxed);
-                (le, total)
-            })
-            .collect();
-        HistogramSnapshot {
-            buckets,
-            count: self.count.load(Ordering::Relaxed),
-            sum_seconds: self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6,
-        }
-    }
-}
-
 /// Counters shared by every store a factory hands out.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct BackendStats {
     retries: AtomicU64,
     exhausted: AtomicU64,
@@ -142,6 +96,20 @@ pub struct BackendStats {
     bytes_written: AtomicU64,
     /// Also counted into these (a bucket's stats feed the factory's totals).
     parent: Option<Arc<BackendStats>>,
+}
+
+impl Default for BackendStats {
+    fn default() -> Self {
+        Self {
+            retries: AtomicU64::new(0),
+            exhausted: AtomicU64::new(0),
+            requests: Default::default(),
+            latency: std::array::from_fn(|_| Histogram::with_bounds(&LATENCY_BUCKETS)),
+            bytes_read: AtomicU64::new(0),
+            bytes_written: AtomicU64::new(0),
+            parent: None,
+        }
+    }
 }
 
 impl BackendStats {
@@ -204,7 +172,7 @@ impl BackendStats {
         self.requests[op as usize][outcome as usize].load(Ordering::Relaxed)
     }
     /// Latency histogram of `op`'s requests.
-    pub fn latency(&self, op: Op) -> HistogramSnapshot {
+    pub fn latency(&self, op: Op) -> Snapshot {
         self.latency[op as usize].snapshot()
     }
     /// Object bytes received.
@@ -222,7 +190,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn counts_and_cumulative_histogram() {
+    fn counts_and_latency_histogram() {
         let s = BackendStats::default();
         s.record(Op::Get, Outcome::Ok, Duration::from_micros(500));
         s.record(Op::Get, Outcome::Ok, Duration::from_millis(20));
@@ -234,10 +202,11 @@ mod tests {
         assert_eq!(s.requests(Op::Put, Outcome::Ok), 0);
         let h = s.latency(Op::Get);
         assert_eq!(h.count, 3);
+        assert_eq!(h.buckets.len(), LATENCY_BUCKETS.len() + 1);
         assert_eq!(h.buckets[0], (0.001, 1));
-        assert_eq!(h.buckets[4], (0.025, 2));
+        assert_eq!(h.buckets[4], (0.025, 1));
         // 60 s lands only in +Inf.
-        assert_eq!(h.buckets.last().unwrap().1, 2);
+        assert_eq!(h.buckets.last(), Some(&(f64::INFINITY, 1)));
         assert!((h.sum_seconds - 60.0205).abs() < 1e-6, "{}", h.sum_seconds);
     }
 

@@ -1,4 +1,4 @@
-//! The configuration: `/etc/nbd-s3/exports.toml` as design.md §1 fixes it, parsed into
+//! The configuration: `/etc/nbd-s3/exports.toml` as README documents it, parsed into
 //! validated, typed values. Nothing downstream re-checks what this module has validated.
 
 mod adhoc;

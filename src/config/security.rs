@@ -1,7 +1,8 @@
 //! The security- and ownership-related keys: `[server.tls]`, an export's `allow` list and its
 //! `lease`. Kept apart from `validate` so the core schema stays readable. The TLS files are
-//! checked for presence and permissions here, then parsed by `server::tls` (the code that
-//! serves them), so check-config, startup and reload all reject certificates that would fail.
+//! checked for presence and permissions here, then parsed by `crate::tls` (the code the server
+//! builds its TLS configuration with), so check-config, startup and reload all reject
+//! certificates that would fail.
 
 use super::raw::RawTls;
 use super::validate::Checker;
@@ -40,7 +41,12 @@ impl Checker<'_> {
             client_ca: client_ca.flatten(),
             mode,
         };
-        if let Err(e) = crate::server::tls::server_config(&cfg) {
+        let files = crate::tls::TlsFiles {
+            cert: &cfg.cert,
+            key: &cfg.key,
+            client_ca: cfg.client_ca.as_deref(),
+        };
+        if let Err(e) = crate::tls::server_config(files) {
             self.err(&raw.cert.span(), label, e);
             return None;
         }

@@ -1,4 +1,4 @@
-//! Unit tests: every error names `PATH:LINE` and the key; defaults are what design.md says.
+//! Unit tests: every error names `PATH:LINE` and the key; defaults are the documented ones (README, "Configuration").
 
 use super::*;
 use std::os::unix::fs::PermissionsExt;
@@ -472,10 +472,8 @@ fn allow_and_lease_keys() {
 #[test]
 fn tls_files_are_checked() {
     let dir = tempfile::tempdir().unwrap();
-    let files = crate::server::tls::test_pki::write_server(
-        dir.path(),
-        &crate::server::tls::test_pki::TestCa::new("ca"),
-    );
+    let files =
+        crate::tls::test_pki::write_server(dir.path(), &crate::tls::test_pki::TestCa::new("ca"));
     let (cert, key) = (files.cert, files.key);
     let src = "[server.tls]\ncert = \"server-cert.pem\"\nkey = \"server-key.pem\"\n";
     let cfg = Config::parse(src, "exports.toml", dir.path()).unwrap();
@@ -502,7 +500,7 @@ fn tls_files_are_checked() {
 
 #[test]
 fn tls_files_must_parse_and_match() {
-    use crate::server::tls::test_pki::{write_file, write_server, TestCa};
+    use crate::tls::test_pki::{write_file, write_server, TestCa};
     let dir = tempfile::tempdir().unwrap();
     let files = write_server(dir.path(), &TestCa::new("ca"));
     let src = "[server.tls]\ncert = \"server-cert.pem\"\nkey = \"server-key.pem\"\n";

@@ -4,20 +4,17 @@
 //! Exports refused for reasons only an admin can fix (`Retry::Never`) are left alone. An
 //! export whose lease another daemon took is treated as refused once no client is attached:
 //! new clients then get "in use by …" instead of EIO on every write, and it comes back by
-//! itself when the other daemon lets go.
+//! itself when the other daemon lets go. What to retry and how often is decided by the
+//! export ([`Export::reopen_rule`]) and one [`Schedule`] per export; this task only runs it.
 
 use super::Daemon;
-use crate::export::{try_open, Export, Retry};
+use crate::export::{try_open, Export, Retry, Schedule};
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-/// First wait after a refusal caused by an unreachable S3.
-const FIRST_DELAY: Duration = Duration::from_secs(1);
-/// Longest wait between attempts while S3 stays unreachable.
-const MAX_DELAY: Duration = Duration::from_secs(60);
 /// How often the registry is scanned for newly refused exports.
 const SCAN: Duration = Duration::from_millis(500);
 
@@ -26,8 +23,7 @@ struct Pending {
     /// The refused version in the registry; a reload replacing it resets the schedule.
     export: Weak<Export>,
     due: Instant,
-    delay: Duration,
-    attempts: u32,
+    schedule: Schedule,
 }
 
 /// Runs until the daemon is gone or stops it (shutdown aborts the task).
@@ -67,54 +63,31 @@ fn schedule(d: &Daemon, pending: &mut HashMap<String, Pending>) {
         current.is_some_and(|c| p.export.upgrade().is_some_and(|o| Arc::ptr_eq(c, &o)))
     });
     for (name, export) in snapshot.iter() {
-        let Some(retry) = retry_of(export) else {
+        let Some(rule) = export.reopen_rule() else {
             continue;
         };
         if pending.contains_key(name) {
             continue;
         }
-        let delay = first_delay(retry);
+        let mut schedule = Schedule::new();
+        let delay = schedule.next(rule);
         pending.insert(
             name.clone(),
             Pending {
                 export: Arc::downgrade(export),
                 due: Instant::now() + delay,
-                delay,
-                attempts: 0,
+                schedule,
             },
         );
     }
 }
 
-/// How to retry `export`, if at all: refused ones by their own class; served ones whose lease
-/// was lost, idle, every third of the lease time.
-fn retry_of(export: &Export) -> Option<Retry> {
-    if export.store.is_err() {
-        return (export.retry != Retry::Never).then_some(export.retry);
-    }
-    let lost = export.lease.as_ref().is_some_and(|l| l.is_lost());
-    let crate::config::LeaseMode::On { ttl } = export.config.lease else {
-        return None; // no lease, nothing to lose
-    };
-    (lost && export.attached() == 0).then(|| Retry::lease_held(ttl))
-}
-
-fn first_delay(retry: Retry) -> Duration {
-    match retry {
-        Retry::Every(d) => d,
-        Retry::Backoff | Retry::Never => FIRST_DELAY,
-    }
-}
-
 /// Sets the next attempt after another refusal (`refused` is now the registry's version).
 fn reschedule(p: &mut Pending, refused: &Arc<Export>) {
-    p.attempts += 1;
+    p.schedule.failed();
     p.export = Arc::downgrade(refused);
-    p.delay = match retry_of(refused) {
-        Some(Retry::Every(d)) => d,
-        _ => (p.delay * 2).min(MAX_DELAY),
-    };
-    p.due = Instant::now() + p.delay;
+    let rule = refused.reopen_rule().unwrap_or(Retry::Backoff);
+    p.due = Instant::now() + p.schedule.next(rule);
 }
 
 /// Opens `old`'s definition again. Returns the export's name and, if it is still refused, the
@@ -127,23 +100,25 @@ async fn attempt(d: &Daemon, old: Arc<Export>) -> (String, Option<Arc<Export>>) 
     if !current.get(&name).is_some_and(|c| Arc::ptr_eq(c, &old)) {
         return (name, None); // a reload replaced or removed it while we were opening
     }
-    if old.attached() > 0 && old.store.is_ok() {
+    if old.attached() > 0 && old.is_serving() {
         return (name, Some(old)); // lost lease, but a client attached meanwhile: not now
     }
-    let up = fresh.store.is_ok();
-    match (&old.store, &fresh.store) {
-        (_, Ok(_)) => info!(
+    let up = fresh.is_serving();
+    match (old.refusal(), fresh.refusal()) {
+        (_, None) => info!(
             export = name.as_str(),
             "export is up (refused before: opened again by itself)"
         ),
-        (Ok(_), Err(now)) => warn!(
+        (None, Some(now)) => warn!(
             export = name.as_str(),
             "export lease lost: new clients are refused until it is free again: {now}"
         ),
-        (Err(before), Err(now)) if before != now || fresh.retry == Retry::Never => {
+        (Some(before), Some(now))
+            if before.to_string() != now.to_string() || now.retry() == Retry::Never =>
+        {
             warn!(export = name.as_str(), "export still refused: {now}")
         }
-        (_, Err(now)) => debug!(export = name.as_str(), "export still refused: {now}"),
+        (_, Some(now)) => debug!(export = name.as_str(), "export still refused: {now}"),
     }
     let mut next = (*current).clone();
     next.insert(name.clone(), Arc::clone(&fresh));
@@ -151,6 +126,6 @@ async fn attempt(d: &Daemon, old: Arc<Export>) -> (String, Option<Arc<Export>>) 
     if up {
         info!("{}", d.status());
     }
-    let still_refused = retry_of(&fresh).is_some().then_some(fresh);
+    let still_refused = fresh.reopen_rule().is_some().then_some(fresh);
     (name, still_refused)
 }

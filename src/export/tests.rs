@@ -3,6 +3,12 @@
 
 use super::*;
 use crate::backend::memory::MemoryStore;
+use crate::backend::{BackendError, DynObjectStore};
+use crate::lease::{LeaseError, LeaseManager};
+use crate::store::CacheBudget;
+use crate::store::StoreError;
+use crate::test_support::wait_until;
+use std::time::Duration;
 
 /// Every bucket is the same in-memory store, so the test can look inside.
 struct One(Arc<MemoryStore>);
@@ -27,17 +33,6 @@ fn cfg() -> ExportConfig {
     }
 }
 
-async fn wait_until(what: &str, cond: impl Fn() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while !cond() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 #[tokio::test]
 async fn removed_export_is_kept_until_s3_takes_its_data() {
     let mem = Arc::new(MemoryStore::new());
@@ -48,7 +43,7 @@ async fn removed_export_is_kept_until_s3_takes_its_data() {
         leases: LeaseManager::new(),
     };
     let export = open_export(&cfg(), &One(Arc::clone(&mem)), &ctx).await;
-    let store = export.store.clone().expect("store opens");
+    let store = Arc::clone(export.store().expect("store opens"));
     mem.fail_next_permanent(u64::MAX);
     store
         .write(0, bytes::Bytes::from(vec![7u8; 4096]), false)
@@ -119,22 +114,27 @@ impl BucketSource for PlainSource {
 async fn store_without_conditional_writes_needs_lease_off() {
     let src = PlainSource(Arc::default());
     let refused = open_export(&leased(Duration::from_secs(30)), &src, &ctx()).await;
-    let msg = refused
-        .store
-        .as_ref()
-        .expect_err("leased export on a plain store");
+    let reason = refused
+        .refusal()
+        .expect("leased export on a plain store refused");
+    assert!(
+        matches!(reason, Refusal::NoConditionalWrites { .. }),
+        "{reason:?}"
+    );
+    let msg = reason.to_string();
     assert!(msg.contains("lease = \"off\""), "{msg}");
     assert_eq!(
-        refused.retry,
+        reason.retry(),
         Retry::Never,
         "an admin must act; do not spin"
     );
+    assert_eq!(refused.reopen_rule(), None);
     let off = open_export(&cfg(), &src, &ctx()).await;
-    assert!(off.store.is_ok() && off.lease.is_none());
+    assert!(off.is_serving() && off.lease().is_none());
     let mut ro = leased(Duration::from_secs(30));
     ro.read_only = true;
     let ro = open_export(&ro, &src, &ctx()).await;
-    assert!(ro.store.is_ok(), "read-only exports need no lease");
+    assert!(ro.is_serving(), "read-only exports need no lease");
 }
 
 #[tokio::test]
@@ -143,7 +143,7 @@ async fn lease_lost_to_another_daemon_fails_writes_and_removal_releases_it() {
     let src = One(Arc::clone(&mem));
     let ttl = Duration::from_secs(3);
     let export = open_export(&leased(ttl), &src, &ctx()).await;
-    let store = export.store.clone().expect("leased export opens");
+    let store = Arc::clone(export.store().expect("leased export opens"));
     store
         .write(0, bytes::Bytes::from(vec![1u8; 4096]), false)
         .await
@@ -165,14 +165,19 @@ async fn lease_lost_to_another_daemon_fails_writes_and_removal_releases_it() {
     let theirs = crate::lease::record::LeaseRecord::new(&other, now, ttl);
     mem.insert("a/nbd-s3.lock", theirs.to_bytes());
     wait_until("the lease to be lost", || {
-        export.lease.as_ref().is_some_and(|l| l.is_lost())
+        export.lease().is_some_and(|l| l.is_lost())
     })
     .await;
+    // Lost: reopened (so new clients hear who holds it) only once nobody uses this store.
+    let client = export.attach();
+    assert_eq!(export.reopen_rule(), None, "a client still uses the store");
+    drop(client);
+    assert_eq!(export.reopen_rule(), Some(Retry::lease_held(ttl)));
     let err = store
         .write(0, bytes::Bytes::from(vec![2u8; 4096]), false)
         .await;
     let err = err.expect_err("write after losing the lease");
-    assert_eq!(err.errno(), 5, "{err}");
+    assert_eq!(err.kind(), crate::store::ErrorKind::Fenced, "{err}");
     assert!(err.to_string().contains("elsewhere"), "{err}");
     drop((store, export));
 
@@ -186,7 +191,7 @@ async fn lease_lost_to_another_daemon_fails_writes_and_removal_releases_it() {
 
 #[tokio::test]
 async fn attachments_are_counted_across_versions() {
-    let e = Export::new(cfg(), Err("refused".into()));
+    let e = Export::refused(cfg(), Refusal::Other("refused".into()));
     let a1 = e.attach();
     let grown = e.with_config(ExportConfig {
         size: 2 << 20,
@@ -198,4 +203,79 @@ async fn attachments_are_counted_across_versions() {
     drop(a1);
     drop(a2);
     assert_eq!(e.attached(), 0);
+}
+
+#[test]
+fn each_refusal_has_its_retry_rule_and_keeps_its_message() {
+    let corrupt = || BackendError::Corrupt {
+        key: "a/nbd-s3.lock".into(),
+        reason: "crc mismatch".into(),
+    };
+    let torn = Refusal::lease(LeaseError::Backend(corrupt()), Duration::from_secs(30));
+    assert!(matches!(
+        torn,
+        Refusal::Corrupt {
+            step: Step::Lease,
+            ..
+        }
+    ));
+    assert_eq!(
+        torn.retry(),
+        Retry::Backoff,
+        "a torn lease read passes by itself"
+    );
+    assert!(torn
+        .to_string()
+        .starts_with("cannot take the export lease: object a/nbd-s3.lock is corrupt"));
+    let manifest = Refusal::from(StoreError::Backend(corrupt()));
+    assert_eq!(manifest.retry(), Retry::Every(refusal::SLOW_RETRY));
+    assert!(manifest
+        .to_string()
+        .starts_with("object store: object a/nbd-s3.lock"));
+
+    let down = Refusal::from(StoreError::Backend(BackendError::Transient(
+        "timeout".into(),
+    )));
+    assert!(matches!(
+        down,
+        Refusal::Unreachable {
+            step: Step::Open,
+            ..
+        }
+    ));
+    assert_eq!(down.retry(), Retry::Backoff);
+    let denied = Refusal::backend(Step::Bucket, BackendError::Permanent("AccessDenied".into()));
+    assert!(matches!(denied, Refusal::Denied { .. }));
+    assert_eq!(denied.retry(), Retry::Every(refusal::SLOW_RETRY));
+    assert_eq!(
+        denied.to_string(),
+        "object store refused the request: AccessDenied"
+    );
+
+    let held = LeaseError::Held {
+        holder: "host b (pid 7)".into(),
+        bucket: "nbd".into(),
+        key: "a/nbd-s3.lock".into(),
+    };
+    let message = held.to_string();
+    let held = Refusal::lease(held, Duration::from_secs(30));
+    assert_eq!(held.to_string(), message);
+    assert_eq!(held.retry(), Retry::Every(Duration::from_secs(10)));
+
+    let mismatch = Refusal::from(StoreError::BlockSizeMismatch {
+        stored: 4096,
+        configured: 65536,
+    });
+    assert_eq!(mismatch.retry(), Retry::Never);
+    assert_eq!(
+        mismatch.to_string(),
+        "export's stored block size 4096 differs from configured block size 65536"
+    );
+    let refused = Export::refused(cfg(), mismatch);
+    assert!(!refused.is_serving() && refused.store().is_none() && refused.lease().is_none());
+    assert_eq!(refused.reopen_rule(), None, "an admin must act");
+    assert_eq!(
+        Export::refused(cfg(), down).reopen_rule(),
+        Some(Retry::Backoff)
+    );
 }

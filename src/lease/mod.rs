@@ -20,6 +20,7 @@ mod tests;
 
 use crate::backend::conditional::supports_conditional_writes;
 use crate::backend::{BackendError, DynObjectStore, ETag};
+use crate::retry::Policy;
 use record::{Identity, LeaseRecord, Verdict};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -30,7 +31,7 @@ use tokio::time::Instant;
 /// Renewals (and the fencing margin) come every `ttl / RENEWALS_PER_TTL`. With the default
 /// 60 s lease that is every 10 s and fencing 10 s before expiry, so an S3 outage of up to
 /// 40 s (ttl minus one interval minus the margin, whenever it starts) never fences an export:
-/// issue 7's 30 s outage must let writes continue into the cache.
+/// a 30 s outage must let writes continue into the cache.
 pub(crate) const RENEWALS_PER_TTL: u32 = 6;
 
 /// Name of the lease object under the export's prefix.
@@ -220,7 +221,10 @@ impl LeaseManager {
         for _ in 0..4 {
             let sent = Instant::now();
             let body = LeaseRecord::new(&self.me, self.clock.now_ms(), ttl).to_bytes();
-            let won = match objects.get_with_etag(key).await? {
+            // The holder rewrites the object in place: a read that catches it half-written
+            // fails its checksum and is simply read again (`Policy::LEASE`).
+            let current = Policy::LEASE.run(|| objects.get_with_etag(key)).await?;
+            let won = match current {
                 None => objects.put_if_absent(key, body).await?,
                 Some((raw, etag)) => {
                     let record = LeaseRecord::parse(&raw);

@@ -5,8 +5,8 @@
 use super::record::LeaseRecord;
 use super::Lease;
 use crate::backend::{BackendError, DynObjectStore, ETag};
+use crate::retry::{Backoff, Policy};
 use std::sync::{Arc, Weak};
-use std::time::Duration;
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
@@ -20,14 +20,14 @@ enum Renewal {
 /// Renews the lease until it is released, lost, or dropped. Holds only a `Weak`, so the task
 /// never keeps a lease alive by itself. Logs when the export gets fenced and when it resumes.
 pub(super) async fn renew_loop(lease: Weak<Lease>, wake: Arc<tokio::sync::Notify>) {
-    let mut failing_since: Option<Instant> = None;
+    let mut failing: Option<Backoff> = None;
     let mut fenced = false;
     loop {
         let next = {
             let Some(l) = lease.upgrade() else { return };
-            let retry = (l.ttl / 10).clamp(Duration::from_millis(100), Duration::from_secs(2));
-            match failing_since {
-                Some(_) => Instant::now() + retry,
+            let retry = failing.as_mut().and_then(Backoff::next_delay);
+            match retry {
+                Some(delay) => Instant::now() + delay,
                 None => l.state.lock().valid_until - l.ttl + l.ttl / super::RENEWALS_PER_TTL,
             }
         };
@@ -40,13 +40,13 @@ pub(super) async fn renew_loop(lease: Weak<Lease>, wake: Arc<tokio::sync::Notify
             return;
         }
         match l.renew_once().await {
-            Renewal::Renewed => failing_since = None,
+            Renewal::Renewed => failing = None,
             Renewal::Lost => return,
             Renewal::Failed(e) => {
-                if failing_since.is_none() {
+                if failing.is_none() {
                     warn!(lease = %l.key, "lease renewal failed ({e}); retrying");
                 }
-                failing_since.get_or_insert_with(Instant::now);
+                failing.get_or_insert_with(|| Policy::renewal(l.ttl).backoff());
             }
         }
         let now_fenced = l.write_deadline().is_err();

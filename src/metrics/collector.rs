@@ -1,15 +1,14 @@
 //! The scrape: reads the daemon's own counters (server, cache budget, object-store stats,
-//! request table) at the moment Prometheus asks, and writes them with prometheus-client's
+//! exports' request counters, reloads) at the moment Prometheus asks, and writes them with prometheus-client's
 //! text encoder. Reading at scrape time means no second set of counters to keep in step, and
 //! exports that a reload removed simply stop appearing.
 
-use super::histogram::Snapshot;
-use super::{exports, reloads};
+use super::exports;
 use crate::backend::stats::{BackendStats, Op, Outcome};
 use crate::backend::StoreFactory;
+use crate::daemon::Observed;
 use crate::export::{Export, Registry};
-use crate::server::Server;
-use crate::store::CacheBudget;
+use crate::histogram::Snapshot;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeGaugeValue, NoLabelSet};
 use prometheus_client::metrics::MetricType;
@@ -20,22 +19,9 @@ use std::sync::Arc;
 /// Label pairs of one sample.
 pub(crate) type Labels = Vec<(&'static str, String)>;
 
-/// What a scrape reads: the daemon's live parts, shared, never copied.
-#[derive(Debug, Clone)]
-pub struct Sources {
-    /// Exports as new connections see them (plus removed ones still draining).
-    pub registry: Arc<Registry>,
-    /// Open connections.
-    pub server: Server,
-    /// Object-store counters, per bucket.
-    pub factory: StoreFactory,
-    /// The cache shared by all exports.
-    pub budget: Arc<CacheBudget>,
-}
-
-/// The prometheus-client collector over `Sources`.
+/// The prometheus-client collector over the daemon's observed parts.
 #[derive(Debug)]
-pub(crate) struct DaemonCollector(pub Sources);
+pub(crate) struct DaemonCollector(pub Observed);
 
 impl Collector for DaemonCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
@@ -61,7 +47,7 @@ fn live_exports(registry: &Registry) -> Vec<Arc<Export>> {
     live
 }
 
-fn process(enc: &mut DescriptorEncoder, s: &Sources) -> fmt::Result {
+fn process(enc: &mut DescriptorEncoder, s: &Observed) -> fmt::Result {
     let version = vec![("version", env!("CARGO_PKG_VERSION").to_owned())];
     gauges(
         enc,
@@ -102,7 +88,7 @@ fn process(enc: &mut DescriptorEncoder, s: &Sources) -> fmt::Result {
         "[cache] dirty: writers wait above it",
         one(b.dirty_limit()),
     )?;
-    let r = reloads::snapshot();
+    let r = s.reloads.snapshot();
     let outcomes = [
         (label("outcome", "ok"), r.ok),
         (label("outcome", "failed"), r.failed),
@@ -190,8 +176,7 @@ fn backend_requests(enc: &mut DescriptorEncoder, stats: &[Bucket]) -> fmt::Resul
             let h = s.latency(op);
             if h.count > 0 {
                 let l = vec![("bucket", bucket.clone()), ("op", op.name().into())];
-                let snapshot = Snapshot::from_cumulative(&h.buckets, h.count, h.sum_seconds);
-                latency.push((l, snapshot));
+                latency.push((l, h));
             }
         }
     }

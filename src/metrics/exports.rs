@@ -1,30 +1,49 @@
-//! Per-export series: what clients asked for (the request table) and what the export's block
-//! store did about it (`StoreStats`, flush durations). Every series carries an `export` label.
+//! Per-export series: what clients asked for (the export's request counters) and what its
+//! block store did about it (`StoreStats`, flush durations). Every series carries an `export`
+//! label.
 
 use super::collector::{counters, gauges, histograms, label, Labels};
-use super::histogram::Snapshot;
-use super::requests::{self, CommandSnapshot, COMMANDS};
+use crate::export::requests::{CommandSnapshot, COMMANDS};
 use crate::export::Export;
+use crate::histogram::Snapshot;
 use crate::proto::Command;
 use crate::store::StoreStats;
 use prometheus_client::encoding::DescriptorEncoder;
-use std::collections::BTreeSet;
 use std::fmt;
 use std::sync::Arc;
+
+/// The `command` label value of each command.
+fn command_label(command: Command) -> &'static str {
+    match command {
+        Command::Read => "read",
+        Command::Write => "write",
+        Command::Flush => "flush",
+        Command::Trim => "trim",
+        Command::WriteZeroes => "write_zeroes",
+        Command::Cache => "cache",
+        Command::BlockStatus => "block_status",
+        Command::Disconnect => "disc",
+    }
+}
 
 /// Writes every per-export family for `exports` (served and draining).
 pub(crate) fn encode(enc: &mut DescriptorEncoder, exports: &[Arc<Export>]) -> fmt::Result {
     state(enc, exports)?;
     store(enc, exports)?;
-    let live: BTreeSet<&str> = exports.iter().map(|e| e.name()).collect();
-    let table = requests::table().collect(&live);
     let mut rows = Vec::new();
-    for (export, stats) in &table {
+    // Request series only for exports a client has used, in name order.
+    for export in exports.iter().filter(|e| e.requests().used()) {
+        let stats = export.requests();
         // DISC is never executed as a request: no series for it.
-        for (command, name) in COMMANDS.into_iter().filter(|c| c.0 != Command::Disconnect) {
-            rows.push((export.as_str(), name, stats.snapshot(command)));
+        for command in COMMANDS.into_iter().filter(|c| *c != Command::Disconnect) {
+            rows.push((
+                export.name(),
+                command_label(command),
+                stats.snapshot(command),
+            ));
         }
     }
+    rows.sort_by(|a, b| a.0.cmp(b.0));
     commands(enc, &rows)
 }
 
@@ -40,7 +59,7 @@ fn state(enc: &mut DescriptorEncoder, exports: &[Arc<Export>]) -> fmt::Result {
         enc,
         "nbd_s3_export_up",
         "1 when the export is served, 0 when it is refused (see the log for why)",
-        each(&|e| u64::from(e.store.is_ok())),
+        each(&|e| u64::from(e.is_serving())),
     )?;
     gauges(
         enc,
@@ -67,7 +86,7 @@ fn state(enc: &mut DescriptorEncoder, exports: &[Arc<Export>]) -> fmt::Result {
         exports
             .iter()
             .filter_map(|e| {
-                let lease = e.lease.as_ref()?;
+                let lease = e.lease()?;
                 let held = u64::from(lease.writable().is_ok());
                 Some((label("export", e.name()), held))
             })
@@ -139,7 +158,7 @@ fn store(enc: &mut DescriptorEncoder, exports: &[Arc<Export>]) -> fmt::Result {
     let stores: Vec<(&str, StoreStats, Snapshot)> = exports
         .iter()
         .filter_map(|e| {
-            let s = e.store.as_ref().ok()?;
+            let s = e.store()?;
             Some((e.name(), s.stats(), s.flush_durations()))
         })
         .collect();

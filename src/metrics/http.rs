@@ -1,8 +1,13 @@
-//! A deliberately small HTTP/1.1 responder for `GET /metrics`. Prometheus sends one short GET
-//! per scrape, so a request head is read (bounded in size and time), answered, and the
-//! connection closed. Nothing here can stop the daemon: a slow, huge or garbled request only
-//! ends its own connection, and a flood of connections is capped.
+//! `GET /metrics` over HTTP/1.1, served with hyper. Prometheus sends one short GET per scrape,
+//! so each connection answers one request and closes. Nothing here can stop the daemon: a slow,
+//! huge or garbled request only ends its own connection, and a flood of connections is capped.
 
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONNECTION, CONTENT_TYPE as TYPE};
+use hyper::{Method, Request, Response, StatusCode, Uri};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::convert::Infallible;
 use std::fmt;
 use std::io;
 use std::sync::Arc;
@@ -12,9 +17,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
-/// Longest request head accepted; a scrape's is a few hundred bytes.
+/// Longest request head accepted (hyper's smallest read buffer); a scrape's is a few hundred
+/// bytes. Longer heads get 431.
 pub const MAX_HEAD: usize = 8 * 1024;
-/// Time a client has to send its request head.
+/// Time a client has to send its request head; then it gets 408.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time a client has to take the response.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -32,76 +38,63 @@ pub type Render = Arc<dyn Fn() -> Result<String, fmt::Error> + Send + Sync>;
 /// What a request asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Route {
-    /// `GET /metrics` (`body`) or `HEAD /metrics`.
-    Metrics { body: bool },
+    /// `GET` or `HEAD /metrics` (hyper leaves the body out for `HEAD`).
+    Metrics,
     /// Any other method on `/metrics`.
     MethodNotAllowed,
     /// Any other path.
     NotFound,
-    /// Not an HTTP/1.x request line.
+    /// A target that is not a plain path (`*`, an absolute URI).
     BadRequest,
 }
 
-/// Routes a request by its request line (`METHOD TARGET HTTP/1.x`); headers are ignored.
-pub(crate) fn route(head: &[u8]) -> Route {
-    let line_end = head.iter().position(|&b| b == b'\n').unwrap_or(head.len());
-    let Ok(line) = std::str::from_utf8(&head[..line_end]) else {
-        return Route::BadRequest;
-    };
-    let mut parts = line.trim_end_matches('\r').split(' ');
-    let (Some(method), Some(target), Some(version), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Route::BadRequest;
-    };
-    if !version.starts_with("HTTP/1.") || !target.starts_with('/') {
+/// Routes a request by method and target; headers are ignored. A request line hyper cannot
+/// parse never gets here: hyper answers it with 400 itself.
+pub(crate) fn route(method: &Method, uri: &Uri) -> Route {
+    if uri.scheme().is_some() || uri.authority().is_some() || !uri.path().starts_with('/') {
         return Route::BadRequest;
     }
-    let path = target.split('?').next().unwrap_or(target);
-    match (path, method) {
-        ("/metrics", "GET") => Route::Metrics { body: true },
-        ("/metrics", "HEAD") => Route::Metrics { body: false },
+    match (uri.path(), method) {
+        ("/metrics", &Method::GET | &Method::HEAD) => Route::Metrics,
         ("/metrics", _) => Route::MethodNotAllowed,
         _ => Route::NotFound,
     }
 }
 
-/// The whole response for `route` (always `Connection: close`).
-pub(crate) fn respond(route: Route, render: &Render) -> Vec<u8> {
+/// The response for `route` (always `Connection: close`).
+pub(crate) fn respond(route: Route, render: &Render) -> Response<Full<Bytes>> {
     match route {
-        Route::Metrics { body } => match render() {
-            Ok(text) => response("200 OK", CONTENT_TYPE, &text, body, ""),
+        Route::Metrics => match render() {
+            Ok(text) => response(StatusCode::OK, CONTENT_TYPE, text),
             Err(_) => plain(
-                "500 Internal Server Error",
+                StatusCode::INTERNAL_SERVER_ERROR,
                 "cannot encode the metrics\n",
-                "",
             ),
         },
-        Route::MethodNotAllowed => plain(
-            "405 Method Not Allowed",
-            "only GET and HEAD\n",
-            "Allow: GET, HEAD\r\n",
-        ),
-        Route::NotFound => plain("404 Not Found", "metrics are at /metrics\n", ""),
-        Route::BadRequest => plain("400 Bad Request", "not an HTTP/1.x request\n", ""),
+        Route::MethodNotAllowed => {
+            let mut r = plain(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n");
+            r.headers_mut()
+                .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+            r
+        }
+        Route::NotFound => plain(StatusCode::NOT_FOUND, "metrics are at /metrics\n"),
+        Route::BadRequest => plain(StatusCode::BAD_REQUEST, "not an HTTP/1.x request\n"),
     }
 }
 
-fn plain(status: &str, text: &str, extra: &str) -> Vec<u8> {
-    response(status, "text/plain; charset=utf-8", text, true, extra)
+fn plain(status: StatusCode, text: &'static str) -> Response<Full<Bytes>> {
+    response(status, "text/plain; charset=utf-8", text.to_owned())
 }
 
-fn response(status: &str, content_type: &str, text: &str, body: bool, extra: &str) -> Vec<u8> {
-    let mut out = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
-         Cache-Control: no-store\r\n{extra}Connection: close\r\n\r\n",
-        text.len()
-    )
-    .into_bytes();
-    if body {
-        out.extend_from_slice(text.as_bytes());
-    }
-    out
+/// hyper adds `Content-Length` from the body, and sends no body for `HEAD`.
+fn response(status: StatusCode, content_type: &'static str, text: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(text)));
+    *r.status_mut() = status;
+    let headers = r.headers_mut();
+    headers.insert(TYPE, HeaderValue::from_static(content_type));
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(CONNECTION, HeaderValue::from_static("close"));
+    r
 }
 
 /// Accepts scrapes until the task is dropped. Accept errors (EMFILE) back off instead of
@@ -131,39 +124,42 @@ pub(crate) async fn serve(listener: TcpListener, render: Render) {
     }
 }
 
-/// Why no request head was read.
-#[derive(Debug, thiserror::Error)]
-enum HeadError {
-    #[error("{0}")]
-    Io(#[from] io::Error),
-    #[error("client closed the connection")]
-    Closed,
-    #[error("request head over {MAX_HEAD} bytes")]
-    TooLarge,
-}
+/// hyper closes a connection whose head does not arrive in time without a word; a client
+/// that is merely slow learns why from this response instead.
+const REQUEST_TIMEOUT: &[u8] = b"HTTP/1.1 408 Request Timeout\r\n\
+    Content-Type: text/plain; charset=utf-8\r\nContent-Length: 34\r\n\
+    Cache-Control: no-store\r\nConnection: close\r\n\r\n\
+    request head not received in time\n";
 
+/// Serves one connection: one request, one response, then an orderly close.
 async fn handle(mut stream: TcpStream, render: &Render) -> io::Result<()> {
-    let response = match tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream)).await {
-        Ok(Ok(head)) => respond(route(&head), render),
-        Ok(Err(HeadError::TooLarge)) => plain(
-            "431 Request Header Fields Too Large",
-            "request head too large\n",
-            "",
-        ),
-        Ok(Err(HeadError::Closed)) => return Ok(()),
-        Ok(Err(HeadError::Io(e))) => return Err(e),
-        Err(_) => plain(
-            "408 Request Timeout",
-            "request head not received in time\n",
-            "",
-        ),
-    };
-    let send = async {
-        stream.write_all(&response).await?;
-        stream.shutdown().await
-    };
-    match tokio::time::timeout(WRITE_TIMEOUT, send).await {
-        Ok(result) => result?,
+    let service = hyper::service::service_fn(|req: Request<hyper::body::Incoming>| {
+        let response = respond(route(req.method(), req.uri()), render);
+        std::future::ready(Ok::<_, Infallible>(response))
+    });
+    let mut http = hyper::server::conn::http1::Builder::new();
+    // Closing after one response, header names as they were always written, no `Date`
+    // (a scrape is timestamped by Prometheus).
+    http.keep_alive(false)
+        .title_case_headers(true)
+        .auto_date_header(false)
+        .max_buf_size(MAX_HEAD)
+        .timer(TokioTimer::new())
+        .header_read_timeout(READ_TIMEOUT);
+    // The stream is lent, not given: after hyper is done it is still ours to close gently.
+    let conn = http.serve_connection(TokioIo::new(&mut stream), service);
+    match tokio::time::timeout(READ_TIMEOUT + WRITE_TIMEOUT, conn).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) if e.is_timeout() => {
+            let send = stream.write_all(REQUEST_TIMEOUT);
+            tokio::time::timeout(WRITE_TIMEOUT, send)
+                .await
+                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "response not taken"))??;
+        }
+        // A head too large or unparsable has had its 4xx from hyper; any other error (the
+        // client went away) ends the connection.
+        Ok(Err(e)) if e.is_parse() || e.is_parse_too_large() => {}
+        Ok(Err(e)) => return Err(io::Error::other(e)),
         Err(_) => {
             return Err(io::Error::new(
                 io::ErrorKind::TimedOut,
@@ -171,6 +167,7 @@ async fn handle(mut stream: TcpStream, render: &Render) -> io::Result<()> {
             ))
         }
     }
+    let _ = stream.shutdown().await;
     // Closing with unread input (an oversized head) would send a reset that can destroy the
     // response in the client's buffer: drain a little until the client closes first.
     let mut sink = [0u8; 4096];
@@ -185,24 +182,4 @@ async fn handle(mut stream: TcpStream, render: &Render) -> io::Result<()> {
     };
     let _ = tokio::time::timeout(LINGER, drain).await;
     Ok(())
-}
-
-/// Reads up to the blank line ending the head (the whole head, so closing afterwards does not
-/// reset the connection under the response).
-async fn read_head(stream: &mut TcpStream) -> Result<Vec<u8>, HeadError> {
-    let mut head = Vec::with_capacity(512);
-    let mut chunk = [0u8; 1024];
-    loop {
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            return Err(HeadError::Closed);
-        }
-        head.extend_from_slice(&chunk[..n]);
-        if head.windows(4).any(|w| w == b"\r\n\r\n") || head.windows(2).any(|w| w == b"\n\n") {
-            return Ok(head);
-        }
-        if head.len() > MAX_HEAD {
-            return Err(HeadError::TooLarge);
-        }
-    }
 }

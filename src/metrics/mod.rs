@@ -1,54 +1,31 @@
 //! Prometheus metrics on `[server] metrics` (`GET /metrics`, text format 0.0.4).
 //!
-//! Most numbers already exist where the work happens — `BackendStats` per bucket, `StoreStats`
-//! per export, the server's connection count, the cache budget — and are read at scrape time
-//! (`collector`). Only what nobody else counts lives here: NBD requests per export and command
-//! (`requests`, fed by one call in `server::command::execute`), reload outcomes (`reloads`)
-//! and the lock-free `histogram` the store uses for flush durations.
+//! Nothing is counted here: every number lives where the work happens — `BackendStats` per
+//! bucket, `StoreStats` and request counters per export, reload outcomes in the daemon, the
+//! server's connection count, the cache budget — and is read at scrape time (`collector`).
+//! Nothing but the process entry point depends on this module; it depends on what it observes.
 //!
 //! Metrics are an observer: the endpoint failing to bind is logged and the daemon serves on.
 
 mod collector;
 mod exports;
-pub mod histogram;
 pub mod http;
-pub mod reloads;
-pub mod requests;
 
 #[cfg(test)]
 mod tests;
 
-pub use collector::Sources;
-pub use requests::{for_export, ExportRequests};
-
-use crate::backend::StoreFactory;
-use crate::config::Config;
-use crate::export::Registry;
-use crate::server::Server;
-use crate::store::CacheBudget;
+use crate::daemon::Observed;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tracing::{error, info};
 
-/// Starts the endpoint if `[server] metrics` is set; logs `metrics on <addr>` (with the real
-/// port, so `127.0.0.1:0` works for tests). Returns the bound address. A failure to bind is
-/// logged, not returned: an observer must not keep block devices from being served.
-pub async fn spawn(
-    config: &Config,
-    registry: &Arc<Registry>,
-    server: &Server,
-    factory: &StoreFactory,
-    budget: &Arc<CacheBudget>,
-) -> Option<SocketAddr> {
-    let addr = config.server.metrics?;
-    let sources = Sources {
-        registry: Arc::clone(registry),
-        server: server.clone(),
-        factory: factory.clone(),
-        budget: Arc::clone(budget),
-    };
-    match serve(addr, sources).await {
+/// Starts the endpoint on `addr` (`[server] metrics`) if set; logs `metrics on <addr>` (with
+/// the real port, so `127.0.0.1:0` works for tests). Returns the bound address. A failure to
+/// bind is logged, not returned: an observer must not keep block devices from being served.
+pub async fn spawn(addr: Option<SocketAddr>, observed: Observed) -> Option<SocketAddr> {
+    let addr = addr?;
+    match serve(addr, observed).await {
         Ok(bound) => Some(bound),
         Err(e) => {
             error!("cannot serve metrics on {addr}: {e}; continuing without metrics");
@@ -57,16 +34,16 @@ pub async fn spawn(
     }
 }
 
-/// Binds `addr` and serves the metrics of `sources` there until the runtime stops.
-pub async fn serve(addr: SocketAddr, sources: Sources) -> std::io::Result<SocketAddr> {
+/// Binds `addr` and serves the metrics of `observed` there until the runtime stops.
+pub async fn serve(addr: SocketAddr, observed: Observed) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     info!("metrics on {bound}");
-    tokio::spawn(http::serve(listener, renderer(sources)));
+    tokio::spawn(http::serve(listener, renderer(observed)));
     Ok(bound)
 }
 
-/// The text of one scrape of `sources`.
+/// The text of one scrape of `registry`.
 pub fn render(registry: &prometheus_client::registry::Registry) -> Result<String, std::fmt::Error> {
     let mut text = String::with_capacity(16 * 1024);
     prometheus_client::encoding::prometheus_text::encode(&mut text, registry)?;
@@ -74,8 +51,8 @@ pub fn render(registry: &prometheus_client::registry::Registry) -> Result<String
 }
 
 /// A prometheus-client registry around the daemon collector, as the HTTP responder's renderer.
-pub fn renderer(sources: Sources) -> http::Render {
+pub fn renderer(observed: Observed) -> http::Render {
     let mut registry = prometheus_client::registry::Registry::default();
-    registry.register_collector(Box::new(collector::DaemonCollector(sources)));
+    registry.register_collector(Box::new(collector::DaemonCollector(observed)));
     Arc::new(move || render(&registry))
 }

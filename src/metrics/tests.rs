@@ -4,16 +4,21 @@
 
 use super::http::{respond, route, Render, Route, MAX_HEAD};
 use super::*;
-use crate::export::Export;
+use crate::backend::StoreFactory;
+use crate::config::Config;
+use crate::daemon::Reloads;
+use crate::export::{Export, Registry};
 use crate::proto::Command;
-use crate::store::{BlockStore, BlockStoreConfig};
+use crate::server::Server;
+use crate::store::{BlockStore, BlockStoreConfig, CacheBudget};
+use crate::test_support::wait_until;
 use prometheus_parse::{Sample, Scrape, Value};
 use std::collections::BTreeMap;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A registry with exports `names` (bucket `bucket-NAME`) on a `file://` store in `dir`.
-async fn sources(dir: &std::path::Path, names: &[&str]) -> Sources {
+async fn sources(dir: &std::path::Path, names: &[&str]) -> Observed {
     let mut text = format!("[server]\n[s3]\nendpoint = \"file://{}\"\n", dir.display());
     for name in names {
         text.push_str(&format!(
@@ -36,16 +41,20 @@ async fn sources(dir: &std::path::Path, names: &[&str]) -> Sources {
             flush_timeout: Duration::from_secs(5),
         };
         let store = BlockStore::open(factory.bucket(&c.bucket), cfg, Arc::clone(&budget)).await;
-        opened.insert(c.name.clone(), Export::new(c.clone(), Ok(store.unwrap())));
+        opened.insert(
+            c.name.clone(),
+            Export::serving(c.clone(), store.unwrap(), None),
+        );
     }
     let registry = Registry::new();
     registry.replace(opened);
     let server = Server::new(Arc::clone(&registry));
-    Sources {
+    Observed {
         registry,
         server,
         factory,
         budget,
+        reloads: Arc::new(Reloads::default()),
     }
 }
 
@@ -79,9 +88,9 @@ async fn a_scrape_shows_requests_store_and_backend_per_export_and_bucket() {
     let dir = tempfile::tempdir().unwrap();
     let src = sources(dir.path(), &["m-a", "m-b"]).await;
     let a = src.registry.get("m-a").unwrap();
-    let store = a.store.clone().unwrap();
+    let store = Arc::clone(a.store().unwrap());
     let _attached = a.attach();
-    let counters = for_export("m-a");
+    let counters = a.requests().for_connection();
     {
         let _t = counters.start(Command::Write, 8192);
         store
@@ -125,6 +134,10 @@ async fn a_scrape_shows_requests_store_and_backend_per_export_and_bucket() {
     assert!(puts_a >= 2.0 && puts_a > puts_b, "a {puts_a} b {puts_b}");
     assert_eq!(value(&s, "nbd_s3_connections", &[]), Some(0.0));
     assert!(value(&s, "nbd_s3_reloads_total", &[("outcome", "ok")]).is_some());
+    assert!(
+        !text.contains("export=\"m-b\",command="),
+        "no request series for an export nobody used:\n{text}"
+    );
     assert!(text.contains("# TYPE nbd_s3_request_duration_seconds histogram\n"));
     dashboard_queries_exist_in(&text);
 }
@@ -161,7 +174,10 @@ async fn a_draining_export_and_its_successor_share_a_name_but_not_a_series() {
     let src = sources(dir.path(), &["d-a"]).await;
     let old = src.registry.get("d-a").unwrap();
     let _client = old.attach(); // keeps the removed version draining
-    let refused = Export::new(old.config.clone(), Err("refused for the test".into()));
+    let refused = Export::refused(
+        old.config.clone(),
+        crate::export::Refusal::Other("refused for the test".into()),
+    );
     src.registry
         .replace(BTreeMap::from([("d-a".to_string(), refused)]));
     src.registry.retire(Arc::clone(&old));
@@ -183,7 +199,9 @@ async fn a_draining_export_and_its_successor_share_a_name_but_not_a_series() {
 async fn removed_exports_drop_out_of_the_scrape() {
     let dir = tempfile::tempdir().unwrap();
     let src = sources(dir.path(), &["r-keep", "r-gone"]).await;
-    drop(for_export("r-gone").start(Command::Read, 512));
+    let gone = src.registry.get("r-gone").unwrap();
+    drop(gone.requests().for_connection().start(Command::Read, 512));
+    drop(gone);
     let text = renderer(src.clone())().unwrap();
     assert!(text.contains("export=\"r-gone\""), "{text}");
     let mut kept: BTreeMap<String, _> = (*src.registry.snapshot()).clone();
@@ -191,16 +209,12 @@ async fn removed_exports_drop_out_of_the_scrape() {
     src.registry.replace(kept);
     src.registry.retire(gone);
     // The retired export's final flush holds it briefly; poll until it is released.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let mut text = renderer(src.clone())().unwrap();
-    while text.contains("r-gone") && std::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        text = renderer(src.clone())().unwrap();
-    }
-    assert!(
-        !text.contains("r-gone"),
-        "removed export still scraped:\n{text}"
-    );
+    let render = || renderer(src.clone())().unwrap();
+    wait_until("the removed export to leave the scrape", || {
+        !render().contains("r-gone")
+    })
+    .await;
+    let text = render();
     assert!(text.contains("export=\"r-keep\""));
     assert!(!text.contains("bucket=\"bucket-r-gone\""), "its bucket too");
 }
@@ -209,52 +223,52 @@ fn fixed(text: &'static str) -> Render {
     Arc::new(move || Ok(text.to_owned()))
 }
 
-#[test]
-fn routes_and_responses() {
+fn uri(text: &str) -> hyper::Uri {
+    text.parse().unwrap()
+}
+
+/// The body of `response`, read whole.
+async fn body(response: hyper::Response<http_body_util::Full<bytes::Bytes>>) -> String {
+    use http_body_util::BodyExt;
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8(bytes.to_vec()).unwrap()
+}
+
+#[tokio::test]
+async fn routes_and_responses() {
+    use hyper::{Method, StatusCode};
+    assert_eq!(route(&Method::GET, &uri("/metrics")), Route::Metrics);
+    assert_eq!(route(&Method::GET, &uri("/metrics?x=1")), Route::Metrics);
+    assert_eq!(route(&Method::HEAD, &uri("/metrics")), Route::Metrics);
     assert_eq!(
-        route(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"),
-        Route::Metrics { body: true }
-    );
-    assert_eq!(
-        route(b"GET /metrics?x=1 HTTP/1.0\r\n\r\n"),
-        Route::Metrics { body: true }
-    );
-    assert_eq!(
-        route(b"HEAD /metrics HTTP/1.1\r\n\r\n"),
-        Route::Metrics { body: false }
-    );
-    assert_eq!(
-        route(b"POST /metrics HTTP/1.1\r\n\r\n"),
+        route(&Method::POST, &uri("/metrics")),
         Route::MethodNotAllowed
     );
-    assert_eq!(route(b"GET / HTTP/1.1\r\n\r\n"), Route::NotFound);
-    assert_eq!(route(b"GET /metricsx HTTP/1.1\r\n\r\n"), Route::NotFound);
-    assert_eq!(route(b"GET /metrics\r\n\r\n"), Route::BadRequest);
-    assert_eq!(route(b"GET /metrics SPDY/3\r\n\r\n"), Route::BadRequest);
+    assert_eq!(route(&Method::GET, &uri("/")), Route::NotFound);
+    assert_eq!(route(&Method::GET, &uri("/metricsx")), Route::NotFound);
+    assert_eq!(route(&Method::GET, &uri("*")), Route::BadRequest);
     assert_eq!(
-        route(b"\xff\xfe /metrics HTTP/1.1\r\n\r\n"),
+        route(&Method::GET, &uri("http://host/metrics")),
         Route::BadRequest
     );
-    let ok = String::from_utf8(respond(Route::Metrics { body: true }, &fixed("a 1\n"))).unwrap();
-    assert!(
-        ok.starts_with("HTTP/1.1 200 OK\r\n") && ok.ends_with("\r\n\r\na 1\n"),
-        "{ok}"
-    );
-    assert!(
-        ok.contains("Content-Length: 4\r\n") && ok.contains("version=0.0.4"),
-        "{ok}"
-    );
-    let head = String::from_utf8(respond(Route::Metrics { body: false }, &fixed("a 1\n"))).unwrap();
-    assert!(
-        head.ends_with("Connection: close\r\n\r\n"),
-        "HEAD has no body: {head}"
-    );
+    let ok = respond(Route::Metrics, &fixed("a 1\n"));
+    assert_eq!(ok.status(), StatusCode::OK);
+    let content_type = ok.headers()["content-type"].to_str().unwrap();
+    assert!(content_type.contains("version=0.0.4"), "{content_type}");
+    assert_eq!(ok.headers()["connection"], "close");
+    assert_eq!(body(ok).await, "a 1\n");
     let failing: Render = Arc::new(|| Err(std::fmt::Error));
-    let err = respond(Route::Metrics { body: true }, &failing);
-    assert!(err.starts_with(b"HTTP/1.1 500 "));
-    assert!(respond(Route::MethodNotAllowed, &failing)
-        .windows(11)
-        .any(|w| w == b"Allow: GET,"));
+    let err = respond(Route::Metrics, &failing);
+    assert_eq!(err.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    let not_allowed = respond(Route::MethodNotAllowed, &failing);
+    assert_eq!(not_allowed.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(not_allowed.headers()["allow"], "GET, HEAD");
+    let missing = respond(Route::NotFound, &failing);
+    assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+    assert_eq!(
+        respond(Route::BadRequest, &failing).status(),
+        StatusCode::BAD_REQUEST
+    );
 }
 
 /// Sends `request` to `addr` and returns the whole response.
@@ -276,16 +290,47 @@ async fn the_endpoint_answers_refuses_and_survives_bad_clients() {
         ok.starts_with("HTTP/1.1 200 OK") && ok.ends_with("up 1\n"),
         "{ok}"
     );
+    assert!(
+        ok.contains("\r\nContent-Length: 5\r\n")
+            && ok.contains("\r\nCache-Control: no-store\r\n")
+            && !ok.contains("\r\nDate:"),
+        "{ok}"
+    );
+    let head = exchange(addr, b"HEAD /metrics HTTP/1.1\r\n\r\n").await;
+    assert!(
+        head.starts_with("HTTP/1.1 200 OK")
+            && head.contains("\r\nContent-Length: 5\r\n")
+            && head.ends_with("\r\n\r\n"),
+        "HEAD: the length, no body: {head}"
+    );
     let missing = exchange(addr, b"GET /nope HTTP/1.1\r\n\r\n").await;
     assert!(missing.starts_with("HTTP/1.1 404 "), "{missing}");
+    let not_allowed = exchange(addr, b"DELETE /metrics HTTP/1.1\r\n\r\n").await;
+    assert!(
+        not_allowed.starts_with("HTTP/1.1 405 ")
+            && not_allowed.contains("\r\nAllow: GET, HEAD\r\n"),
+        "{not_allowed}"
+    );
+    for garbage in [
+        &b"\x16\x03\x01 garbage\r\n\r\n"[..],
+        b"GET /metrics\r\n\r\n",
+        b"GET /metrics SPDY/3\r\n\r\n",
+    ] {
+        let refused = exchange(addr, garbage).await;
+        assert!(refused.starts_with("HTTP/1.1 400 "), "{refused}");
+    }
     let huge = vec![b'a'; MAX_HEAD + 2048];
     let refused = exchange(addr, &huge).await;
     assert!(refused.starts_with("HTTP/1.1 431 "), "{refused}");
     // A client that connects and leaves, and one that stays silent, hurt nobody else.
     drop(tokio::net::TcpStream::connect(addr).await.unwrap());
     let _silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    // An HTTP/1.0 client is answered in its own version.
     let again = exchange(addr, b"GET /metrics HTTP/1.0\r\n\r\n").await;
-    assert!(again.starts_with("HTTP/1.1 200 OK"), "{again}");
+    assert!(
+        again.starts_with("HTTP/1.0 200 OK") && again.ends_with("up 1\n"),
+        "{again}"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -295,6 +340,11 @@ async fn a_silent_client_gets_408_after_the_read_timeout() {
     tokio::spawn(http::serve(listener, fixed("up 1\n")));
     let reply = exchange(addr, b"GET /metrics HTTP/1.1\r\n").await;
     assert!(reply.starts_with("HTTP/1.1 408 "), "{reply}");
+    let (head, text) = reply.split_once("\r\n\r\n").unwrap();
+    assert!(
+        head.contains(&format!("\r\nContent-Length: {}", text.len())),
+        "{reply}"
+    );
 }
 
 #[tokio::test]
@@ -302,39 +352,12 @@ async fn spawn_logs_nothing_and_returns_none_without_an_address_or_when_taken() 
     let dir = tempfile::tempdir().unwrap();
     let src = sources(dir.path(), &[]).await;
     let mut config = Config::parse("[server]\n", "t.toml", dir.path()).unwrap();
-    assert_eq!(
-        spawn(
-            &config,
-            &src.registry,
-            &src.server,
-            &src.factory,
-            &src.budget
-        )
-        .await,
-        None
-    );
+    assert_eq!(spawn(config.server.metrics, src.clone()).await, None);
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     config.server.metrics = Some(taken.local_addr().unwrap());
-    assert_eq!(
-        spawn(
-            &config,
-            &src.registry,
-            &src.server,
-            &src.factory,
-            &src.budget
-        )
-        .await,
-        None
-    );
+    assert_eq!(spawn(config.server.metrics, src.clone()).await, None);
     config.server.metrics = Some("127.0.0.1:0".parse().unwrap());
-    let bound = spawn(
-        &config,
-        &src.registry,
-        &src.server,
-        &src.factory,
-        &src.budget,
-    )
-    .await;
+    let bound = spawn(config.server.metrics, src.clone()).await;
     let bound = bound.expect("a free port binds");
     let text = exchange(bound, b"GET /metrics HTTP/1.1\r\n\r\n").await;
     assert!(text.contains("nbd_s3_build_info{version="), "{text}");

@@ -5,6 +5,7 @@ use crate::backend::memory::MemoryStore;
 use crate::backend::{BackendError, DynObjectStore};
 use crate::config::{CacheConfig, S3Config, ServerConfig};
 use crate::store::CacheBudget;
+use crate::test_support::wait_until;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -45,12 +46,12 @@ fn config(exports: Vec<ExportConfig>) -> Config {
     }
 }
 
-fn idle(_: &str) -> Option<ExportState> {
-    Some(ExportState::default())
+fn idle(_: &str) -> Option<RunningExport> {
+    Some(RunningExport::default())
 }
 
-fn attached(_: &str) -> Option<ExportState> {
-    Some(ExportState {
+fn attached(_: &str) -> Option<RunningExport> {
+    Some(RunningExport {
         attached: 1,
         refused: false,
     })
@@ -148,7 +149,7 @@ fn read_only_off_needs_no_clients() {
 fn refused_exports_are_retried() {
     let old = config(vec![export("a")]);
     let p = plan_with(&old, &old, |_| {
-        Some(ExportState {
+        Some(RunningExport {
             attached: 0,
             refused: true,
         })
@@ -213,17 +214,6 @@ async fn apply(old: &Config, new: &Config, registry: &Registry, buckets: &Bucket
     apply_exports(p, registry, buckets, &ctx(&budget, Duration::from_secs(5))).await
 }
 
-async fn wait_until(what: &str, cond: impl Fn() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !cond() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 #[tokio::test]
 async fn apply_keeps_unchanged_and_swaps_once() {
     let registry = Registry::new();
@@ -268,7 +258,7 @@ async fn removed_export_serves_attached_clients_until_they_leave() {
     );
     assert!(client.export().is_removed());
     assert!(
-        client.export().store.is_ok(),
+        client.export().is_serving(),
         "attached client keeps its store"
     );
     assert_eq!(registry.draining().len(), 1);
@@ -303,9 +293,9 @@ async fn re_adding_reuses_the_store_still_in_use() {
     apply(&config(vec![]), &config(vec![overlap]), &registry, &buckets).await;
     let b = registry.get("b").unwrap();
     assert!(
-        matches!(&b.store, Err(m) if m.contains("still has 1 client")),
+        matches!(b.refusal(), Some(r @ Refusal::OverlapsAttached { .. }) if r.to_string().contains("still has 1 client")),
         "{:?}",
-        b.store
+        b.state()
     );
     drop(client);
 }
@@ -323,13 +313,14 @@ async fn unopenable_export_is_refused_then_retried() {
         &ctx(&budget, Duration::from_secs(1)),
     )
     .await;
-    assert!(matches!(&e.store, Err(m) if m.contains("bucket nbd is unavailable")));
+    let reason = e.refusal().map(ToString::to_string).unwrap_or_default();
+    assert!(reason.contains("bucket nbd is unavailable"), "{reason:?}");
     apply(&config(vec![]), &one, &registry, &buckets).await;
-    assert!(registry.list().iter().all(|e| e.store.is_err()));
+    assert!(registry.list().iter().all(|e| !e.is_serving()));
     buckets.fail.store(false, Ordering::SeqCst);
     apply(&one, &one, &registry, &buckets).await;
     assert!(
-        registry.list().iter().all(|e| e.store.is_ok()),
+        registry.list().iter().all(|e| e.is_serving()),
         "refused exports were not retried"
     );
 }
@@ -394,7 +385,7 @@ async fn reopen_waits_for_the_old_data_to_reach_s3() {
     .await;
     let running = registry.get("a").unwrap();
     mem.fail_next_permanent(u64::MAX);
-    let store = running.store.clone().unwrap();
+    let store = Arc::clone(running.store().unwrap());
     store
         .write(0, bytes::Bytes::from(vec![1u8; 4096]), false)
         .await

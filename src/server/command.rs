@@ -6,7 +6,7 @@ use super::writer::{Head, Part, Reply};
 use crate::proto::consts::*;
 use crate::proto::reply;
 use crate::proto::{Command, Request};
-use crate::store::{BlockStore, Extent, StoreError};
+use crate::store::{Allocation, BlockStore, Change, ErrorKind, Extent, StoreError};
 use bytes::Bytes;
 use std::sync::Arc;
 use tracing::warn;
@@ -17,8 +17,8 @@ pub(crate) struct ConnCtx {
     pub structured: bool,
     pub peer: String,
     pub export: String,
-    /// This export's request counters (metrics), looked up once per connection.
-    pub metrics: Arc<crate::metrics::ExportRequests>,
+    /// This export's request counters, taken once per connection.
+    pub metrics: Arc<crate::export::ExportRequests>,
 }
 
 /// A request's WRITE payload as the reader got it.
@@ -60,36 +60,57 @@ fn store_error(ctx: &ConnCtx, req: &Request, e: &StoreError) -> Reply {
         peer = %ctx.peer, export = %ctx.export,
         "{:?} of {} bytes at {} failed: {e}", req.command, req.length, req.offset
     );
-    error(
-        ctx,
-        Some(req.command),
-        req.cookie,
-        e.errno(),
-        &e.to_string(),
-    )
+    error(ctx, Some(req.command), req.cookie, errno(e), &e.to_string())
+}
+
+/// The errno a client sees for a store failure: EIO for anything about data (a fenced export
+/// included: its data cannot be stored here now), EPERM for a change to a read-only export,
+/// EINVAL for a range the store refused, ESHUTDOWN while stopping.
+pub(crate) fn errno(e: &StoreError) -> u32 {
+    match e.kind() {
+        ErrorKind::Io | ErrorKind::Fenced => EIO,
+        ErrorKind::Invalid => EINVAL,
+        ErrorKind::ReadOnly => EPERM,
+        ErrorKind::ShuttingDown => ESHUTDOWN,
+    }
+}
+
+/// The `base:allocation` flags of a store extent: a hole also reads as zeros.
+fn state_flags(allocation: Allocation) -> u32 {
+    match allocation {
+        Allocation::Data => 0,
+        Allocation::Hole => STATE_HOLE | STATE_ZERO,
+    }
 }
 
 /// Runs `req` (never DISC) with its WRITE payload and returns the reply to send.
 pub(crate) async fn execute(ctx: &ConnCtx, req: Request, payload: Payload) -> Reply {
     let _counted = ctx.metrics.start(req.command, req.length); // metrics, on every exit
-    let (store, off, len, fua) = (&ctx.store, req.offset, req.length, req.flags.fua());
+    let (store, offset, len, fua) = (&ctx.store, req.offset, req.length, req.flags.fua());
     let result = match req.command {
         Command::Read => return read(ctx, &req).await,
         Command::BlockStatus => return block_status(ctx, &req),
-        Command::Flush => store.flush().await,
+        Command::Flush => store.change(Change::Flush).await,
         Command::Disconnect => Ok(()),
         // Zero-length data commands are valid no-ops: answer without bothering the store.
         _ if len == 0 => Ok(()),
-        Command::Write => match payload {
-            Payload::Bytes(data) => store.write(off, data, fua).await,
-            Payload::Blocks(blocks) => store.write_blocks(off, blocks, fua).await,
-        },
-        Command::Trim => store.trim(off, len, fua).await,
+        Command::Write => {
+            let change = match payload {
+                Payload::Bytes(data) => Change::Write { offset, data, fua },
+                Payload::Blocks(blocks) => Change::WriteBlocks {
+                    offset,
+                    blocks,
+                    fua,
+                },
+            };
+            store.change(change).await
+        }
+        Command::Trim => store.change(Change::Trim { offset, len, fua }).await,
         // FAST_ZERO: zeroing is always fast here (it only drops blocks), so just do it.
-        Command::WriteZeroes => store.write_zeroes(off, len, fua).await,
+        Command::WriteZeroes => store.change(Change::Zero { offset, len, fua }).await,
         // CACHE is only a hint: warm at most one maximum-size request's worth, so a 4 GiB
         // CACHE cannot make us fetch (and hold) gigabytes (the spec allows refusing it).
-        Command::Cache => store.prefetch(off, len.min(MAX_PAYLOAD)).await,
+        Command::Cache => store.prefetch(offset, len.min(MAX_PAYLOAD)).await,
     };
     match result {
         Ok(()) => simple(0, req.cookie),
@@ -201,11 +222,11 @@ fn block_status(ctx: &ConnCtx, req: &Request) -> Reply {
         if left == 0 {
             break;
         }
-        let len = x.length.min(left);
+        let len = x.len.min(left);
         if len == 0 {
             continue;
         }
-        extents.push((len, x.flags & (STATE_HOLE | STATE_ZERO)));
+        extents.push((len, state_flags(x.allocation)));
         left -= len;
         if req.flags.req_one() {
             break;
@@ -278,5 +299,39 @@ mod tests {
         assert_eq!(kind(heads[1]), REPLY_TYPE_OFFSET_HOLE);
         assert_eq!(off(heads[1]), 108);
         assert_eq!((off(heads[2]), flags(heads[2])), (112, REPLY_FLAG_DONE));
+    }
+
+    #[test]
+    fn store_failures_map_to_the_errno_clients_expect() {
+        let cases = [
+            (StoreError::ReadOnly, EPERM),
+            (StoreError::Fenced("lease lost".into()), EIO),
+            (StoreError::ShuttingDown, ESHUTDOWN),
+            (
+                StoreError::OutOfRange {
+                    offset: 1,
+                    len: 2,
+                    size: 2,
+                },
+                EINVAL,
+            ),
+            (
+                StoreError::FlushTimeout(std::time::Duration::from_secs(1)),
+                EIO,
+            ),
+            (
+                StoreError::Backend(crate::backend::BackendError::Transient("x".into())),
+                EIO,
+            ),
+        ];
+        for (e, want) in cases {
+            assert_eq!(errno(&e), want, "{e}");
+        }
+    }
+
+    #[test]
+    fn holes_read_as_zeros_and_data_has_no_flags() {
+        assert_eq!(state_flags(Allocation::Hole), STATE_HOLE | STATE_ZERO);
+        assert_eq!(state_flags(Allocation::Data), 0);
     }
 }

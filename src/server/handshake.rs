@@ -8,7 +8,7 @@ use super::listener::Peer;
 use super::tls::TlsPolicy;
 use super::{Inner, State};
 use crate::config::TlsMode;
-use crate::export::{Attachment, Export};
+use crate::export::{Attachment, Export, ExportState};
 use crate::proto::consts::*;
 use crate::proto::reply;
 use crate::proto::{
@@ -321,14 +321,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
                 message: format!("export '{export}' is not available to this client"),
             });
         }
-        match &export.store {
-            Ok(store) => {
+        match export.state() {
+            ExportState::Serving { store, .. } => {
                 let store = Arc::clone(store);
                 Ok((export, store))
             }
-            Err(msg) => Err(Refusal {
+            ExportState::Refused { reason } => Err(Refusal {
                 kind: REP_ERR_UNKNOWN,
-                message: format!("export '{}' is unavailable: {msg}", export.name()),
+                message: format!("export '{}' is unavailable: {reason}", export.name()),
             }),
         }
     }
@@ -337,7 +337,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
         for export in self.inner.registry.list() {
             if !self.permitted(&export) {
                 debug!(peer = %self.ctx.peer, "LIST leaves out {}: not in its allow list", export.name());
-            } else if export.store.is_ok() {
+            } else if export.is_serving() {
                 reply::list_entry(&mut self.out, export.name(), export.description());
             }
         }

@@ -17,9 +17,10 @@ mod writer;
 mod tests;
 
 pub use listener::Listener;
-pub use tls::{TlsAcceptorSource, TlsError};
+pub use tls::TlsAcceptorSource;
 
 use crate::export::Registry;
+use crate::tls::TlsError;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;

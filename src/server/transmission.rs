@@ -114,7 +114,7 @@ where
             structured,
             peer: peer.to_owned(),
             export: attachment.export().name().to_owned(),
-            metrics: crate::metrics::for_export(attachment.export().name()),
+            metrics: attachment.export().requests().for_connection(),
         }),
         limits: Limits {
             export_size: size,

@@ -14,8 +14,9 @@ const MMAP_THRESHOLD: i32 = 64 * 1024;
 pub fn tune() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
+        // nix has no mallopt, hence its libc re-export.
         // SAFETY: mallopt only changes allocator parameters; called before other threads exist.
-        let ok = unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD) };
+        let ok = unsafe { nix::libc::mallopt(nix::libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD) };
         if ok != 1 {
             tracing::warn!(
                 "could not set the allocator's mmap threshold; RSS may exceed the cache budget"

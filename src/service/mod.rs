@@ -60,7 +60,9 @@ async fn serve(config: Config, config_path: Option<PathBuf>) -> ExitCode {
     // A SIGTERM while exports are still opening ends the process at once: no client has
     // written anything yet, so there is nothing to flush.
     let daemon = tokio::select! {
-        started = Daemon::start(config, config_path.clone()) => match started {
+        started = Daemon::start_observed(config, config_path.clone(), |config, observed| {
+            crate::metrics::spawn(config.server.metrics, observed)
+        }) => match started {
             Ok(d) => d,
             Err(e) => {
                 error!("startup failed: {e}");
@@ -139,7 +141,7 @@ async fn reload_unless_stopped(
 /// daemon keeps serving the previous configuration). Returns the failure, if any.
 async fn reload(daemon: &Daemon, notifier: &Notifier) -> Option<String> {
     notifier.reloading();
-    let failure = match crate::metrics::reloads::count(daemon.reload().await) {
+    let failure = match daemon.reload().await {
         Ok(()) => None,
         Err(e) => Some(e.to_string().lines().next().unwrap_or_default().to_owned()),
     };

@@ -3,15 +3,14 @@
 
 use super::{BlockStoreConfig, StoreError};
 use crate::backend::{BackendError, DynObjectStore};
-use crate::store::backoff::Backoff;
+use crate::retry::Policy;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use std::time::Duration;
 
 /// Name of the manifest object under the export's prefix.
 pub(crate) const MANIFEST_NAME: &str = "nbd-s3.json";
 
-/// The JSON document stored in the manifest object (design.md §1).
+/// The JSON document stored in the manifest object.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub(crate) struct Manifest {
     pub format: u32,
@@ -67,20 +66,12 @@ pub(crate) async fn check_or_create(
 
 /// Bounded retries for the calls made while opening an export: a transient fault at start-up
 /// should not refuse the export, a persistent one should.
-pub(crate) async fn retry<T, F, Fut>(mut op: F) -> Result<T, BackendError>
+pub(crate) async fn retry<T, F, Fut>(op: F) -> Result<T, BackendError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, BackendError>>,
 {
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
-    loop {
-        match op().await {
-            Ok(v) => return Ok(v),
-            Err(e) if e.is_retryable() && backoff.attempts() < 5 => {
-                tracing::warn!(error = %e, "object store call failed; retrying");
-                tokio::time::sleep(backoff.next_delay()).await;
-            }
-            Err(e) => return Err(e),
-        }
-    }
+    let warn =
+        |e: &BackendError, _, _| tracing::warn!(error = %e, "object store call failed; retrying");
+    Policy::MANIFEST.run_observed(op, warn).await
 }

@@ -1,22 +1,29 @@
 //! The per-export block store: turns byte ranges into block objects through a cache shared by
 //! every connection of the export, with write-back, single-flight reads and a global budget.
 //!
-//! Layout (design.md §1): block *i* is `<prefix>{i:016x}`, exactly `block_size` bytes; blocks
+//! Layout: block *i* is `<prefix>{i:016x}`, exactly `block_size` bytes; blocks
 //! that read as zeros have no object. Module map:
 //! - `block`: range → per-block pieces (checked arithmetic), all-zero test
+//! - `objects`: block keys and the GET/PUT/DELETE of block objects
 //! - `manifest`: `<prefix>nbd-s3.json`, block-size pinning
-//! - `presence`: which blocks hold data (one LIST at open; answers BLOCK_STATUS)
+//! - `presence`: which blocks hold data (one LIST at open; answers block status)
 //! - `budget`: process-wide memory and dirty limits, eviction across exports
-//! - `cache`: sharded block states and LRU
-//! - `read`: single-flight GETs, read-ahead; `write`: in-memory writes, read-modify-write
+//! - `cache`: sharded block states and LRU; `dirty`: which pages of a block are dirty
+//! - `read`: single-flight GETs, read-ahead, extents; `write`: in-memory writes,
+//!   read-modify-write
 //! - `writeback`: background PUT/DELETE with retries, FLUSH/FUA by sequence numbers
+//! - `error`: the store's own error kinds (the server maps them to what clients see)
+//!
+//! Every change enters through [`BlockStore::change`], which checks the read-only setting and
+//! the lease gate once for all kinds of change.
 
-mod backoff;
 mod block;
 mod budget;
 mod cache;
 mod dirty;
+mod error;
 mod manifest;
+mod objects;
 pub(crate) mod pool;
 mod presence;
 mod read;
@@ -28,15 +35,15 @@ mod writeback;
 mod tests;
 
 pub use budget::CacheBudget;
+pub use error::{ErrorKind, StoreError};
 pub use stats::StoreStats;
 
-use crate::backend::{BackendError, DynObjectStore};
+use crate::backend::DynObjectStore;
 use block::Geometry;
 use bytes::Bytes;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{Notify, Semaphore};
 
 /// What the server needs to know to build a block store for an export.
 #[derive(Debug, Clone)]
@@ -49,11 +56,11 @@ pub struct BlockStoreConfig {
     pub block_size: u32,
     /// Writes are refused (and no manifest is written) when set.
     pub read_only: bool,
-    /// How long FLUSH waits for S3 before failing with EIO.
+    /// How long a flush waits for S3 before failing.
     pub flush_timeout: Duration,
 }
 
-/// A piece of a read result, in order: the server turns `Zero` into OFFSET_HOLE chunks.
+/// A piece of a read result, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Extent {
     /// Bytes as stored.
@@ -62,102 +69,66 @@ pub enum Extent {
     Zero(u32),
 }
 
-/// One `base:allocation` descriptor.
+/// Whether a range of the export holds data or reads as zeros without holding any.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Allocation {
+    /// Some block of the range holds data (an object, or dirty data not yet stored).
+    Data,
+    /// No block of the range holds data: it reads as zeros and costs no storage.
+    Hole,
+}
+
+/// One run of equal allocation, in order from the start of the asked range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StatusExtent {
-    pub length: u32,
-    /// NBD_STATE_HOLE (1) | NBD_STATE_ZERO (2), or 0 for stored data.
-    pub flags: u32,
+    pub len: u32,
+    pub allocation: Allocation,
 }
 
-/// Why a block-store operation failed, with the NBD errno the client should see.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("object store: {0}")]
-    Backend(#[from] BackendError),
-    #[error("export's stored block size {stored} differs from configured block size {configured}")]
-    BlockSizeMismatch { stored: u32, configured: u32 },
-    #[error("flush did not complete within {0:?}; data stays dirty and is retried")]
-    FlushTimeout(Duration),
-    #[error("export metadata is invalid: {0}")]
-    BadManifest(String),
-    #[error("store is shutting down")]
-    ShuttingDown,
-    /// The server should have refused this request; a bug upstream, not a client problem.
-    #[error("range {offset}+{len} is outside the export (size {size})")]
-    OutOfRange { offset: u64, len: u64, size: u64 },
-    /// A write to a read-only export.
-    #[error("export is read-only")]
-    ReadOnly,
-    /// The export lease is not (or no longer) held: this daemon must not change the objects.
-    #[error("export lease not held: {0}")]
-    Fenced(String),
-    /// Shutdown could not store everything: these blocks' latest data is not in S3.
-    #[error("{count} dirty blocks could not be stored: {blocks}")]
-    Unflushed { count: usize, blocks: String },
+/// A change to an export's blocks. Every change goes through [`BlockStore::change`], which
+/// refuses it on a read-only export or while the lease gate is closed, so no kind of change
+/// can reach the cache without both checks.
+#[derive(Debug)]
+pub enum Change {
+    /// Writes `data` at `offset`; with `fua`, returns only once the blocks are in S3.
+    Write { offset: u64, data: Bytes, fua: bool },
+    /// Writes whole blocks at a block-aligned `offset` from buffers handed over (a large
+    /// aligned WRITE read straight into them): they become the cached blocks without a copy.
+    /// Anything not aligned is written like [`Change::Write`].
+    WriteBlocks {
+        offset: u64,
+        blocks: Vec<Box<[u8]>>,
+        fua: bool,
+    },
+    /// Discards the range; here it reads back as zeros afterwards, like [`Change::Zero`].
+    Trim { offset: u64, len: u32, fua: bool },
+    /// Makes the range read as zeros (whole blocks become deletes).
+    Zero { offset: u64, len: u32, fua: bool },
+    /// Returns once every change completed before it is in the object store. Succeeds on a
+    /// read-only export (nothing to store), but not while the lease gate is closed.
+    Flush,
 }
 
-impl StoreError {
-    /// The errno sent on the wire (EIO for data problems, ESHUTDOWN when stopping).
-    pub fn errno(&self) -> u32 {
-        match self {
-            StoreError::ShuttingDown => 108,
-            StoreError::OutOfRange { .. } => 22,
-            StoreError::ReadOnly => 1,
-            _ => 5,
-        }
-    }
-}
-
-/// The state shared by the handle, the write-back dispatcher and the load/store tasks.
+/// The state shared by the handle, the write-back dispatcher and the load/store tasks: the
+/// cache and presence map every path shares, and one component per path.
 #[derive(Debug)]
 pub(crate) struct Inner {
-    objects: DynObjectStore,
-    prefix: String,
+    objects: objects::BlockObjects,
     geo: Geometry,
     pages: dirty::Pages,
     read_only: bool,
-    flush_timeout: Duration,
     size: AtomicU64,
     budget: Arc<CacheBudget>,
     cache: cache::Cache,
     presence: presence::Presence,
-    wb: parking_lot::Mutex<writeback::Queue>,
-    /// Sequence number of the next change (FLUSH waits for changes below its start value).
-    next_seq: AtomicU64,
-    /// Write-back stores everything below this at once (raised by FLUSH and shutdown).
-    flush_target: AtomicU64,
-    /// Wakes the write-back dispatcher (new dirty block, flush, a PUT slot freed).
-    kick: Notify,
-    /// The pressure level writers last woke the dispatcher for (see `kick_on_pressure`).
-    signalled: std::sync::atomic::AtomicU8,
-    /// A block finished write-back: FLUSH/FUA waiters re-check.
-    stored: Notify,
-    /// Cuts write-back retry backoffs short: a FLUSH arrived, or a block that had been
-    /// failing was stored (S3 is back), so blocks waiting out a backoff of up to 10 s retry now.
-    retry_now: Notify,
-    put_slots: Arc<Semaphore>,
-    get_slots: Arc<Semaphore>,
-    dirty: AtomicU64,
-    /// Write-back tasks nobody asked for (due blocks below half the dirty limit, cold blocks
-    /// above it), bounded by the dispatcher; FLUSH, FUA and hard pressure are not counted.
-    background_puts: std::sync::atomic::AtomicUsize,
-    closed: AtomicBool,
-    /// How long a partly written block may stay dirty unasked (ms; tests stretch it).
-    age_ms: AtomicU64,
-    readahead: parking_lot::Mutex<read::ReadAhead>,
+    wb: writeback::WriteBack,
+    rd: read::ReadPath,
     counters: stats::Counters,
 }
 
 impl Inner {
     fn bs(&self) -> usize {
         self.geo.block_size as usize
-    }
-    fn write_back_age(&self) -> Duration {
-        Duration::from_millis(self.age_ms.load(SeqCst))
-    }
-    fn key(&self, block: u64) -> String {
-        presence::block_key(&self.prefix, block)
     }
 }
 
@@ -188,7 +159,7 @@ pub struct BlockStore {
 /// Whether this daemon may change an export's objects now. The export lease closes it when
 /// renewals fail, before the lease runs out, so a daemon taking over never races our writes.
 pub trait WriteGate: Send + Sync + std::fmt::Debug {
-    /// `Err(reason)` when writes, trims and flushes must fail (EIO).
+    /// `Err(reason)` when writes, trims and flushes must fail.
     fn check(&self) -> Result<(), String>;
 }
 
@@ -212,37 +183,23 @@ impl BlockStore {
         drop(keys);
         let bs = u64::from(cfg.block_size);
         let inner = Arc::new(Inner {
-            objects,
-            prefix: cfg.prefix,
+            objects: objects::BlockObjects::new(objects, cfg.prefix, bs as usize),
             geo: Geometry { block_size: bs },
             pages: dirty::Pages::new(bs as usize),
             read_only: cfg.read_only,
-            flush_timeout: cfg.flush_timeout,
             size: AtomicU64::new(cfg.size),
             budget: Arc::clone(&budget),
             cache: cache::Cache::new(),
             presence,
-            wb: parking_lot::Mutex::new(writeback::Queue::default()),
-            next_seq: AtomicU64::new(1),
-            flush_target: AtomicU64::new(0),
-            kick: Notify::new(),
-            signalled: Default::default(),
-            stored: Notify::new(),
-            retry_now: Notify::new(),
-            put_slots: Arc::new(Semaphore::new(parallelism(bs))),
-            get_slots: Arc::new(Semaphore::new(parallelism(bs))),
-            dirty: AtomicU64::new(0),
-            background_puts: Default::default(),
-            closed: AtomicBool::new(false),
-            age_ms: AtomicU64::new(writeback::AGE_BEFORE_WRITE_BACK.as_millis() as u64),
-            readahead: parking_lot::Mutex::new(read::ReadAhead::default()),
+            wb: writeback::WriteBack::new(parallelism(bs), cfg.flush_timeout),
+            rd: read::ReadPath::new(parallelism(bs)),
             counters: stats::Counters::default(),
         });
         let weak: std::sync::Weak<dyn budget::Evictor> = Arc::downgrade(&inner) as _;
         budget.register(weak);
         tokio::spawn(writeback::dispatcher(Arc::clone(&inner)));
         tracing::debug!(
-            prefix = %inner.prefix,
+            prefix = %inner.objects.prefix(),
             blocks = inner.presence.count(),
             "block store open"
         );
@@ -273,66 +230,91 @@ impl BlockStore {
     pub fn resize(&self, new_size: u64) {
         let old = self.inner.size.fetch_max(new_size, SeqCst);
         if new_size < old {
-            tracing::warn!(old, new_size, prefix = %self.inner.prefix, "refusing to shrink export");
+            let prefix = self.inner.objects.prefix();
+            tracing::warn!(old, new_size, prefix = %prefix, "refusing to shrink export");
         }
     }
     /// Reads `len` bytes at `offset` as data/zero extents covering the range in order.
     pub async fn read(&self, offset: u64, len: u32) -> Result<Vec<Extent>, StoreError> {
         self.inner.read(offset, len).await
     }
-    /// Writes `data` at `offset`; with `fua`, returns only once the blocks are in S3.
-    pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), StoreError> {
+    /// Applies one change. The only way into the cache for changes: the lease gate and the
+    /// read-only setting are checked here, once, for every kind.
+    pub async fn change(&self, change: Change) -> Result<(), StoreError> {
         self.gate()?;
-        self.inner
-            .write(offset, Some(&data), data.len() as u64, fua)
-            .await
+        let inner = &self.inner;
+        if inner.read_only && !matches!(change, Change::Flush) {
+            return Err(StoreError::ReadOnly);
+        }
+        match change {
+            Change::Write { offset, data, fua } => {
+                inner
+                    .write(offset, Some(&data), data.len() as u64, fua)
+                    .await
+            }
+            Change::WriteBlocks {
+                offset,
+                blocks,
+                fua,
+            } => inner.write_blocks(offset, blocks, fua).await,
+            Change::Trim { offset, len, fua } | Change::Zero { offset, len, fua } => {
+                inner.write(offset, None, u64::from(len), fua).await
+            }
+            Change::Flush => {
+                let _timer = inner.counters.flushes.start(); // metrics: flush durations
+                inner.flush().await
+            }
+        }
     }
-    /// Writes whole blocks at a block-aligned `offset` from buffers handed over (a large
-    /// aligned WRITE read straight into them): they become the cached blocks without a copy.
-    /// Anything not aligned is written through [`BlockStore::write`]'s path.
+    /// [`Change::Write`].
+    pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), StoreError> {
+        self.change(Change::Write { offset, data, fua }).await
+    }
+    /// [`Change::WriteBlocks`].
     pub async fn write_blocks(
         &self,
         offset: u64,
         blocks: Vec<Box<[u8]>>,
         fua: bool,
     ) -> Result<(), StoreError> {
-        self.gate()?;
-        self.inner.write_blocks(offset, blocks, fua).await
+        let change = Change::WriteBlocks {
+            offset,
+            blocks,
+            fua,
+        };
+        self.change(change).await
     }
-    /// Makes the range read as zeros (whole blocks become deletes).
+    /// [`Change::Zero`].
     pub async fn write_zeroes(&self, offset: u64, len: u32, fua: bool) -> Result<(), StoreError> {
-        self.gate()?;
-        self.inner.write(offset, None, u64::from(len), fua).await
+        self.change(Change::Zero { offset, len, fua }).await
     }
-    /// Discards the range; here it reads back as zeros afterwards, like `write_zeroes`.
+    /// [`Change::Trim`].
     pub async fn trim(&self, offset: u64, len: u32, fua: bool) -> Result<(), StoreError> {
-        self.gate()?;
-        self.inner.write(offset, None, u64::from(len), fua).await
+        self.change(Change::Trim { offset, len, fua }).await
     }
-    /// Returns once every write/trim/zero completed before this call is in the object store.
+    /// [`Change::Flush`].
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.gate()?;
-        let _timer = self.inner.counters.flushes.start(); // metrics: flush durations
-        self.inner.flush().await
+        self.change(Change::Flush).await
     }
-    /// Starts fetching the range into the cache (NBD_CMD_CACHE).
+    /// Starts fetching the range into the cache (a client's hint that it will read it).
     pub async fn prefetch(&self, offset: u64, len: u32) -> Result<(), StoreError> {
         self.inner.prefetch(offset, len).await
     }
-    /// Allocation status from the in-memory presence map (no S3 call); at least one extent.
+    /// Allocation of the range from the in-memory presence map (no S3 call); at least one
+    /// extent.
     pub fn block_status(&self, offset: u64, len: u32) -> Vec<StatusExtent> {
         self.inner.block_status(offset, len)
     }
     /// Dirty bytes not yet in the object store (status line, metrics).
     pub fn dirty_bytes(&self) -> u64 {
-        self.inner.dirty.load(SeqCst)
+        self.inner.wb.dirty.load(SeqCst)
     }
     /// Counters and gauges for metrics and the status line.
     pub fn stats(&self) -> StoreStats {
         self.inner.stats()
     }
     /// How long FLUSHes (and removal flushes) took: the cost of durability, for metrics.
-    pub fn flush_durations(&self) -> crate::metrics::histogram::Snapshot {
+    pub fn flush_durations(&self) -> crate::histogram::Snapshot {
         self.inner.counters.flushes.snapshot()
     }
     /// Stores every dirty block (SIGTERM, export removal). Waits as long as it takes, or until
@@ -347,7 +329,7 @@ impl BlockStore {
 impl BlockStore {
     /// Lets a test keep partly written blocks dirty until it flushes.
     pub(crate) fn set_write_back_age(&self, age: Duration) {
-        self.inner.age_ms.store(age.as_millis() as u64, SeqCst);
+        self.inner.wb.age_ms.store(age.as_millis() as u64, SeqCst);
     }
 }
 
@@ -355,8 +337,6 @@ impl Drop for BlockStore {
     /// Dirty data must survive the handle: the dispatcher keeps the store alive, writes
     /// everything back, then exits.
     fn drop(&mut self) {
-        self.inner.closed.store(true, SeqCst);
-        self.inner.flush_target.store(u64::MAX, SeqCst);
-        self.inner.kick.notify_one();
+        self.inner.wb.close();
     }
 }

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 
 /// Smallest pooled size (2^16 = 64 KiB): below it malloc's arenas recycle memory well.
 const MIN_SHIFT: u32 = 16;
-/// Largest pooled size (2^25 = 32 MiB, the largest NBD request we accept).
+/// Largest pooled size (2^25 = 32 MiB, the largest request the server accepts).
 const MAX_SHIFT: u32 = 25;
 const CLASSES: usize = (MAX_SHIFT - MIN_SHIFT + 1) as usize;
 /// Bytes kept until a cache budget sets the limit (see [`set_limit`]).

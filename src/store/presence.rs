@@ -1,10 +1,11 @@
 //! Which blocks hold data, as seen by readers: built by one LIST at open, then kept current by
 //! every write. A read of a block that is neither cached nor present costs no S3 call, and
-//! BLOCK_STATUS is answered from here alone.
+//! block status is answered from here alone.
 //!
 //! Stored as a sparse bitmap (4096 blocks per 512-byte leaf), so memory follows the data
 //! written, not the export size: a 100 TiB thin export that holds 1 GiB costs a few KiB.
 
+use super::objects::parse_block_key;
 use parking_lot::RwLock;
 use std::collections::BTreeMap;
 
@@ -103,41 +104,12 @@ fn push_run(out: &mut Vec<(bool, u64)>, present: bool, n: u64) {
     }
 }
 
-/// The object key of a block: prefix + 16 lowercase hex digits.
-pub(crate) fn block_key(prefix: &str, block: u64) -> String {
-    format!("{prefix}{block:016x}")
-}
-
-/// The block index named by `key`, if it is a block object of this prefix.
-pub(crate) fn parse_block_key(prefix: &str, key: &str) -> Option<u64> {
-    let suffix = key.strip_prefix(prefix)?;
-    if suffix.len() != 16
-        || !suffix
-            .bytes()
-            .all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'))
-    {
-        return None;
-    }
-    u64::from_str_radix(suffix, 16).ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn keys_round_trip_and_foreign_keys_are_ignored() {
-        assert_eq!(block_key("vm1/", 42), "vm1/000000000000002a");
-        assert_eq!(parse_block_key("vm1/", "vm1/000000000000002a"), Some(42));
-        for bad in [
-            "vm1/nbd-s3.json",
-            "vm1/000000000000002A",
-            "vm1/00000000000002a",
-            "vm2/000000000000002a",
-            "vm1/000000000000002a.tmp",
-        ] {
-            assert_eq!(parse_block_key("vm1/", bad), None, "{bad}");
-        }
+    fn foreign_keys_are_not_blocks() {
         let p = Presence::from_keys(
             "vm1/",
             [

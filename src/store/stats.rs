@@ -15,7 +15,7 @@ pub(crate) struct Counters {
     pub misses: AtomicU64,
     pub readahead: AtomicU64,
     /// Durations of `BlockStore::flush` (metrics).
-    pub flushes: crate::metrics::histogram::Histogram,
+    pub flushes: crate::histogram::Histogram,
 }
 
 impl Counters {
@@ -57,7 +57,7 @@ impl Inner {
     pub(crate) fn stats(&self) -> StoreStats {
         let c = &self.counters;
         StoreStats {
-            dirty_bytes: self.dirty.load(Relaxed),
+            dirty_bytes: self.wb.dirty.load(Relaxed),
             cached_blocks: self
                 .cache
                 .shards()

@@ -52,9 +52,6 @@ impl Inner {
         len: u64,
         fua: bool,
     ) -> Result<(), StoreError> {
-        if self.read_only {
-            return Err(StoreError::ReadOnly);
-        }
         let chunks = self.geo.chunks(offset, len, self.size.load(SeqCst))?;
         let bs = self.bs();
         // The (at most two) partial blocks start their GETs together.
@@ -78,7 +75,7 @@ impl Inner {
             self.write_chunk(c, src).await?;
         }
         if fua {
-            let target = self.next_seq.load(SeqCst);
+            let target = self.wb.next_seq.load(SeqCst);
             self.write_through(chunks.iter().map(|c| c.block), target)
                 .await?;
         }
@@ -98,7 +95,7 @@ impl Inner {
         let bs = self.bs();
         let len = (blocks.len() * bs) as u64;
         let aligned = offset % bs as u64 == 0 && blocks.iter().all(|b| b.len() == bs);
-        if !aligned || self.read_only {
+        if !aligned {
             let flat: Vec<u8> = blocks.concat();
             let len = flat.len() as u64;
             return self.write(offset, Some(&flat), len, fua).await;
@@ -113,7 +110,7 @@ impl Inner {
             }
         }
         if fua {
-            let target = self.next_seq.load(SeqCst);
+            let target = self.wb.next_seq.load(SeqCst);
             self.write_through(chunks.iter().map(|c| c.block), target)
                 .await?;
         }
@@ -282,8 +279,8 @@ impl Inner {
             if let Some(token) = room.dirty.as_mut() {
                 token.commit(fresh);
             }
-            self.dirty.fetch_add(fresh, SeqCst);
-            self.kick_on_pressure();
+            self.wb.dirty.fetch_add(fresh, SeqCst);
+            self.wb.kick_on_pressure(self.budget.pressure_level());
         }
         // A block a sequential writer just finished (this write made it full and ends at its
         // end) is unlikely to change again soon: store it at once. Others wait a little so
@@ -293,36 +290,20 @@ impl Inner {
         let now = tokio::time::Instant::now();
         slot.last_write = Some(now);
         if let Some(seq) = slot.dirty_seq {
-            if full && slot.inflight_seq.is_none() && self.wb.lock().make_due(seq, now) {
-                self.kick.notify_one();
+            if full && slot.inflight_seq.is_none() && self.wb.queue.lock().make_due(seq, now) {
+                self.wb.kick.notify_one();
             }
             return;
         }
-        let seq = self.next_seq.fetch_add(1, SeqCst);
+        let seq = self.wb.next_seq.fetch_add(1, SeqCst);
         slot.dirty_seq = Some(seq);
         if slot.inflight_seq.is_some() {
             return; // the write-back task picks the change up when its PUT ends
         }
         shard.unlink(block);
-        let due = if full {
-            now
-        } else {
-            now + self.write_back_age()
-        };
-        self.wb.lock().add(seq, block, due);
-        self.kick.notify_one();
-    }
-}
-
-impl Inner {
-    /// Wakes the write-back dispatcher when dirty data reaches a higher pressure level. Below
-    /// that it has nothing new to do, and waking it on every small write cost more CPU than
-    /// the write itself.
-    fn kick_on_pressure(&self) {
-        let level = self.budget.pressure_level() as u8;
-        if self.signalled.swap(level, SeqCst) < level {
-            self.kick.notify_one();
-        }
+        let due = if full { now } else { now + self.wb.age() };
+        self.wb.queue.lock().add(seq, block, due);
+        self.wb.kick.notify_one();
     }
 }
 

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
-mod http;
+pub(crate) mod http;
 use http::{read_body, read_head, response_has_body, Head};
 
 /// What the proxy does to a request a rule picked.

@@ -3,6 +3,7 @@
 
 use super::clients::tool;
 use super::proc::Process;
+use super::wait_until;
 use std::time::{Duration, Instant};
 
 /// A running `nbdkit -f -U SOCKET PLUGIN ARGS`; killed on drop.
@@ -35,16 +36,19 @@ impl Nbdkit {
             .arg(&pidfile);
         cmd.args(plugin_args);
         let mut proc = Process::spawn(&mut cmd, "nbdkit");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !pidfile.exists() {
-            let exited = proc.try_wait();
-            assert!(
-                exited.is_none() && Instant::now() < deadline,
-                "nbdkit did not start ({exited:?}):\n{}",
-                proc.logs.text()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_until(
+            "nbdkit to write its pid file",
+            Duration::from_secs(20),
+            || {
+                let exited = proc.try_wait();
+                assert!(
+                    exited.is_none(),
+                    "nbdkit exited ({exited:?}):\n{}",
+                    proc.logs.text()
+                );
+                pidfile.exists()
+            },
+        );
         Nbdkit { dir, proc }
     }
 

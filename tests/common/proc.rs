@@ -2,6 +2,7 @@
 //! wait for a log line (with a deadline, never a sleep) and a failure can show what the
 //! process said.
 
+use super::poll_until;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use std::io::{BufRead, BufReader, Read};
@@ -178,16 +179,8 @@ impl Process {
 
     /// Waits up to `timeout` for the process to exit.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(s) = self.try_wait() {
-                return Some(s);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        poll_until(timeout, || self.try_wait().is_some());
+        self.status
     }
 
     /// SIGKILL and reap.

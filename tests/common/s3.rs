@@ -2,6 +2,7 @@
 //! directory. Tests get a genuine HTTP/SigV4 endpoint (the same one CI and the benchmarks
 //! use) and can still look at the stored objects as plain files under `root()`.
 
+use super::poll_until;
 use super::proc::Process;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -112,19 +113,12 @@ impl S3Server {
 
     /// Polls until an HTTP request gets any response (the listener is live).
     fn wait_answering(&self) {
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            if http_answers(self.port) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "s3s-fs on port {} does not answer HTTP:\n{}",
-                self.port,
-                self.logs()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        assert!(
+            poll_until(START_TIMEOUT, || http_answers(self.port)),
+            "s3s-fs on port {} does not answer HTTP:\n{}",
+            self.port,
+            self.logs()
+        );
     }
 
     /// `http://127.0.0.1:PORT`, the `[s3] endpoint` to configure.

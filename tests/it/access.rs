@@ -2,55 +2,10 @@
 //! a Unix-socket listener each see (NBD_OPT_LIST) and open only the exports that admit them;
 //! the others are refused with ERR_POLICY and the refusal is logged.
 
+use crate::common::access_bed::AccessBed;
+use crate::common::raw_nbd::{Raw, OPT_GO, OPT_INFO, OPT_LIST, REP_ERR_POLICY, REP_SERVER};
 use crate::common::*;
-use crate::raw_nbd::{Raw, OPT_GO, OPT_INFO, OPT_LIST, REP_ERR_POLICY, REP_SERVER};
 use std::time::Duration;
-
-/// Exports with different allow lists, served on TCP and a Unix socket.
-struct AccessBed {
-    nbd: NbdS3,
-    sock: String,
-    _dir: tempfile::TempDir,
-    _s3: S3Server,
-}
-
-impl AccessBed {
-    fn start() -> AccessBed {
-        let s3 = S3Server::start();
-        let dir = tempfile::Builder::new()
-            .prefix("nbd-s3-access.")
-            .tempdir()
-            .unwrap();
-        let sock = format!("unix:{}", dir.path().join("nbd.sock").display());
-        let export = |name: &str, allow: Option<&str>| {
-            let e = ExportSpec::new(name).size("4MiB");
-            match allow {
-                Some(list) => e.line(&format!("allow = {list}")),
-                None => e,
-            }
-        };
-        let nbd = NbdS3::builder(&s3)
-            .listen(&["127.0.0.1:0", &sock])
-            .export(export("open", None))
-            .export(export(
-                "loopback",
-                Some(r#"["127.0.0.0/8", "2001:db8::/32"]"#),
-            ))
-            .export(export("v6only", Some(r#"["::1"]"#)))
-            .export(export("unixonly", Some(r#"["unix"]"#)))
-            .start();
-        AccessBed {
-            nbd,
-            sock,
-            _dir: dir,
-            _s3: s3,
-        }
-    }
-
-    fn tcp(&self) -> String {
-        format!("127.0.0.1:{}", self.nbd.port())
-    }
-}
 
 /// Whether nbdinfo can open `uri`, and what it printed.
 fn opens(uri: &str) -> (bool, String) {

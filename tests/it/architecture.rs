@@ -194,7 +194,6 @@ fn show(graph: &BTreeMap<String, BTreeSet<String>>) -> String {
 }
 
 #[test]
-#[ignore = "until the module-graph refactor lands"]
 fn top_level_modules_form_no_cycle() {
     let graph = module_graph();
     assert!(graph.len() > 5, "found too few modules: {graph:?}");
@@ -207,7 +206,6 @@ fn top_level_modules_form_no_cycle() {
 }
 
 #[test]
-#[ignore = "until the module-graph refactor lands"]
 fn nothing_but_the_entry_points_depends_on_metrics() {
     let graph = module_graph();
     let users: Vec<&String> = graph

@@ -2,36 +2,15 @@
 //! operations, pagination, the CRC32C metadata, corruption detection on the server's disk,
 //! error classes and conditional writes.
 
-use crate::common::{pattern, S3Server};
+use crate::common::pattern;
+use crate::common::s3_store::{canned_server, error_xml, s3_config, setup, store_at, BUCKET};
 use bytes::Bytes;
 use nbd_s3::backend::conditional::supports_conditional_writes;
 use nbd_s3::backend::integrity::{crc32c_hex, S3_METADATA_KEY};
 use nbd_s3::backend::s3::{build_client, S3Store};
 use nbd_s3::backend::{BackendError, ObjectStore, StoreFactory};
-use nbd_s3::config::S3Config;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-const BUCKET: &str = "nbd";
-
-fn s3_config(s3: &S3Server) -> S3Config {
-    S3Config {
-        endpoint: Some(s3.endpoint()),
-        region: Some(s3.region.clone()),
-        path_style: true,
-        access_key_id: Some(s3.access_key.clone()),
-        secret_access_key: Some(s3.secret_key.clone()),
-    }
-}
-
-/// A started server with the test bucket, and a store on it without retries (so error
-/// classes are seen as the S3 backend reports them).
-async fn setup() -> (S3Server, S3Store) {
-    let s3 = S3Server::start();
-    s3.create_bucket(BUCKET);
-    let client = build_client(&s3_config(&s3)).await.unwrap();
-    (s3, S3Store::new(client, BUCKET))
-}
 
 #[tokio::test]
 async fn put_get_delete_round_trip() {
@@ -230,14 +209,7 @@ async fn connection_refused_is_transient() {
         .local_addr()
         .unwrap()
         .port();
-    let cfg = S3Config {
-        endpoint: Some(format!("http://127.0.0.1:{port}")),
-        region: None,
-        path_style: true,
-        access_key_id: Some("a".into()),
-        secret_access_key: Some("b".into()),
-    };
-    let store = S3Store::new(build_client(&cfg).await.unwrap(), BUCKET);
+    let store = store_at(port).await;
     let start = Instant::now();
     let err = store.get("k").await.unwrap_err();
     assert!(err.is_retryable(), "{err:?}");
@@ -306,7 +278,7 @@ async fn conditional_writes() {
 }
 
 /// Raw parallel PUT/GET rate of 128 KiB objects: the ceiling the block store's write-back and
-/// read paths are compared against (issue 4). A benchmark, not a test: run it with
+/// read paths are compared against. A benchmark, not a test: run it with
 /// `cargo test --release --test it backend_s3::raw_parallel -- --ignored --nocapture`
 /// (`BENCH_OBJECTS`, `BENCH_INFLIGHT`, `BENCH_OBJECT_SIZE` override the defaults).
 #[tokio::test(flavor = "multi_thread")]
@@ -368,74 +340,6 @@ where
         r.unwrap().unwrap();
     }
     start.elapsed()
-}
-
-/// A loopback HTTP server answering every request with one canned response (status line,
-/// body, and optionally a Content-Length larger than the body to cut it short). Lets the
-/// error classification be checked against the exact replies S3 servers send.
-async fn canned_server(
-    status: &'static str,
-    body: &'static str,
-    claimed_len: Option<usize>,
-) -> u16 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        while let Ok((mut conn, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                // Read the request head and any body so the client sees a clean exchange.
-                let mut req = Vec::new();
-                let mut buf = [0u8; 65536];
-                let head_end = loop {
-                    let n = conn.read(&mut buf).await.unwrap_or(0);
-                    if n == 0 {
-                        return;
-                    }
-                    req.extend_from_slice(&buf[..n]);
-                    if let Some(i) = req.windows(4).position(|w| w == b"\r\n\r\n") {
-                        break i + 4;
-                    }
-                };
-                let head = String::from_utf8_lossy(&req[..head_end]).to_lowercase();
-                let want = head
-                    .lines()
-                    .find_map(|l| l.strip_prefix("content-length:"))
-                    .and_then(|v| v.trim().parse::<usize>().ok())
-                    .unwrap_or(0);
-                let mut have = req.len() - head_end;
-                while have < want {
-                    match conn.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => have += n,
-                    }
-                }
-                let len = claimed_len.unwrap_or(body.len());
-                let resp = format!(
-                    "HTTP/1.1 {status}\r\nContent-Type: application/xml\r\n\
-                     Content-Length: {len}\r\nConnection: close\r\n\r\n{body}"
-                );
-                let _ = conn.write_all(resp.as_bytes()).await;
-                let _ = conn.shutdown().await;
-            });
-        }
-    });
-    port
-}
-
-fn error_xml(code: &str) -> String {
-    format!("<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{code}</Code><Message>canned</Message></Error>")
-}
-
-async fn store_at(port: u16) -> S3Store {
-    let cfg = S3Config {
-        endpoint: Some(format!("http://127.0.0.1:{port}")),
-        region: None,
-        path_style: true,
-        access_key_id: Some("a".into()),
-        secret_access_key: Some("b".into()),
-    };
-    S3Store::new(build_client(&cfg).await.unwrap(), BUCKET)
 }
 
 #[tokio::test]

@@ -1,4 +1,4 @@
-//! The command line and configuration file as design.md §1 fixes them, through the real
+//! The command line and configuration file as documented in the README, through the real
 //! binary: `check-config` accepts the shipped example and prints its exports; every invalid
 //! file exits 1 with `PATH:LINE: message naming the key` on stderr; `--help`/`--version`;
 //! the ad-hoc single-export mode serves through a real S3 server.

@@ -1,4 +1,4 @@
-//! Real NBD clients against nbd-s3 backed by a real S3 server (issue 3's client list), plus
+//! Real NBD clients against nbd-s3 backed by a real S3 server, plus
 //! checks that the shared fixtures themselves work (S3 server, nbdkit reference, helpers).
 
 use crate::common::*;

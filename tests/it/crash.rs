@@ -1,5 +1,5 @@
-//! Crash safety (issue 7, design.md §1 "a crash may lose writes not yet flushed, never flushed
-//! ones, and never tears a block"): a writer keeps writing patterned data and flushing every
+//! Crash safety ("a crash may lose writes not yet flushed, never flushed ones, and never
+//! tears a block"): a writer keeps writing patterned data and flushing every
 //! few writes, logging each write (offset, length, CRC32) only after its FLUSH (or its own FUA)
 //! returned. The daemon is killed with SIGKILL at a random moment, restarted, and every
 //! logged write of every round so far must read back exactly.
@@ -10,13 +10,14 @@
 //! PUT replies (fault proxy), so retries are in flight when the kill comes. The seed is printed; set
 //! `NBD_S3_CRASH_SEED` to replay a run's choices.
 
+use crate::common::fault_bed::FaultBed;
 use crate::common::fault_proxy::{Fault, Op, Rule};
-use crate::common::{nbdsh, tool, ExportSpec};
-use crate::faults::{FaultBed, KIB};
+use crate::common::store_bed::KIB;
+use crate::common::{nbdsh, poll_until, tool, wait_until, ExportSpec};
 use rand::{Rng, SeedableRng};
 use std::path::Path;
 use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const SLOT: u64 = 96 * KIB;
 /// Slots each round may use (5 rounds × 64 slots × 96 KiB < 32 MiB).
@@ -104,14 +105,11 @@ for b in bad:
 }
 
 fn reap(writer: &mut Child) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while writer.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = writer.kill();
-            let _ = writer.wait();
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    if !poll_until(Duration::from_secs(30), || {
+        writer.try_wait().expect("try_wait").is_some()
+    }) {
+        let _ = writer.kill();
+        let _ = writer.wait();
     }
 }
 
@@ -136,11 +134,9 @@ fn flushed_writes_survive_kill9_at_random_moments() {
     for round in 0..ROUNDS {
         let target = logged(&log) + rng.gen_range(3..=30);
         let mut writer = start_writer(&nbd.uri("k"), &log, round * SLOTS_PER_ROUND, rng.gen());
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while logged(&log) < target && writer.try_wait().unwrap().is_none() {
-            assert!(Instant::now() < deadline, "writer made no progress");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_until("the writer to progress", Duration::from_secs(120), || {
+            logged(&log) >= target || writer.try_wait().expect("try_wait").is_some()
+        });
         if let Some(st) = writer.try_wait().unwrap() {
             let err = std::fs::read_to_string(log.with_extension("stderr")).unwrap_or_default();
             assert!(st.success(), "writer failed before the kill: {st}\n{err}");

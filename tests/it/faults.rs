@@ -1,130 +1,23 @@
-//! S3 faults between the daemon and a real S3 server (issue 7), injected by the fault proxy:
+//! S3 faults between the daemon and a real S3 server, injected by the fault proxy:
 //! transient 5xx never reach an NBD client (the 30 s outage is in `outage.rs`); cut-short,
 //! reset or corrupted replies never give wrong data; a corrupt object gives EIO and a log line
 //! naming its key. Every check is against a reference image kept in the test, after a
 //! kill -9 + restart so reads really come from S3.
 
-use crate::common::fault_proxy::{Fault, FaultProxy, Op, Rule};
-use crate::common::{self, nbdsh, show, tool, ExportSpec, NbdS3, S3Server};
-use crate::store_bed::{assert_image, block_key, nbd_read as read_range};
-use rand::{Rng, SeedableRng};
+use crate::common::fault_bed::{random_ops, seeded_rng, FaultBed};
+use crate::common::fault_proxy::{Fault, Op, Rule};
+use crate::common::store_bed::{
+    apply, assert_bucket_matches, assert_image, block_key, nbd_read as read_range,
+    nbd_write as write_ops, proc_status_kib, BUCKET, KIB, MIB,
+};
+use crate::common::{self, nbdsh, show, tool, ExportSpec};
 use std::path::Path;
 use std::time::{Duration, Instant};
-
-pub const KIB: u64 = 1024;
-pub const MIB: u64 = 1024 * 1024;
-pub const BUCKET: &str = "nbd";
-/// Log filter for the daemon: retries are logged at debug, so they can be counted.
-const RUST_LOG: &str = "info,nbd_s3::backend::retry=debug,nbd_s3::store=debug";
-
-/// S3, the fault proxy in front of it, and the daemon talking to the proxy (dropped first).
-pub struct FaultBed {
-    pub nbd: NbdS3,
-    pub proxy: FaultProxy,
-    pub s3: S3Server,
-}
-
-impl FaultBed {
-    /// Starts everything; `tweak` adjusts the daemon builder (cache sizes, flush timeout).
-    pub fn start(
-        exports: Vec<ExportSpec>,
-        seed: u64,
-        tweak: impl FnOnce(common::daemon::NbdS3Builder) -> common::daemon::NbdS3Builder,
-    ) -> FaultBed {
-        let s3 = S3Server::start();
-        let proxy = FaultProxy::start(s3.port(), seed);
-        let endpoint = proxy.endpoint();
-        let mut b = NbdS3::builder(&s3)
-            .config(|c| c.endpoint = endpoint)
-            .env("RUST_LOG", RUST_LOG);
-        for e in exports {
-            b = b.export(e);
-        }
-        let nbd = tweak(b).start();
-        FaultBed { nbd, proxy, s3 }
-    }
-
-    /// Retries the daemon logged so far (backend blip retries and store-level GET retries).
-    pub fn retries_logged(&self) -> usize {
-        self.nbd.log_lines("retrying").len()
-    }
-}
-
-/// Random writes (offset, data) inside `size`, of 1 byte to 200 KiB, any alignment.
-pub fn random_ops(rng: &mut impl Rng, size: u64, n: usize) -> Vec<(u64, Vec<u8>)> {
-    (0..n)
-        .map(|_| {
-            let len = rng.gen_range(1..=200 * KIB).min(size);
-            let off = rng.gen_range(0..=size - len);
-            (off, common::pattern(len as usize, rng.gen()))
-        })
-        .collect()
-}
-
-/// Applies writes to the reference image.
-pub fn apply(image: &mut [u8], ops: &[(u64, Vec<u8>)]) {
-    for (off, d) in ops {
-        image[*off as usize..*off as usize + d.len()].copy_from_slice(d);
-    }
-}
-
-/// Python code that loads `ops` from a payload file as `ops = [(offset, bytes), …]`.
-pub fn ops_code(dir: &Path, ops: &[(u64, Vec<u8>)]) -> String {
-    let pay = dir.join("payload");
-    let mut all = Vec::new();
-    let mut spans = Vec::new();
-    for (off, d) in ops {
-        spans.push(format!("({off},{},{})", all.len(), all.len() + d.len()));
-        all.extend_from_slice(d);
-    }
-    std::fs::write(&pay, &all).unwrap();
-    format!(
-        "d = open({:?}, 'rb').read()\nops = [(o, d[a:b]) for o, a, b in [{}]]\n",
-        pay.to_str().unwrap(),
-        spans.join(",")
-    )
-}
-
-/// Writes `ops` in order on one connection, then FLUSH if asked; any error fails the test.
-pub fn write_ops(uri: &str, ops: &[(u64, Vec<u8>)], flush: bool) {
-    let dir = tempfile::tempdir().unwrap();
-    let code = format!(
-        "{}for o, b in ops:\n    h.pwrite(b, o)\n{}",
-        ops_code(dir.path(), ops),
-        if flush { "h.flush()" } else { "" }
-    );
-    nbdsh(uri, &[&code]);
-}
-
-/// Every block of the image is in the bucket as written (non-zero blocks as exact objects,
-/// zero blocks absent or zero), read from s3s-fs's files, not through the daemon.
-pub fn assert_bucket_matches(s3: &S3Server, prefix: &str, image: &[u8], bs: u64) {
-    for (i, chunk) in image.chunks(bs as usize).enumerate() {
-        let key = block_key(prefix, i as u64);
-        let mut want = chunk.to_vec();
-        want.resize(bs as usize, 0);
-        match s3.read_object(BUCKET, &key) {
-            Some(obj) => assert_image(&format!("object {key}"), &obj, &want, bs),
-            None => assert!(
-                want.iter().all(|&b| b == 0),
-                "block {i} holds data but {key} is not in the bucket"
-            ),
-        }
-    }
-}
-
-/// Kill -9 and start again, so every later read is a GET through the proxy.
-fn crash_and_restart(bed: &mut FaultBed) {
-    bed.nbd.kill9();
-    bed.nbd.restart();
-}
 
 #[test]
 fn transient_5xx_never_reach_the_client() {
     let (size, bs) = (8 * MIB, 64 * KIB);
-    let seed: u64 = rand::random();
-    eprintln!("seed {seed}");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let (seed, mut rng) = seeded_rng();
     let mut bed = FaultBed::start(
         vec![ExportSpec::new("t").size("8MiB").block_size("64KiB")],
         seed,
@@ -141,7 +34,7 @@ fn transient_5xx_never_reach_the_client() {
     }
     assert_bucket_matches(&bed.s3, "t/", &image, bs);
     let after_writes = bed.proxy.summary();
-    crash_and_restart(&mut bed);
+    bed.crash_and_restart();
     let got = read_range(&bed.nbd.uri("t"), 0, size);
     assert_image("read back through 5xx faults", &got, &image, bs);
     let (slow, internal) = (
@@ -149,9 +42,9 @@ fn transient_5xx_never_reach_the_client() {
         bed.proxy.injected(Fault::InternalError),
     );
     eprintln!(
-        "after writes: {after_writes}\nat end: {}\nretries logged by the daemon (this run): {}",
+        "after writes: {after_writes}\nat end: {}\nobject-store retries (this run): {}",
         bed.proxy.summary(),
-        bed.retries_logged()
+        bed.retries()
     );
     assert!(
         slow > 0 && internal > 0,
@@ -159,7 +52,7 @@ fn transient_5xx_never_reach_the_client() {
         bed.proxy.summary()
     );
     assert!(bed.proxy.requests(Op::Get) > 0 && bed.proxy.requests(Op::Put) > 0);
-    assert!(bed.retries_logged() > 0, "daemon logged no retry");
+    assert!(bed.retries() > 0, "the daemon retried nothing");
 }
 
 /// Reads every block on its own request; prints `fail BLOCK ERRNO` for failed ones and writes
@@ -184,9 +77,7 @@ fn read_blocks_tolerant(uri: &str, size: u64, bs: u64, out: &Path) -> Vec<(u64, 
 #[test]
 fn cut_reset_or_corrupted_replies_never_give_wrong_data() {
     let (size, bs) = (8 * MIB, 64 * KIB);
-    let seed: u64 = rand::random();
-    eprintln!("seed {seed}");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let (seed, mut rng) = seeded_rng();
     let mut bed = FaultBed::start(
         vec![ExportSpec::new("c").size("8MiB").block_size("64KiB")],
         seed,
@@ -196,7 +87,7 @@ fn cut_reset_or_corrupted_replies_never_give_wrong_data() {
     let ops = random_ops(&mut rng, size, 60);
     apply(&mut image, &ops);
     write_ops(&bed.nbd.uri("c"), &ops, true);
-    crash_and_restart(&mut bed);
+    bed.crash_and_restart();
     let get = [Op::Get];
     bed.proxy
         .add(Rule::new(Fault::CutBody).only(&get).rate(0.2));
@@ -223,11 +114,11 @@ fn cut_reset_or_corrupted_replies_never_give_wrong_data() {
     }
     assert_image("blocks read through faulty replies", &got, &want, bs);
     eprintln!(
-        "{}; {} of {} block reads failed (EIO); retries logged {}",
+        "{}; {} of {} block reads failed (EIO); object-store retries {}",
         bed.proxy.summary(),
         failed.len(),
         size / bs,
-        bed.retries_logged()
+        bed.retries()
     );
     for f in [Fault::CutBody, Fault::CorruptBody] {
         assert!(bed.proxy.injected(f) > 0, "{f:?} never injected");
@@ -252,7 +143,7 @@ fn corrupt_object_gives_eio_and_logs_its_key() {
         .collect();
     apply(&mut image, &ops);
     write_ops(&bed.nbd.uri("d"), &ops, true);
-    crash_and_restart(&mut bed);
+    bed.crash_and_restart();
     let key = block_key("d/", 3);
     let path = bed.s3.object_path(BUCKET, &key);
     let mut obj = std::fs::read(&path).unwrap();
@@ -289,14 +180,6 @@ fn corrupt_object_gives_eio_and_logs_its_key() {
     );
 }
 
-/// Resident set size of a process in KiB (`VmRSS` in /proc/PID/status).
-fn rss_kib(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let v = s.lines().find_map(|l| l.strip_prefix("VmRSS:"));
-    v.and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap()
-}
-
 /// Seconds from the environment variable `name`, or `default`.
 fn env_secs(name: &str, default: u64) -> Duration {
     let v = std::env::var(name).ok().and_then(|v| v.parse().ok());
@@ -330,7 +213,7 @@ fn fio_failure(mut child: std::process::Child, name: &str, dir: &Path) -> Option
     (!status.success()).then(|| format!("{name}: {status}\n{text}"))
 }
 
-/// The soak (issue 7): `SOAK_SECONDS` (600) of fio verify on 3 exports × 4 connections with S3
+/// The soak: `SOAK_SECONDS` (600) of fio verify on 3 exports × 4 connections with S3
 /// faults injected and the config reloaded every `SOAK_RELOAD_SECONDS` (30); prints RSS
 /// samples; zero verify errors and a flat RSS required. Run by `scripts/soak.sh`.
 #[test]
@@ -373,7 +256,7 @@ fn soak() {
         while fios.iter_mut().any(|c| c.try_wait().unwrap().is_none()) {
             let now = Instant::now();
             if now >= next_sample {
-                let kib = rss_kib(bed.nbd.pid());
+                let kib = proc_status_kib(bed.nbd.pid(), "VmRSS:");
                 let t = start.elapsed().as_secs();
                 let p = bed.proxy.summary();
                 eprintln!("t={t:>4}s rss={kib} KiB round={rounds} reloads={reloads} {p}");
@@ -397,7 +280,7 @@ fn soak() {
             failures.extend(fio_failure(c, n, dir.path()).map(|f| format!("round {rounds} {f}")));
         }
     }
-    let retries = bed.retries_logged();
+    let retries = bed.retries();
     // SIGTERM flushes everything; the last round's data must come back from S3 after restart.
     bed.nbd.restart();
     for n in names {
@@ -405,7 +288,7 @@ fn soak() {
         failures.extend(fio_failure(fio, n, dir.path()).map(|f| format!("after restart {f}")));
     }
     let p = bed.proxy.summary();
-    eprintln!("soak done: {rounds} rounds × 3 exports × 4 connections, {reloads} reloads, {retries} retries logged, {p}");
+    eprintln!("soak done: {rounds} rounds × 3 exports × 4 connections, {reloads} reloads, {retries} object-store retries, {p}");
     eprintln!("rss samples (KiB): {rss:?}");
     assert!(
         failures.is_empty(),

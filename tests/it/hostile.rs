@@ -1,90 +1,18 @@
-//! Hostile clients over raw TCP against the real daemon (issue 3), handshake phase: every
+//! Hostile clients over raw TCP against the real daemon, handshake phase: every
 //! malformed option gets exactly the reply the protocol prescribes (or a close), and afterwards
 //! both a long-lived "bystander" connection and a fresh connection are still served correctly.
-//! The transmission phase is in `hostile_requests.rs`; the raw client in `raw_nbd.rs`.
+//! The transmission phase is in `hostile_requests.rs`; the bed and the raw client are in
+//! `tests/common`.
 
-use crate::common::{wait_until, ExportSpec, NbdS3, S3Server, DAEMON_TIMEOUT};
-use crate::raw_nbd::*;
+use crate::common::hostile_bed::{HostileBed, EXPORT, SIZE};
+use crate::common::raw_nbd::*;
+use crate::common::{wait_until, DAEMON_TIMEOUT};
 use std::io::Write;
 use std::thread;
 
-pub const EXPORT: &str = "hostile";
-pub const SIZE: u64 = 16 << 20;
-
-/// A running daemon with one export, plus a bystander connection opened before the hostile act.
-pub struct Bed {
-    daemon: Daemon,
-    pub addr: String,
-    bystander: Raw,
-    rounds: u64,
-}
-
-impl Bed {
-    pub fn new() -> Bed {
-        Bed::with_export(ExportSpec::new(EXPORT).size("16MiB"))
-    }
-
-    /// Like `new`, with the export `spec` (name `EXPORT` and size `SIZE` expected).
-    pub fn with_export(spec: ExportSpec) -> Bed {
-        let daemon = Daemon::start(spec);
-        let addr = daemon.addr();
-        let (bystander, info) = Raw::open(&addr, EXPORT);
-        assert_eq!(info.size, SIZE, "advertised size");
-        let mut bed = Bed {
-            daemon,
-            addr,
-            bystander,
-            rounds: 0,
-        };
-        bed.check_bystander();
-        bed
-    }
-
-    /// A fresh handshake + transmission on the export.
-    pub fn open(&self) -> Raw {
-        Raw::open(&self.addr, EXPORT).0
-    }
-
-    /// The bystander writes a new pattern in its own 64 KiB region and reads it back.
-    pub fn check_bystander(&mut self) {
-        self.rounds += 1;
-        let off = SIZE - 64 * 1024;
-        let data = pattern(self.rounds, off, 64 * 1024);
-        let c = 1000 + self.rounds;
-        assert_eq!(self.bystander.write_at(c, off, &data), 0, "bystander write");
-        let back = self
-            .bystander
-            .read_at(c, off, 64 * 1024)
-            .expect("bystander read");
-        assert_bytes("bystander read back", &back, &data);
-    }
-
-    /// Peak resident set of the daemon, KiB.
-    pub fn peak_rss_kib(&self) -> u64 {
-        self.daemon.rss_kib()
-    }
-
-    /// After a hostile act: the bystander still works and a fresh connection sees its data.
-    pub fn check_served(&mut self) {
-        self.check_bystander();
-        let mut fresh = self.open();
-        let off = SIZE - 64 * 1024;
-        let back = fresh.read_at(7, off, 64 * 1024).expect("fresh read");
-        assert_bytes(
-            "fresh connection reading the bystander's data",
-            &back,
-            &pattern(self.rounds, off, 64 * 1024),
-        );
-        let d = pattern(99, 4096, 4096);
-        assert_eq!(fresh.write_at(8, 4096, &d), 0, "fresh write");
-        assert_eq!(fresh.read_at(9, 4096, 4096).expect("fresh read back"), d);
-        assert_eq!(fresh.cmd(0, CMD_FLUSH, 10, 0, 0), 0, "fresh flush");
-    }
-}
-
 #[test]
 fn unknown_client_flags_close_the_connection() {
-    let mut bed = Bed::new();
+    let mut bed = HostileBed::new();
     for flags in [
         FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES | 4,
         FLAG_FIXED_NEWSTYLE | 0x8000_0000,
@@ -102,7 +30,7 @@ fn unknown_client_flags_close_the_connection() {
 
 #[test]
 fn unknown_option_with_data_is_unsupported_and_handshake_continues() {
-    let mut bed = Bed::new();
+    let mut bed = HostileBed::new();
     let mut r = Raw::connect(&bed.addr);
     for (opt, len) in [(0x7777u32, 100usize), (12, 0), (0xFFFF_FFFF, 4000), (4, 8)] {
         r.send_opt(opt, &vec![0xA5; len]);
@@ -123,7 +51,7 @@ fn unknown_option_with_data_is_unsupported_and_handshake_continues() {
 
 #[test]
 fn hundreds_of_options_are_answered_or_capped_without_hanging() {
-    let mut bed = Bed::new();
+    let mut bed = HostileBed::new();
     let mut r = Raw::connect(&bed.addr);
     let mut answered = 0;
     for i in 0..600u32 {
@@ -203,7 +131,7 @@ fn hundreds_of_options_are_answered_or_capped_without_hanging() {
         wait_until(
             "the option cap logged for both floods",
             DAEMON_TIMEOUT,
-            || bed.daemon.nbd.log_lines("more than 256 options").len() >= 2,
+            || bed.nbd.log_lines("more than 256 options").len() >= 2,
         );
     }
     bed.check_served();
@@ -211,8 +139,8 @@ fn hundreds_of_options_are_answered_or_capped_without_hanging() {
 
 #[test]
 fn huge_option_length_closes_without_allocating() {
-    let mut bed = Bed::new();
-    let rss_before = bed.daemon.rss_kib();
+    let mut bed = HostileBed::new();
+    let rss_before = bed.peak_rss_kib();
     for opt in [OPT_GO, 0x7777, OPT_LIST, OPT_EXPORT_NAME] {
         let mut r = Raw::connect(&bed.addr);
         r.send_opt_raw(opt, 0xFFFF_FFF0, &[0u8; 64]);
@@ -220,7 +148,7 @@ fn huge_option_length_closes_without_allocating() {
         r.expect_closed(&format!("option {opt} with length 0xFFFFFFF0"));
         bed.check_served();
     }
-    let rss_after = bed.daemon.rss_kib();
+    let rss_after = bed.peak_rss_kib();
     assert!(
         rss_after < rss_before + 64 * 1024,
         "daemon peak RSS grew from {rss_before} KiB to {rss_after} KiB after huge option lengths"
@@ -229,19 +157,18 @@ fn huge_option_length_closes_without_allocating() {
 
 #[test]
 fn go_with_lying_name_length_is_invalid() {
-    let mut bed = Bed::new();
+    let mut bed = HostileBed::new();
     let mut r = Raw::connect(&bed.addr);
     for namelen in [100u32, 4, 0xFFFF_FFFF] {
         let mut d = Vec::new();
         d.extend_from_slice(&namelen.to_be_bytes());
         d.extend_from_slice(b"abc");
         d.extend_from_slice(&0u16.to_be_bytes());
-        r.send_opt(OPT_GO, &d);
-        let rep = r.opt_reply();
-        assert_eq!(
-            (rep.option, rep.kind),
-            (OPT_GO, REP_ERR_INVALID),
-            "name length {namelen}"
+        r.expect_opt(
+            OPT_GO,
+            &d,
+            REP_ERR_INVALID,
+            &format!("name length {namelen}"),
         );
     }
     // Info request count that lies too: says 5 requests, carries 1.
@@ -249,13 +176,7 @@ fn go_with_lying_name_length_is_invalid() {
     let n = d.len();
     d[n - 2..].copy_from_slice(&5u16.to_be_bytes());
     d.extend_from_slice(&3u16.to_be_bytes());
-    r.send_opt(OPT_INFO, &d);
-    let rep = r.opt_reply();
-    assert_eq!(
-        (rep.option, rep.kind),
-        (OPT_INFO, REP_ERR_INVALID),
-        "info count that lies"
-    );
+    r.expect_opt(OPT_INFO, &d, REP_ERR_INVALID, "info count that lies");
     // An unknown export is ERR_UNKNOWN and the handshake still continues.
     let err = r.go("no-such-export").expect_err("GO on an unknown export");
     assert_eq!(err.kind, REP_ERR_UNKNOWN);
@@ -266,33 +187,17 @@ fn go_with_lying_name_length_is_invalid() {
 
 #[test]
 fn list_with_data_starttls_and_early_set_meta_context_are_refused() {
-    let mut bed = Bed::new();
+    let mut bed = HostileBed::new();
     let mut r = Raw::connect(&bed.addr);
-    r.send_opt(OPT_LIST, b"junk");
-    let rep = r.opt_reply();
-    assert_eq!(
-        (rep.option, rep.kind),
-        (OPT_LIST, REP_ERR_INVALID),
-        "LIST with data"
-    );
+    r.expect_opt(OPT_LIST, b"junk", REP_ERR_INVALID, "LIST with data");
 
-    r.send_opt(OPT_STARTTLS, &[]);
-    let rep = r.opt_reply();
-    assert_eq!(
-        (rep.option, rep.kind),
-        (OPT_STARTTLS, REP_ERR_POLICY),
-        "STARTTLS without TLS"
-    );
+    r.expect_opt(OPT_STARTTLS, &[], REP_ERR_POLICY, "STARTTLS without TLS");
 
-    r.send_opt(
+    r.expect_opt(
         OPT_SET_META_CONTEXT,
         &meta_data(EXPORT, &["base:allocation"]),
-    );
-    let rep = r.opt_reply();
-    assert_eq!(
-        (rep.option, rep.kind),
-        (OPT_SET_META_CONTEXT, REP_ERR_INVALID),
-        "SET_META_CONTEXT before STRUCTURED_REPLY"
+        REP_ERR_INVALID,
+        "SET_META_CONTEXT before STRUCTURED_REPLY",
     );
 
     // A correct LIST still works afterwards and names the export.
@@ -316,7 +221,7 @@ fn list_with_data_starttls_and_early_set_meta_context_are_refused() {
 
 #[test]
 fn export_name_unknown_closes_and_abort_is_acknowledged() {
-    let mut bed = Bed::new();
+    let mut bed = HostileBed::new();
     let mut r = Raw::connect(&bed.addr);
     r.send_opt(OPT_EXPORT_NAME, b"no-such-export");
     let tail = r.expect_closed("EXPORT_NAME of an unknown export");
@@ -350,7 +255,7 @@ fn export_name_unknown_closes_and_abort_is_acknowledged() {
 
 #[test]
 fn stalled_handshakes_do_not_block_other_clients() {
-    let mut bed = Bed::new();
+    let mut bed = HostileBed::new();
     // Clients stuck at every handshake stage, held open for the whole test.
     let mut stalled = Vec::new();
     for i in 0..48 {
@@ -385,47 +290,4 @@ fn stalled_handshakes_do_not_block_other_clients() {
     }
     drop(stalled);
     bed.check_served();
-}
-
-/// SET/LIST_META_CONTEXT data: export name, query count, queries.
-fn meta_data(export: &str, queries: &[&str]) -> Vec<u8> {
-    let mut d = Vec::new();
-    d.extend_from_slice(&(export.len() as u32).to_be_bytes());
-    d.extend_from_slice(export.as_bytes());
-    d.extend_from_slice(&(queries.len() as u32).to_be_bytes());
-    for q in queries {
-        d.extend_from_slice(&(q.len() as u32).to_be_bytes());
-        d.extend_from_slice(q.as_bytes());
-    }
-    d
-}
-
-fn opt_bytes(option: u32, data: &[u8]) -> Vec<u8> {
-    let mut b = Vec::new();
-    b.extend_from_slice(&IHAVEOPT.to_be_bytes());
-    b.extend_from_slice(&option.to_be_bytes());
-    b.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    b.extend_from_slice(data);
-    b
-}
-
-/// The real daemon with one 16 MiB export on a real S3 server (dropped in this order).
-struct Daemon {
-    nbd: NbdS3,
-    _s3: S3Server,
-}
-
-impl Daemon {
-    fn start(spec: ExportSpec) -> Daemon {
-        let s3 = S3Server::start();
-        let nbd = NbdS3::builder(&s3).export(spec).start();
-        Daemon { nbd, _s3: s3 }
-    }
-    fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.nbd.port())
-    }
-    /// Peak resident set of the daemon, KiB.
-    fn rss_kib(&self) -> u64 {
-        crate::store_bed::proc_status_kib(self.nbd.pid(), "VmHWM:")
-    }
 }

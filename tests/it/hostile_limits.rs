@@ -1,15 +1,14 @@
-//! Resource limits against hostile clients (issue 7), over raw TCP against the real daemon:
+//! Resource limits against hostile clients, over raw TCP against the real daemon:
 //! the connection limit (`server::MAX_CONNECTIONS`) closes the connection past it at once
 //! while the others keep working, and frees its slots when clients leave; a client that
 //! pipelines huge READs and never reads the replies is held to its in-flight cap and data
 //! budget, so the daemon's memory stays bounded and other clients keep being served.
 
+use crate::common::hostile_bed::{HostileBed, EXPORT, SIZE};
+use crate::common::raw_nbd::*;
 use crate::common::ExportSpec;
-use crate::hostile::{Bed, EXPORT, SIZE};
-use crate::raw_nbd::*;
 use nbd_s3::server::{MAX_CONNECTIONS, MAX_IN_FLIGHT};
 use std::io::Read;
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 const MIB: u64 = 1 << 20;
@@ -19,29 +18,16 @@ const DATA: u64 = 8 * MIB;
 /// Raises this process's soft RLIMIT_NOFILE to its hard limit (the daemon, a child started
 /// afterwards, inherits it): the test holds more than 1024 sockets, and so does the daemon.
 fn raise_nofile() -> u64 {
-    let mut r = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: `r` is a valid, writable rlimit.
-    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) }, 0);
-    r.rlim_cur = r.rlim_max;
-    // SAFETY: `r` is a valid rlimit; raising the soft limit up to the hard one is allowed.
-    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &r) }, 0);
-    r.rlim_cur
-}
-
-/// A TCP connection with the raw client's timeouts, nothing read or sent yet.
-fn tcp(addr: &str) -> Raw {
-    let s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-    s.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
-    Raw { s, server_flags: 0 }
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit(RLIMIT_NOFILE)");
+    // Raising the soft limit up to the hard one needs no privilege.
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).expect("setrlimit(RLIMIT_NOFILE)");
+    hard
 }
 
 /// Whether a new connection is greeted (`false`: the server closed it without a word).
 fn greeted(addr: &str) -> bool {
-    let mut r = tcp(addr);
+    let mut r = Raw::tcp(addr);
     let mut magic = [0u8; 8];
     match r.s.read_exact(&mut magic) {
         Ok(()) => u64::from_be_bytes(magic) == NBDMAGIC,
@@ -66,7 +52,7 @@ fn connection_past_the_limit_is_closed_at_once_and_slots_free_up() {
         nofile as usize > 2 * MAX_CONNECTIONS + 100,
         "RLIMIT_NOFILE hard limit {nofile} is too low for this test"
     );
-    let mut bed = Bed::new(); // its bystander is connection 1
+    let mut bed = HostileBed::new(); // its bystander is connection 1
     let t = Instant::now();
     let mut conns: Vec<Raw> = (1..MAX_CONNECTIONS).map(|_| bed.open()).collect();
     eprintln!(
@@ -76,7 +62,7 @@ fn connection_past_the_limit_is_closed_at_once_and_slots_free_up() {
     );
 
     let t = Instant::now();
-    let junk = tcp(&bed.addr).expect_closed("the connection past the limit");
+    let junk = Raw::tcp(&bed.addr).expect_closed("the connection past the limit");
     let took = t.elapsed();
     assert!(
         junk.is_empty(),
@@ -132,7 +118,7 @@ fn hog_is_bounded(n: u64, len: u32, bound_mib: u64) -> u64 {
     // 4 KiB blocks: a READ copies its pieces (large pieces of big blocks would be shared with
     // the cache, and zeros cost nothing), so every unsent reply holds its own memory.
     let spec = ExportSpec::new(EXPORT).size("16MiB").block_size("4KiB");
-    let mut bed = Bed::with_export(spec);
+    let mut bed = HostileBed::with_export(spec);
     let mut w = bed.open();
     for i in 0..DATA / MIB {
         assert_eq!(

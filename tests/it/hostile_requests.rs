@@ -1,20 +1,19 @@
-//! Hostile clients over raw TCP against the real daemon (issue 3), transmission phase:
+//! Hostile clients over raw TCP against the real daemon, transmission phase:
 //! requests past the end, unknown commands and flags, oversized and zero-length requests,
 //! clients dying mid-payload, DISC with requests in flight, deep pipelines, bad magic. After
 //! each, the bystander and a fresh connection are still served (see `hostile.rs`).
 
-use crate::hostile::{Bed, SIZE};
-use crate::raw_nbd::*;
+use crate::common::hostile_bed::{HostileBed, EXPORT, SIZE};
+use crate::common::raw_nbd::*;
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
-use std::os::fd::AsRawFd;
 use std::thread;
 
 const MIB: u32 = 1 << 20;
 
 #[test]
 fn requests_past_the_end() {
-    let mut bed = Bed::new();
+    let mut bed = HostileBed::new();
     let mut r = bed.open();
     assert_eq!(r.read_at(1, SIZE, 1), Err(EINVAL), "READ at size");
     assert_eq!(
@@ -70,7 +69,7 @@ fn requests_past_the_end() {
 
 #[test]
 fn unknown_commands_and_bad_flags_are_einval() {
-    let mut bed = Bed::new();
+    let mut bed = HostileBed::new();
     let mut r = bed.open();
     for (i, typ) in [8u16, 99, 0x7FFF, 0xFFFF].into_iter().enumerate() {
         assert_eq!(
@@ -97,7 +96,7 @@ fn unknown_commands_and_bad_flags_are_einval() {
 
 #[test]
 fn a_33_mib_read_is_einval() {
-    let mut bed = Bed::new();
+    let mut bed = HostileBed::new();
     let mut r = bed.open();
     assert_eq!(r.read_at(1, 0, 33 * MIB), Err(EINVAL), "33 MiB read");
     assert_eq!(r.read_at(2, 0, u32::MAX), Err(EINVAL), "4 GiB read");
@@ -107,7 +106,7 @@ fn a_33_mib_read_is_einval() {
 
 #[test]
 fn zero_length_requests_get_a_reply() {
-    let mut bed = Bed::new();
+    let mut bed = HostileBed::new();
     let mut r = bed.open();
     for (i, typ) in [
         CMD_READ,
@@ -129,7 +128,7 @@ fn zero_length_requests_get_a_reply() {
 
 #[test]
 fn client_dying_mid_write_payload_changes_nothing() {
-    let mut bed = Bed::new();
+    let mut bed = HostileBed::new();
     let off = 1 << 20;
     let mut w = bed.open();
     let base = pattern(3, off, 65536);
@@ -155,7 +154,7 @@ fn client_dying_mid_write_payload_changes_nothing() {
 
 #[test]
 fn disc_with_requests_outstanding_answers_them_then_closes() {
-    let mut bed = Bed::new();
+    let mut bed = HostileBed::new();
     let mut r = bed.open();
     let mut batch = Vec::new();
     for i in 0..8u64 {
@@ -212,7 +211,7 @@ fn disc_with_requests_outstanding_answers_them_then_closes() {
 
 #[test]
 fn sixty_four_pipelined_requests() {
-    let mut bed = Bed::new();
+    let mut bed = HostileBed::new();
     let mut r = bed.open();
     let base = 4u64 << 20;
     // Known content for the reads.
@@ -282,7 +281,7 @@ fn sixty_four_pipelined_requests() {
 
 #[test]
 fn bad_request_magic_closes_only_that_connection() {
-    let mut bed = Bed::new();
+    let mut bed = HostileBed::new();
     let mut r = bed.open();
     assert_eq!(r.read_at(1, 0, 512).map(|d| d.len()), Ok(512));
     let mut req = req_bytes(0, CMD_READ, 2, 0, 512, &[]);
@@ -297,42 +296,21 @@ fn bad_request_magic_closes_only_that_connection() {
 }
 
 fn set_linger_zero(s: &std::net::TcpStream) {
-    let l = libc::linger {
+    use nix::sys::socket::{setsockopt, sockopt::Linger};
+    let l = nix::libc::linger {
         l_onoff: 1,
         l_linger: 0,
     };
-    // SAFETY: valid fd, correctly sized option value.
-    let rc = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            &l as *const libc::linger as *const libc::c_void,
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0, "SO_LINGER");
+    setsockopt(s, Linger, &l).expect("SO_LINGER");
 }
 
 #[test]
 fn structured_reads_report_errors_and_holes_as_chunks() {
-    let mut bed = Bed::new();
+    let mut bed = HostileBed::new();
     let mut r = Raw::connect(&bed.addr);
-    r.send_opt(OPT_STRUCTURED_REPLY, b"x");
-    let rep = r.opt_reply();
-    assert_eq!(
-        (rep.option, rep.kind),
-        (OPT_STRUCTURED_REPLY, REP_ERR_INVALID),
-        "with data"
-    );
-    r.send_opt(OPT_STRUCTURED_REPLY, &[]);
-    let rep = r.opt_reply();
-    assert_eq!(
-        (rep.option, rep.kind),
-        (OPT_STRUCTURED_REPLY, REP_ACK),
-        "STRUCTURED_REPLY"
-    );
-    r.go(crate::hostile::EXPORT).expect("GO");
+    r.expect_opt(OPT_STRUCTURED_REPLY, b"x", REP_ERR_INVALID, "with data");
+    r.expect_opt(OPT_STRUCTURED_REPLY, &[], REP_ACK, "STRUCTURED_REPLY");
+    r.go(EXPORT).expect("GO");
 
     assert_eq!(
         r.read_structured(1, SIZE, 512),

@@ -1,4 +1,4 @@
-//! Export leases and automatic reopening (issue 7), with real daemons on one s3s-fs bucket:
+//! Export leases and automatic reopening, with real daemons on one s3s-fs bucket:
 //! a second daemon refuses a leased export naming the holder, serves it read-only, takes it
 //! over by itself once the holder is killed; a daemon whose lease renewals fail stops writing
 //! to S3 (FLUSH gets EIO, nothing reaches the bucket) and resumes when renewals work again;
@@ -8,9 +8,10 @@
 use crate::common::config::quote;
 use crate::common::daemon::DAEMON_TIMEOUT;
 use crate::common::fault_proxy::{Fault, FaultProxy, Rule};
+use crate::common::raw_nbd::{Raw, REP_ERR_UNKNOWN};
+use crate::common::store_bed::flush_until_ok;
 use crate::common::S3Server;
-use crate::common::{nbdsh, run, tool, ExportSpec, NbdS3};
-use crate::raw_nbd::{Raw, REP_ERR_UNKNOWN};
+use crate::common::{nbdsh, poll_until, run, tool, ExportSpec, NbdS3};
 use std::time::Duration;
 
 const LOG: &str = "nbd_s3=info";
@@ -31,15 +32,11 @@ fn start(s3: &S3Server, endpoint: Option<String>, exports: &[ExportSpec], lease:
 
 /// Polls until `nbd` serves `export`; panics with the daemon's log after `DAEMON_TIMEOUT`.
 fn wait_served(nbd: &NbdS3, export: &str, what: &str) {
-    let deadline = std::time::Instant::now() + DAEMON_TIMEOUT;
-    while !served(&nbd.uri(export)) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting for {what}; daemon log:\n{}",
-            nbd.logs()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    assert!(
+        poll_until(DAEMON_TIMEOUT, || served(&nbd.uri(export))),
+        "timed out waiting for {what}; daemon log:\n{}",
+        nbd.logs()
+    );
 }
 
 fn served(uri: &str) -> bool {
@@ -123,15 +120,6 @@ fn write_and_flush(uri: &str, off: u64, byte: u8) -> String {
     write(uri, off, byte, true)
 }
 
-/// FLUSH until it succeeds (write-back may be in its backoff); every failure must be EIO.
-fn flush_until_ok(uri: &str) -> String {
-    let code = "for i in range(30):\n    try:\n        h.flush()\n        print('flushed')\n        break\n    \
-                except nbd.Error as e:\n        assert e.errno == 'EIO', e\n";
-    String::from_utf8_lossy(&nbdsh(uri, &[code]).stdout)
-        .trim()
-        .to_string()
-}
-
 #[test]
 fn failed_renewals_fence_the_export_before_expiry_and_recovery_resumes_it() {
     let s3 = S3Server::start();
@@ -154,14 +142,14 @@ fn failed_renewals_fence_the_export_before_expiry_and_recovery_resumes_it() {
     );
     assert!(fenced.contains("vm/nbd-s3.lock"), "{fenced}");
     assert_eq!(write(&uri, 2 * BLOCK, 0x33, false), "write EIO");
-    assert_eq!(flush_until_ok_or_eio(&uri), "flush EIO");
+    assert_eq!(try_flush(&uri), "flush EIO");
     assert!(
         s3.read_object("nbd", "vm/0000000000000001").is_none(),
         "written to S3 without a lease"
     );
 
     bed.wait_for_log_after(mark, "export lease renewed", Duration::from_secs(30));
-    assert_eq!(flush_until_ok(&uri), "flushed");
+    flush_until_ok(&uri, 30);
     let stored = s3
         .read_object("nbd", "vm/0000000000000001")
         .expect("dirty block stored once the lease is back");
@@ -174,7 +162,7 @@ fn failed_renewals_fence_the_export_before_expiry_and_recovery_resumes_it() {
 }
 
 /// One FLUSH: `flushed` or `flush ERRNO`.
-fn flush_until_ok_or_eio(uri: &str) -> String {
+fn try_flush(uri: &str) -> String {
     let code = "try:\n    h.flush()\n    print('flushed')\nexcept nbd.Error as e:\n    print('flush', e.errno)";
     String::from_utf8_lossy(&nbdsh(uri, &[code]).stdout)
         .trim()

@@ -1,13 +1,11 @@
-//! Prometheus metrics (issue 8) through the real binary: `[server] metrics` on port 0, the
+//! Prometheus metrics through the real binary: `[server] metrics` on port 0, the
 //! address learnt from the `metrics on ADDR` log line, `/metrics` parsed with prometheus-parse
 //! (every line must parse), real NBD clients as the workload, a real S3 server behind.
 
 use crate::common::fault_proxy::{Fault, FaultProxy, Op, Rule};
-use crate::common::{qemu_io, tool, wait_until, ExportSpec, NbdS3, S3Server};
-use prometheus_parse::{LineInfo, Sample, Scrape, Value};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
-use std::process::{Child, Stdio};
+use crate::common::metrics::{get, http, scrape, Metrics, ANY_PORT};
+use crate::common::nbdsh_session::NbdshSession;
+use crate::common::{qemu_io, wait_until, ExportSpec, NbdS3, S3Server};
 use std::time::Duration;
 
 /// Bound for things with no stated target (S3 PUTs, reloads, process exits).
@@ -26,60 +24,12 @@ fn daemon_via(s3: &S3Server, proxy: Option<&FaultProxy>) -> (NbdS3, String) {
         .export(ExportSpec::new("m1").size("16MiB"))
         .export(ExportSpec::new("m2").size("16MiB"))
         .config(|c| {
-            c.metrics = Some("127.0.0.1:0".into());
+            c.metrics = Some(ANY_PORT.into());
             c.endpoint = endpoint;
         })
         .start();
-    let line = d.wait_for_log("metrics on ", SLOW);
-    let addr = line
-        .split("metrics on ")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .to_owned();
+    let addr = Metrics::of(&d).addr().to_owned();
     (d, addr)
-}
-
-/// One HTTP/1.1 request; returns (status line, body).
-fn http(addr: &str, request: &str) -> (String, String) {
-    let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-    s.set_read_timeout(Some(SLOW)).unwrap();
-    s.write_all(request.as_bytes()).unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
-    (
-        head.lines().next().unwrap_or("").to_owned(),
-        body.to_owned(),
-    )
-}
-
-/// `GET /metrics`, checked line by line with the parser, then parsed.
-fn scrape(addr: &str) -> Vec<Sample> {
-    let (status, body) = http(addr, "GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n");
-    assert_eq!(status, "HTTP/1.1 200 OK", "{body}");
-    for line in body.lines() {
-        assert_ne!(
-            LineInfo::parse(line),
-            LineInfo::Ignored,
-            "unparsable: {line:?}"
-        );
-    }
-    let lines = body.lines().map(|l| Ok(l.to_owned()));
-    Scrape::parse(lines).expect("Prometheus text").samples
-}
-
-/// The value of `metric` with `labels` (a histogram gives its count), or 0 when absent
-/// (a series not yet created).
-fn get(samples: &[Sample], metric: &str, labels: &[(&str, &str)]) -> f64 {
-    let found = samples
-        .iter()
-        .find(|s| s.metric == metric && labels.iter().all(|(k, v)| s.labels.get(k) == Some(v)));
-    match found.map(|s| &s.value) {
-        Some(Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v)) => *v,
-        Some(Value::Histogram(b)) => b.last().map_or(0.0, |c| c.count),
-        Some(Value::Summary(_)) | None => 0.0,
-    }
 }
 
 fn cmd<'a>(export: &'a str, command: &'a str) -> [(&'a str, &'a str); 2] {
@@ -142,38 +92,18 @@ fn counters_follow_a_qemu_io_workload() {
     assert!(hits + misses >= 16.0, "hits {hits} misses {misses}");
 }
 
-/// An nbdsh session attached to `uri` (`-u` connects before the script runs) until its
-/// stdin closes.
-fn attach(uri: &str) -> Child {
-    let code = "import sys\nprint('attached', flush=True)\nsys.stdin.read()";
-    let mut child = tool("nbdsh")
-        .args(["-u", uri, "-c", code])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn nbdsh");
-    let mut line = String::new();
-    let out = child.stdout.take().expect("stdout");
-    BufReader::new(out)
-        .read_line(&mut line)
-        .expect("nbdsh output");
-    assert_eq!(line.trim(), "attached");
-    child
-}
-
 #[test]
 fn connections_clients_and_reloads_follow_the_daemon() {
     let s3 = S3Server::start();
     let (mut d, addr) = daemon(&s3);
-    let mut session = attach(&d.uri("m2"));
+    let session = NbdshSession::open(&d.uri("m2"));
     let s = scrape(&addr);
     assert_eq!(get(&s, "nbd_s3_connections", &[]), 1.0);
     assert_eq!(get(&s, "nbd_s3_export_clients", &[("export", "m2")]), 1.0);
     assert_eq!(get(&s, "nbd_s3_export_clients", &[("export", "m1")]), 0.0);
     // Both exports are writable with the default lease, which this daemon holds.
     assert_eq!(get(&s, "nbd_s3_export_lease", &[("export", "m2")]), 1.0);
-    drop(session.stdin.take());
-    session.wait().expect("nbdsh exits");
+    session.close();
     wait_until("the connection gauge back at 0", SLOW, || {
         get(&scrape(&addr), "nbd_s3_connections", &[]) == 0.0
     });

@@ -1,4 +1,4 @@
-//! A 30 s S3 outage (issue 7): the fault proxy resets every connection and request for 30 s.
+//! A 30 s S3 outage: the fault proxy resets every connection and request for 30 s.
 //! While S3 is away, writes are taken into the cache up to the dirty limit, a writer past the
 //! limit waits (it is still pending when the outage ends), and FLUSH fails with EIO after
 //! `[cache] flush_timeout`. Once S3 is back the writer finishes and FLUSH succeeds; after
@@ -6,9 +6,12 @@
 //! the outage, a reference image for the rest). The export keeps its default lease, which a
 //! 30 s outage must not fence.
 
-use crate::common::{self, nbdsh, tool, ExportSpec};
-use crate::faults::{apply, assert_bucket_matches, ops_code, write_ops, FaultBed, KIB, MIB};
-use crate::store_bed::{assert_image, nbd_read};
+use crate::common::fault_bed::FaultBed;
+use crate::common::store_bed::{
+    apply, assert_bucket_matches, assert_image, flush_until_ok, nbd_read, nbd_write as write_ops,
+    ops_code, KIB, MIB,
+};
+use crate::common::{self, nbdsh, poll_until, tool, ExportSpec};
 use std::path::Path;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
@@ -27,7 +30,7 @@ const WRITER_BLOCKS: u64 = 2 * DIRTY / BS;
 
 /// One nbdsh run on its own connection: writes `ops`, then FLUSH; prints `flushed` or
 /// `flush-errno N`, and the FLUSH's duration.
-pub fn write_then_try_flush(uri: &str, ops: &[(u64, Vec<u8>)]) -> String {
+fn write_then_try_flush(uri: &str, ops: &[(u64, Vec<u8>)]) -> String {
     let dir = tempfile::tempdir().unwrap();
     let code = format!(
         "{}import time\nfor o, b in ops:\n    h.pwrite(b, o)\nt = time.monotonic()\n\
@@ -40,27 +43,11 @@ pub fn write_then_try_flush(uri: &str, ops: &[(u64, Vec<u8>)]) -> String {
 }
 
 /// The FLUSH duration `write_then_try_flush` printed.
-pub fn flush_seconds(out: &str) -> f64 {
+fn flush_seconds(out: &str) -> f64 {
     out.lines()
         .find_map(|l| l.strip_prefix("flush-seconds "))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| panic!("no flush-seconds in {out:?}"))
-}
-
-/// FLUSH until it succeeds (write-back may still be in its backoff when S3 comes back); every
-/// failure must be EIO. Returns the number of attempts.
-fn flush_until_ok(uri: &str, max_attempts: u32) -> u32 {
-    let code = format!(
-        "n = 0\nwhile True:\n    n += 1\n    try:\n        h.flush()\n        break\n    \
-         except nbd.Error as e:\n        assert e.errno == 'EIO', e\n        \
-         assert n < {max_attempts}, 'FLUSH keeps failing after the outage'\nprint('attempts', n)"
-    );
-    let out = nbdsh(uri, &[&code]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.trim()
-        .strip_prefix("attempts ")
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("flush loop printed {text:?}"))
 }
 
 /// fio on the fio region: random 4-64 KiB writes covering it once, each verified (crc32c)
@@ -164,17 +151,17 @@ fn writer_waits_for_the_outage(writer: &mut Child, path: &Path, outage_ends: Ins
 /// After the outage: the writer finishes (every write succeeded) within `timeout`.
 fn writer_finishes(mut writer: Child, path: &Path, timeout: Duration) -> Duration {
     let t = Instant::now();
-    let status = loop {
-        if let Some(st) = writer.try_wait().unwrap() {
-            break st;
-        }
-        assert!(
-            t.elapsed() < timeout,
-            "writer still blocked {timeout:?} after the outage ({} writes)",
-            progress(path)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let mut status = None;
+    let finished = poll_until(timeout, || {
+        status = writer.try_wait().expect("try_wait");
+        status.is_some()
+    });
+    assert!(
+        finished,
+        "writer still blocked {timeout:?} after the outage ({} writes)",
+        progress(path)
+    );
+    let status = status.expect("exited");
     let out = writer.wait_with_output().unwrap();
     assert!(
         status.success(),

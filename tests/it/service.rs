@@ -2,118 +2,15 @@
 //! `NOTIFY_SOCKET`, the journald/stderr output switch, startup failures, and the SIGTERM flush
 //! (data written without FLUSH is in S3 after an orderly stop).
 
+use crate::common::bare_daemon::BareDaemon;
 use crate::common::{nbdsh, stdout, DaemonConfig, ExportSpec, NbdS3, S3Server, DAEMON_TIMEOUT};
 use std::io::Read;
 use std::net::TcpStream;
-use std::os::unix::net::{UnixDatagram, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
-
-/// A daemon started by hand (not the fixture), for tests that must observe the very moment
-/// of a notify message or control stderr themselves.
-struct Raw {
-    child: Child,
-    notify: UnixDatagram,
-    received: Vec<String>,
-    _dir: tempfile::TempDir,
-}
-
-impl Raw {
-    fn spawn(cfg: &DaemonConfig, env: &[(&str, String)], stderr: Stdio) -> Raw {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let config_path = dir.path().join("exports.toml");
-        std::fs::write(&config_path, cfg.render()).expect("write config");
-        let sock_path = dir.path().join("notify");
-        let notify = UnixDatagram::bind(&sock_path).expect("bind notify socket");
-        notify
-            .set_read_timeout(Some(Duration::from_millis(100)))
-            .expect("timeout");
-        let bin = env!("CARGO_BIN_EXE_nbd-s3");
-        let mut cmd = if env.iter().any(|(k, _)| *k == "WATCHDOG_USEC") {
-            // systemd sets WATCHDOG_PID to the service's pid; a shell's pid survives `exec`.
-            let mut sh = Command::new("/bin/sh");
-            sh.args(["-c", "export WATCHDOG_PID=$$; exec \"$0\" \"$@\"", bin]);
-            sh
-        } else {
-            Command::new(bin)
-        };
-        cmd.arg("serve").arg("--config").arg(&config_path);
-        for k in [
-            "RUST_LOG",
-            "JOURNAL_STREAM",
-            "WATCHDOG_USEC",
-            "WATCHDOG_PID",
-            "NBD_LOG_LEVEL",
-        ] {
-            cmd.env_remove(k);
-        }
-        cmd.env("NOTIFY_SOCKET", &sock_path)
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let child = cmd.spawn().expect("spawn nbd-s3");
-        Raw {
-            child,
-            notify,
-            received: vec![],
-            _dir: dir,
-        }
-    }
-
-    /// Receives notify datagrams until one has a line equal to `needle`; returns that
-    /// datagram's lines. `None` when the process exits or the timeout passes first.
-    fn wait_notify(&mut self, needle: &str, timeout: Duration) -> Option<Vec<String>> {
-        let deadline = Instant::now() + timeout;
-        let mut buf = vec![0u8; 65536];
-        while Instant::now() < deadline {
-            if let Ok(n) = self.notify.recv(&mut buf) {
-                let lines: Vec<String> = String::from_utf8_lossy(&buf[..n])
-                    .lines()
-                    .map(str::to_owned)
-                    .collect();
-                self.received.extend(lines.iter().cloned());
-                if lines.iter().any(|l| l == needle) {
-                    return Some(lines);
-                }
-            } else if self.child.try_wait().expect("try_wait").is_some() {
-                return None;
-            }
-        }
-        None
-    }
-
-    fn signal(&self, sig: nix::sys::signal::Signal) {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        nix::sys::signal::kill(pid, sig).expect("signal nbd-s3");
-    }
-
-    fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(s) = self.child.try_wait().expect("try_wait") {
-                return s;
-            }
-            if Instant::now() >= deadline {
-                self.child.kill().ok();
-                panic!("nbd-s3 did not exit within {timeout:?}");
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Raw {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use std::process::Stdio;
+use std::time::Duration;
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -149,14 +46,9 @@ fn read(path: &Path) -> String {
 }
 
 fn monotonic_usec() -> u128 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec for the duration of the call.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    assert_eq!(rc, 0, "clock_gettime(CLOCK_MONOTONIC)");
-    ts.tv_sec as u128 * 1_000_000 + ts.tv_nsec as u128 / 1000
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .expect("clock_gettime(CLOCK_MONOTONIC)");
+    ts.tv_sec() as u128 * 1_000_000 + ts.tv_nsec() as u128 / 1000
 }
 
 #[test]
@@ -172,7 +64,7 @@ fn ready_arrives_only_when_every_listener_accepts() {
             format!("unix:{}", sock.display()),
         ],
     );
-    let mut d = Raw::spawn(&cfg, &[], Stdio::null());
+    let mut d = BareDaemon::spawn(&cfg, &[], Stdio::null());
     let ready = d
         .wait_notify("READY=1", DAEMON_TIMEOUT)
         .unwrap_or_else(|| panic!("no READY=1; got {:?}", d.received));
@@ -202,7 +94,7 @@ fn port_in_use_fails_startup_with_exit_1_and_no_ready() {
     let cfg = config_with(&s3, vec![addr.clone()]);
     let dir = tempfile::tempdir().expect("tempdir");
     let (log, file, _) = stderr_file(dir.path());
-    let mut d = Raw::spawn(&cfg, &[], Stdio::from(file));
+    let mut d = BareDaemon::spawn(&cfg, &[], Stdio::from(file));
     assert!(
         d.wait_notify("READY=1", DAEMON_TIMEOUT).is_none(),
         "READY=1 sent although {addr} is taken"
@@ -284,7 +176,7 @@ fn run_with_journal_stream(s3: &S3Server, journal: Option<&str>) -> String {
     };
     let env: Vec<(&str, String)> = value.into_iter().map(|v| ("JOURNAL_STREAM", v)).collect();
     let cfg = config_with(s3, vec!["127.0.0.1:0".into()]);
-    let mut d = Raw::spawn(&cfg, &env, Stdio::from(file));
+    let mut d = BareDaemon::spawn(&cfg, &env, Stdio::from(file));
     assert!(
         d.wait_notify("READY=1", DAEMON_TIMEOUT).is_some(),
         "not ready:\n{}",
@@ -466,7 +358,7 @@ fn watchdog_pings_only_when_systemd_asks_for_it() {
     let s3 = S3Server::start();
     let cfg = config_with(&s3, vec!["127.0.0.1:0".into()]);
     // WatchdogSec=0.4s → a ping every 0.2s.
-    let mut d = Raw::spawn(&cfg, &[("WATCHDOG_USEC", "400000".into())], Stdio::null());
+    let mut d = BareDaemon::spawn(&cfg, &[("WATCHDOG_USEC", "400000".into())], Stdio::null());
     for n in 1..=3 {
         assert!(
             d.wait_notify("WATCHDOG=1", DAEMON_TIMEOUT).is_some(),
@@ -477,7 +369,7 @@ fn watchdog_pings_only_when_systemd_asks_for_it() {
     assert!(d.received.iter().any(|l| l == "READY=1"));
 
     // Without WATCHDOG_USEC there is no watchdog: READY, then nothing but STATUS updates.
-    let mut quiet = Raw::spawn(&cfg, &[], Stdio::null());
+    let mut quiet = BareDaemon::spawn(&cfg, &[], Stdio::null());
     assert!(quiet.wait_notify("READY=1", DAEMON_TIMEOUT).is_some());
     quiet.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(quiet.wait_exit(DAEMON_TIMEOUT).success());

@@ -1,11 +1,11 @@
-//! The block store against the real daemon and a real S3 server (issue 4): read-your-writes
+//! The block store against the real daemon and a real S3 server: read-your-writes
 //! across connections, FLUSH (also across connections), FUA and SIGTERM durability. Layout,
 //! sparseness, refusal and alignment are in `store_layout.rs`; memory and a real filesystem in
 //! `store_load.rs`; the bed and byte-exact checks in `store_bed.rs`.
 
+use crate::common::raw_nbd::pattern;
+use crate::common::store_bed::*;
 use crate::common::{nbdsh, ExportSpec};
-use crate::raw_nbd::pattern;
-use crate::store_bed::*;
 
 #[test]
 fn read_your_writes_across_connections() {
@@ -16,7 +16,7 @@ fn read_your_writes_across_connections() {
 }
 
 /// Two simultaneous connections see each other's writes and zeroes at once, no FLUSH.
-pub fn check_read_your_writes(uri: &str) {
+fn check_read_your_writes(uri: &str) {
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (pattern(1, 0, 200_000), pattern(2, 0, 70_000));
     std::fs::write(dir.path().join("a"), &a).unwrap();
@@ -65,20 +65,9 @@ fn flush_durability_survives_kill9() {
     let mut bed = Bed::start(vec![ExportSpec::new("fl").size("4MiB").block_size("64KiB")]);
     let image = mixed_writes(&bed.uri("fl"), size, bs, 10, true);
     // Flushed means stored: every non-zero block is an object with exactly those bytes, now.
-    assert_eq!(
-        bed.keys("fl/"),
-        expected_keys("fl/", &image, bs),
-        "objects after FLUSH"
-    );
-    assert_objects_match(&bed, "fl/", &image, bs);
-    bed.nbd.kill9();
-    bed.nbd.restart();
-    assert_image(
-        "after kill -9 + restart",
-        &nbd_read(&bed.uri("fl"), 0, size),
-        &image,
-        bs,
-    );
+    bed.assert_stored("fl/", &image, bs, "after FLUSH");
+    bed.crash_and_restart();
+    bed.assert_reads("fl", &image, bs, "after kill -9 + restart");
 }
 
 #[test]
@@ -89,20 +78,9 @@ fn flush_on_another_connection_covers_every_connections_writes() {
     // Writes on one connection (closed without FLUSH), FLUSH on another (multi-conn contract).
     let image = mixed_writes(&uri, size, bs, 15, false);
     nbdsh(&uri, &["h.flush()"]);
-    assert_eq!(
-        bed.keys("mc/"),
-        expected_keys("mc/", &image, bs),
-        "objects after FLUSH"
-    );
-    assert_objects_match(&bed, "mc/", &image, bs);
-    bed.nbd.kill9();
-    bed.nbd.restart();
-    assert_image(
-        "after kill -9 + restart",
-        &nbd_read(&bed.uri("mc"), 0, size),
-        &image,
-        bs,
-    );
+    bed.assert_stored("mc/", &image, bs, "after FLUSH");
+    bed.crash_and_restart();
+    bed.assert_reads("mc", &image, bs, "after kill -9 + restart");
 }
 
 #[test]
@@ -111,18 +89,8 @@ fn sigterm_flushes_unflushed_writes() {
     let mut bed = Bed::start(vec![ExportSpec::new("st").size("4MiB").block_size("64KiB")]);
     let image = mixed_writes(&bed.uri("st"), size, bs, 20, false);
     bed.stop_and_restart();
-    assert_eq!(
-        bed.keys("st/"),
-        expected_keys("st/", &image, bs),
-        "objects after SIGTERM"
-    );
-    assert_objects_match(&bed, "st/", &image, bs);
-    assert_image(
-        "after SIGTERM + restart",
-        &nbd_read(&bed.uri("st"), 0, size),
-        &image,
-        bs,
-    );
+    bed.assert_stored("st/", &image, bs, "after SIGTERM");
+    bed.assert_reads("st", &image, bs, "after SIGTERM + restart");
 }
 
 #[test]
@@ -153,18 +121,7 @@ fn fua_writes_are_stored_before_their_reply() {
     apply(&mut image, &[(5 * bs - 50, data)]);
     image[2 * bs as usize..3 * bs as usize].fill(0);
     // Stored at reply time, before any flush or shutdown: check the bucket right away.
-    assert_eq!(
-        bed.keys("fua/"),
-        expected_keys("fua/", &image, bs),
-        "objects after FUA"
-    );
-    assert_objects_match(&bed, "fua/", &image, bs);
-    bed.nbd.kill9();
-    bed.nbd.restart();
-    assert_image(
-        "FUA data after kill -9",
-        &nbd_read(&bed.uri("fua"), 0, size),
-        &image,
-        bs,
-    );
+    bed.assert_stored("fua/", &image, bs, "after FUA");
+    bed.crash_and_restart();
+    bed.assert_reads("fua", &image, bs, "FUA data after kill -9");
 }

@@ -1,10 +1,10 @@
-//! The bucket as design.md §1 fixes it, through the real daemon: sparse (only non-zero blocks
+//! The bucket layout clients and admins rely on, through the real daemon: sparse (only non-zero blocks
 //! are objects; zeroing, TRIM and WRITE_ZEROES delete them), exact keys and object sizes, the
 //! manifest, the block-size mismatch refusal, and partial-block writes at every alignment.
 
+use crate::common::raw_nbd::{pattern, Raw, REP_ERR_UNKNOWN};
+use crate::common::store_bed::*;
 use crate::common::{nbdinfo, nbdsh, run_fails, tool, wait_until, ExportSpec, DAEMON_TIMEOUT};
-use crate::raw_nbd::{pattern, Raw, REP_ERR_UNKNOWN};
-use crate::store_bed::*;
 use std::time::Duration;
 
 #[test]
@@ -80,12 +80,7 @@ fn sparse_export_stores_only_nonzero_blocks() {
     bed.stop_and_restart();
     // The presence map rebuilt from listing the prefix at open says the same.
     assert_map_matches_objects(&bed, &bed.uri("sp"), "sp/", size, bs);
-    assert_image(
-        "after restart",
-        &nbd_read(&bed.uri("sp"), 0, size),
-        &image,
-        bs,
-    );
+    bed.assert_reads("sp", &image, bs, "after restart");
     check_manifest(&bed, "sp/", size, bs);
 }
 
@@ -147,12 +142,7 @@ fn object_layout_keys_and_sizes() {
         .write_object(BUCKET, "lay/x-0000000000000011", &doctored);
     bed.nbd.restart();
     image[17 * bs as usize..18 * bs as usize].copy_from_slice(&doctored);
-    assert_image(
-        "served from objects",
-        &nbd_read(&bed.uri("lay"), 0, size),
-        &image,
-        bs,
-    );
+    bed.assert_reads("lay", &image, bs, "served from objects");
     assert_map_matches_objects(&bed, &bed.uri("lay"), prefix, size, bs);
 }
 
@@ -272,8 +262,7 @@ fn check_alignment(bed: &mut Bed, name: &str, bs: u64) {
     apply(&mut image, &base);
     nbd_write(&uri, &base, true);
     // Cold cache, so partial writes must read-modify-write from S3.
-    bed.nbd.kill9();
-    bed.nbd.restart();
+    bed.crash_and_restart();
     let uri = bed.uri(name);
     let ops = alignment_ops(bs);
     apply(&mut image, &ops);
@@ -285,20 +274,9 @@ fn check_alignment(bed: &mut Bed, name: &str, bs: u64) {
         bs,
     );
     nbdsh(&uri, &["h.flush()"]);
-    assert_eq!(
-        bed.keys(&prefix),
-        expected_keys(&prefix, &image, bs),
-        "{name}: objects"
-    );
-    assert_objects_match(bed, &prefix, &image, bs);
-    bed.nbd.kill9();
-    bed.nbd.restart();
-    assert_image(
-        &format!("{name}: after restart"),
-        &nbd_read(&bed.uri(name), 0, size),
-        &image,
-        bs,
-    );
+    bed.assert_stored(&prefix, &image, bs, &format!("{name}: after FLUSH"));
+    bed.crash_and_restart();
+    bed.assert_reads(name, &image, bs, &format!("{name}: after restart"));
 }
 
 #[test]

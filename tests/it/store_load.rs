@@ -1,12 +1,12 @@
-//! The block store under load (issue 4): memory stays within `[cache] memory` plus a small
+//! The block store under load: memory stays within `[cache] memory` plus a small
 //! constant while clients write several times the budget, and a real ext4 filesystem, made and
 //! used through qemu-storage-daemon's FUSE export and a loop mount, survives a daemon restart.
 
-use crate::common::{fio, run, run_ok, show, tool, wait_until, ExportSpec};
-use crate::store_bed::{proc_status_kib, Bed, MIB};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use crate::common::fuse::FuseDisk;
+use crate::common::store_bed::{proc_status_kib, Bed};
+use crate::common::{fio, run, run_ok, show, tool, ExportSpec};
+use std::path::Path;
+use std::process::Command;
 
 /// Memory the daemon may use beyond the cache budget: runtime, S3 client, buffers of requests
 /// in flight (fio below keeps at most 8 × 1 MiB outstanding).
@@ -21,7 +21,7 @@ fn memory_stays_within_budget_under_a_write_storm() {
     let uri = bed.uri("storm");
     let pid = bed.nbd.pid();
     // Baseline after one connection has been served (threads, pools, HTTP client).
-    crate::store_bed::nbd_read(&uri, 0, 4096);
+    crate::common::store_bed::nbd_read(&uri, 0, 4096);
     let idle_kib = proc_status_kib(pid, "VmRSS:");
     let limit_kib = idle_kib + budget_kib + SLACK_MIB * 1024;
     // 128 MiB of non-zero data (4× the budget), flushed at the end ...
@@ -72,87 +72,6 @@ fn memory_stays_within_budget_under_a_write_storm() {
     assert_eq!(bed.keys("storm/").len(), 1024 + 1, "stored objects");
 }
 
-/// qemu-storage-daemon exporting an NBD export as a FUSE file; unmounts and stops on drop.
-struct FuseExport {
-    qsd: Option<Child>,
-    file: PathBuf,
-    mnt: PathBuf,
-    mounted: bool,
-}
-
-impl FuseExport {
-    fn start(port: u16, export: &str, file: &Path, mnt: &Path, size: u64) -> FuseExport {
-        std::fs::write(file, b"").unwrap();
-        let qsd = tool("qemu-storage-daemon")
-            .arg("--blockdev")
-            .arg(format!(
-                "driver=nbd,node-name=n0,server.type=inet,server.host=127.0.0.1,server.port={port},export={export}"
-            ))
-            .arg("--export")
-            .arg(format!("type=fuse,id=e0,node-name=n0,mountpoint={},writable=on", file.display()))
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start qemu-storage-daemon");
-        let mut fe = FuseExport {
-            qsd: Some(qsd),
-            file: file.into(),
-            mnt: mnt.into(),
-            mounted: false,
-        };
-        // The FUSE mount replaces the empty file with one of the export's size.
-        wait_until("the FUSE export to appear", Duration::from_secs(30), || {
-            if let Some(st) = fe.qsd.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("qemu-storage-daemon exited with {st}");
-            }
-            std::fs::metadata(&fe.file).is_ok_and(|m| m.len() == size)
-        });
-        fe
-    }
-
-    fn mount(&mut self) {
-        run_ok(
-            Command::new("mount")
-                .args(["-o", "loop"])
-                .arg(&self.file)
-                .arg(&self.mnt),
-        );
-        self.mounted = true;
-    }
-
-    fn umount(&mut self) {
-        run_ok(Command::new("umount").arg(&self.mnt));
-        self.mounted = false;
-    }
-
-    /// SIGTERM and wait: qsd flushes and disconnects from nbd-s3 cleanly.
-    fn stop(&mut self) {
-        if let Some(mut c) = self.qsd.take() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(c.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let st = c.wait().unwrap();
-            assert!(st.success(), "qemu-storage-daemon exited with {st}");
-        }
-    }
-}
-
-impl Drop for FuseExport {
-    fn drop(&mut self) {
-        if self.mounted {
-            let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
-        }
-        if let Some(mut c) = self.qsd.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-            let _ = Command::new("fusermount3")
-                .arg("-u")
-                .arg(&self.file)
-                .status();
-        }
-    }
-}
-
 /// `sha256sum` of every file under `dir`, sorted by path.
 fn checksums(dir: &Path) -> String {
     let out = run_ok(
@@ -166,19 +85,17 @@ fn checksums(dir: &Path) -> String {
 
 #[test]
 fn ext4_on_a_fuse_export_survives_restart() {
-    let size = 64 * MIB;
     let mut bed = Bed::start(vec![ExportSpec::new("fs").size("64MiB")]);
     let dir = tempfile::tempdir().unwrap();
-    let (file, mnt) = (dir.path().join("disk.img"), dir.path().join("mnt"));
-    std::fs::create_dir(&mnt).unwrap();
-
-    let mut fe = FuseExport::start(bed.nbd.port(), "fs", &file, &mnt, size);
+    let mut fe = FuseDisk::start(bed.nbd.port(), "fs", dir.path());
+    let (file, mnt) = (fe.file.clone(), fe.mnt.clone());
     run_ok(tool("mkfs.ext4").args(["-F", "-q"]).arg(&file));
     fe.mount();
     for i in 0..6u64 {
         let sub = mnt.join(format!("d{}", i % 3));
         std::fs::create_dir_all(&sub).unwrap();
-        let data = crate::raw_nbd::pattern(500 + i, 0, (300 * 1024 * (i + 1) + 17 * i) as usize);
+        let data =
+            crate::common::raw_nbd::pattern(500 + i, 0, (300 * 1024 * (i + 1) + 17 * i) as usize);
         std::fs::write(sub.join(format!("f{i}.bin")), data).unwrap();
     }
     std::fs::write(mnt.join("small.txt"), b"hello from nbd-s3\n").unwrap();
@@ -186,12 +103,11 @@ fn ext4_on_a_fuse_export_survives_restart() {
     assert_eq!(sums.lines().count(), 7, "files written:\n{sums}");
     fe.umount();
     fe.stop();
-    drop(fe);
 
     bed.stop_and_restart();
     assert!(bed.keys("fs/").len() > 2, "the filesystem is stored in S3");
 
-    let mut fe = FuseExport::start(bed.nbd.port(), "fs", &file, &mnt, size);
+    let mut fe = FuseDisk::start(bed.nbd.port(), "fs", dir.path());
     fe.mount();
     assert_eq!(checksums(&mnt), sums, "file checksums after restart");
     fe.umount();

@@ -2,66 +2,14 @@
 //! certificate directories, qemu with `tls-creds-x509`, plain-text clients refused with
 //! ERR_TLS_REQD, mutual TLS, `mode = "allow"`, and certificates re-read on reload.
 
-use crate::common::tls::{server_tls_lines, write_client_dir, write_server, ServerFiles, TestCa};
+use crate::common::raw_nbd::{
+    Raw, IHAVEOPT, OPT_ABORT, OPT_GO, OPT_INFO, OPT_LIST, OPT_STARTTLS, REP_ACK, REP_ERR_INVALID,
+    REP_ERR_TLS_REQD,
+};
+use crate::common::tls::{server_tls_lines, write_server, TestCa};
+use crate::common::tls_bed::{TlsBed, EXPORT};
 use crate::common::*;
-use crate::raw_nbd::{Raw, OPT_ABORT, OPT_GO, OPT_INFO, OPT_LIST, OPT_STARTTLS, REP_ACK};
-use std::path::{Path, PathBuf};
 use std::time::Duration;
-
-const EXPORT: &str = "secure";
-const REP_ERR_INVALID: u32 = 0x8000_0003;
-const REP_ERR_TLS_REQD: u32 = 0x8000_0005;
-
-/// A daemon serving `EXPORT` with `[server.tls]` from a fresh CA (fields drop in order).
-struct TlsBed {
-    nbd: NbdS3,
-    ca: TestCa,
-    files: ServerFiles,
-    _certs: tempfile::TempDir,
-    _s3: S3Server,
-}
-
-impl TlsBed {
-    fn start(mode: &str, mutual: bool) -> TlsBed {
-        let s3 = S3Server::start();
-        let ca = TestCa::new("nbd-s3 test CA");
-        let certs = tempfile::Builder::new()
-            .prefix("nbd-s3-tls.")
-            .tempdir()
-            .unwrap();
-        let files = write_server(certs.path(), &ca);
-        let lines = server_tls_lines(&files, mode, mutual);
-        let nbd = NbdS3::builder(&s3)
-            .export(ExportSpec::new(EXPORT).size("16MiB"))
-            .config(|c| c.extra_server.extend(lines))
-            .start();
-        TlsBed {
-            nbd,
-            ca,
-            files,
-            _certs: certs,
-            _s3: s3,
-        }
-    }
-
-    fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.nbd.port())
-    }
-
-    /// `nbds://` URI with a libnbd certificate directory.
-    fn tls_uri(&self, certs: &Path) -> String {
-        format!(
-            "nbds://127.0.0.1:{}/{EXPORT}?tls-certificates={}",
-            self.nbd.port(),
-            certs.display()
-        )
-    }
-
-    /// A client certificate directory under the daemon's scratch dir.
-    fn client_dir(&self, name: &str, trust: &TestCa, client: Option<&TestCa>) -> PathBuf {
-        write_client_dir(&self.nbd.scratch().join(name), trust, client)
-    }
-}
 
 /// Runs nbdinfo and returns (success, stdout + stderr).
 fn try_nbdinfo(args: &[&str]) -> (bool, String) {
@@ -150,7 +98,7 @@ fn data_sent_behind_starttls_closes_the_connection() {
     // STARTTLS and, in the same packet, an injected LIST that must never be answered.
     let mut both = Vec::new();
     for (option, data) in [(OPT_STARTTLS, &b""[..]), (OPT_LIST, &b""[..])] {
-        both.extend_from_slice(&crate::raw_nbd::IHAVEOPT.to_be_bytes());
+        both.extend_from_slice(&IHAVEOPT.to_be_bytes());
         both.extend_from_slice(&option.to_be_bytes());
         both.extend_from_slice(&(data.len() as u32).to_be_bytes());
     }

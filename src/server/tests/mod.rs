@@ -58,7 +58,7 @@ async fn open(cfg: &ExportConfig, objects: Arc<MemoryStore>) -> Arc<Export> {
     )
     .await
     .expect("open block store");
-    Export::new(cfg.clone(), Ok(store))
+    Export::serving(cfg.clone(), store, None)
 }
 
 /// Exports `disk` (rw), `ro` (read-only) and `bad` (refused).
@@ -78,9 +78,9 @@ pub(super) async fn registry_with(objects: Arc<MemoryStore>) -> Arc<Registry> {
         "ro".to_owned(),
         open(&export_config("ro", true), ro_objects).await,
     );
-    let bad = Export::new(
+    let bad = Export::refused(
         export_config("bad", false),
-        Err("block size mismatch: 4096 vs 65536".into()),
+        crate::export::Refusal::Other("block size mismatch: 4096 vs 65536".into()),
     );
     map.insert("bad".to_owned(), bad);
     let reg = Registry::new();

@@ -1,6 +1,7 @@
 //! Shutdown: new work is refused, in-flight work finishes, connections go away.
 
 use super::*;
+use crate::test_support::wait_until;
 
 #[tokio::test]
 async fn shutdown_refuses_new_options_and_closes_idle_connections() {
@@ -71,14 +72,7 @@ async fn paused_store() -> Arc<MemoryStore> {
 }
 
 async fn wait_held(mem: &MemoryStore) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while mem.waiting() == 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "request never reached the store"
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    wait_until("the request to reach the store", || mem.waiting() > 0).await;
 }
 
 #[tokio::test]

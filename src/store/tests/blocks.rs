@@ -126,6 +126,6 @@ async fn a_closed_write_gate_refuses_whole_block_writes() {
         .write_blocks(0, vec![boxed(BS as usize, 1)], false)
         .await
         .unwrap_err();
-    assert_eq!(err.errno(), 5, "{err}");
+    assert_eq!(err.kind(), ErrorKind::Fenced, "{err}");
     assert_eq!(store.dirty_bytes(), 0, "a refused write reached the cache");
 }

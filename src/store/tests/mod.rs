@@ -4,12 +4,14 @@
 mod basics;
 mod blocks;
 mod budget;
+mod change;
 mod durability;
 mod model;
 mod sparse;
 
 use super::*;
 use crate::backend::memory::MemoryStore;
+use crate::backend::BackendError;
 use std::time::Duration;
 
 pub(super) const BS: u32 = 4096;
@@ -99,14 +101,4 @@ pub(super) fn key(block: u64) -> String {
     format!("t/{block:016x}")
 }
 
-/// Polls `cond` until it holds; fails the test after 10 s (no sleeps standing in for it).
-pub(super) async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !cond() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-}
+pub(super) use crate::test_support::wait_until as eventually;

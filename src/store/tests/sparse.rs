@@ -111,31 +111,26 @@ async fn block_status_merges_runs_from_the_presence_map() {
     }
     mem.insert("t/not-a-block", Bytes::from_static(b"x"));
     let store = open(&mem, 8).await;
-    let st = |l, f| StatusExtent {
-        length: l,
-        flags: f,
+    let hole = |len| StatusExtent {
+        len,
+        allocation: Allocation::Hole,
+    };
+    let data = |len| StatusExtent {
+        len,
+        allocation: Allocation::Data,
     };
     assert_eq!(
         store.block_status(0, 8 * BS),
-        vec![
-            st(BS, 3),
-            st(2 * BS, 0),
-            st(2 * BS, 3),
-            st(BS, 0),
-            st(2 * BS, 3)
-        ]
+        vec![hole(BS), data(2 * BS), hole(2 * BS), data(BS), hole(2 * BS)]
     );
-    assert_eq!(
-        store.block_status(u64::from(BS) + 10, 100),
-        vec![st(100, 0)]
-    );
+    assert_eq!(store.block_status(u64::from(BS) + 10, 100), vec![data(100)]);
     assert_eq!(
         store.block_status(2 * u64::from(BS) - 5, 10),
-        vec![st(10, 0)]
+        vec![data(10)]
     );
     assert_eq!(
         store.block_status(3 * u64::from(BS) - 5, 10),
-        vec![st(5, 0), st(5, 3)]
+        vec![data(5), hole(5)]
     );
     store.set_write_back_age(Duration::from_secs(3600));
     store
@@ -146,12 +141,12 @@ async fn block_status_merges_runs_from_the_presence_map() {
     assert_eq!(
         store.block_status(0, 8 * BS),
         vec![
-            st(2 * BS, 3),
-            st(BS, 0),
-            st(2 * BS, 3),
-            st(BS, 0),
-            st(BS, 3),
-            st(BS, 0)
+            hole(2 * BS),
+            data(BS),
+            hole(2 * BS),
+            data(BS),
+            hole(BS),
+            data(BS)
         ]
     );
     assert_eq!(mem.gets(), 0, "block status never reads objects");

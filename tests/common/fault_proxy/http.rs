@@ -11,23 +11,23 @@ const MAX_HEAD: usize = 64 * 1024;
 
 /// A parsed message head, with its raw bytes for forwarding unchanged.
 #[derive(Debug)]
-pub(super) struct Head {
-    pub(super) raw: Vec<u8>,
+pub(crate) struct Head {
+    pub(crate) raw: Vec<u8>,
     /// Request: method. Response: empty.
-    pub(super) method: String,
+    pub(crate) method: String,
     /// Request: path and query. Response: empty.
-    pub(super) target: String,
+    pub(crate) target: String,
     /// Response status (0 for requests).
-    pub(super) status: u16,
-    pub(super) op: Op,
-    pub(super) content_length: Option<u64>,
-    pub(super) chunked: bool,
-    pub(super) close: bool,
+    pub(crate) status: u16,
+    pub(crate) op: Op,
+    pub(crate) content_length: Option<u64>,
+    pub(crate) chunked: bool,
+    pub(crate) close: bool,
 }
 
 impl Head {
     /// The object key of a path-style request (`/bucket/key?query` → `key`).
-    pub(super) fn key(&self) -> &str {
+    pub(crate) fn key(&self) -> &str {
         let path = self.target.split('?').next().unwrap_or("");
         path.trim_start_matches('/')
             .split_once('/')
@@ -36,7 +36,7 @@ impl Head {
 }
 
 /// Reads one head; `Ok(None)` on a clean EOF before any byte.
-pub(super) async fn read_head<R: AsyncBufRead + Unpin>(
+pub(crate) async fn read_head<R: AsyncBufRead + Unpin>(
     r: &mut R,
     request: bool,
 ) -> io::Result<Option<Head>> {
@@ -120,7 +120,7 @@ fn classify(method: &str, target: &str) -> Op {
 }
 
 /// Reads the body `head` announces, raw (chunk framing kept), so it can be forwarded as is.
-pub(super) async fn read_body<R: AsyncBufRead + Unpin>(
+pub(crate) async fn read_body<R: AsyncBufRead + Unpin>(
     r: &mut R,
     head: &Head,
     to_eof: bool,
@@ -162,6 +162,6 @@ pub(super) async fn read_body<R: AsyncBufRead + Unpin>(
 }
 
 /// Whether a response to `req` with head `resp` carries a body.
-pub(super) fn response_has_body(req: &Head, resp: &Head) -> bool {
+pub(crate) fn response_has_body(req: &Head, resp: &Head) -> bool {
     req.method != "HEAD" && !(100..200).contains(&resp.status) && !matches!(resp.status, 204 | 304)
 }

@@ -1,5 +1,6 @@
-//! Reload outcomes. A refused configuration file changes nothing but the log, so without this
-//! counter an operator would not notice that the edit they made never took effect.
+//! Reload outcomes, counted by the daemon that reloads. A refused configuration file changes
+//! nothing but the log, so without these counters an operator would not notice that the edit
+//! they made never took effect.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 
@@ -40,24 +41,6 @@ impl Reloads {
     }
 }
 
-static RELOADS: Reloads = Reloads {
-    ok: AtomicU64::new(0),
-    failed: AtomicU64::new(0),
-    last_failed: AtomicBool::new(false),
-};
-
-/// Counts a reload's outcome and hands the result on unchanged, so the caller's hook is one
-/// wrapper call: `match count(daemon.reload().await) { … }`.
-pub fn count<T, E>(result: Result<T, E>) -> Result<T, E> {
-    RELOADS.record(result.is_ok());
-    result
-}
-
-/// The process's reload counters.
-pub fn snapshot() -> ReloadSnapshot {
-    RELOADS.snapshot()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -78,15 +61,5 @@ mod tests {
         r.record(true);
         assert!(!r.snapshot().last_failed);
         assert_eq!(r.snapshot().ok, 2);
-    }
-
-    #[test]
-    fn count_passes_the_result_through() {
-        let before = snapshot();
-        assert_eq!(count::<u8, ()>(Ok(3)), Ok(3));
-        assert_eq!(count::<(), &str>(Err("bad")), Err("bad"));
-        let after = snapshot();
-        // Other tests may reload concurrently: only lower bounds hold.
-        assert!(after.ok > before.ok && after.failed > before.failed);
     }
 }

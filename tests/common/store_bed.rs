@@ -1,8 +1,9 @@
-//! Shared by the store tests: a daemon + S3 bed, nbdsh-driven writes and reads, and checks
+//! The store bed: a daemon + S3 bed, nbdsh-driven writes and reads, and checks
 //! of the bucket (exact keys, object bytes, manifest, BLOCK_STATUS) against a reference image
 //! kept in the test, so every assertion is on exact bytes and exact keys.
 
-use crate::common::{nbdinfo, nbdsh, ExportSpec, NbdS3, S3Server, DAEMON_TIMEOUT};
+use super::{nbdinfo, nbdsh, ExportSpec, NbdS3, S3Server, DAEMON_TIMEOUT};
+use std::path::Path;
 
 pub const KIB: u64 = 1024;
 pub const MIB: u64 = 1024 * 1024;
@@ -23,7 +24,7 @@ impl Bed {
     /// Like `start`, with builder tweaks (cache sizes, …).
     pub fn start_with(
         exports: Vec<ExportSpec>,
-        f: impl FnOnce(crate::common::daemon::NbdS3Builder) -> crate::common::daemon::NbdS3Builder,
+        f: impl FnOnce(super::daemon::NbdS3Builder) -> super::daemon::NbdS3Builder,
     ) -> Bed {
         let s3 = S3Server::start();
         let mut b = NbdS3::builder(&s3);
@@ -47,6 +48,29 @@ impl Bed {
         keys
     }
 
+    /// The bucket holds exactly what a flushed `image` must under `prefix`: the manifest plus
+    /// one object per non-zero block, each exactly that block. `when` names the moment.
+    pub fn assert_stored(&self, prefix: &str, image: &[u8], bs: u64, when: &str) {
+        assert_eq!(
+            self.keys(prefix),
+            expected_keys(prefix, image, bs),
+            "objects {when}"
+        );
+        assert_objects_match(self, prefix, image, bs);
+    }
+
+    /// Reading all of `export` through NBD gives `image`.
+    pub fn assert_reads(&self, export: &str, image: &[u8], bs: u64, when: &str) {
+        let got = nbd_read(&self.uri(export), 0, image.len() as u64);
+        assert_image(when, &got, image, bs);
+    }
+
+    /// Kill -9 (a crash) and start again, so every later read is a GET from S3.
+    pub fn crash_and_restart(&mut self) {
+        self.nbd.kill9();
+        self.nbd.restart();
+    }
+
     /// SIGTERM, expect exit 0 within the deadline, start again.
     pub fn stop_and_restart(&mut self) {
         self.nbd.sigterm();
@@ -60,24 +84,51 @@ impl Bed {
     }
 }
 
-/// Writes every `(offset, data)` in order through one nbdsh connection, then FLUSH if asked.
-pub fn nbd_write(uri: &str, ops: &[(u64, Vec<u8>)], flush: bool) {
-    let dir = tempfile::tempdir().unwrap();
-    let pay = dir.path().join("payload");
+/// Python code that loads `ops` from a payload file in `dir` as `ops = [(offset, bytes), …]`:
+/// the bytes travel in a file, so a script of any size stays small.
+pub fn ops_code(dir: &Path, ops: &[(u64, Vec<u8>)]) -> String {
+    let pay = dir.join("payload");
     let mut all = Vec::new();
     let mut spans = Vec::new();
     for (off, d) in ops {
         spans.push(format!("({off},{},{})", all.len(), all.len() + d.len()));
         all.extend_from_slice(d);
     }
-    std::fs::write(&pay, &all).unwrap();
+    std::fs::write(&pay, &all).expect("write payload");
+    format!(
+        "d = open({:?}, 'rb').read()\nops = [(o, d[a:b]) for o, a, b in [{}]]\n",
+        pay.to_str().expect("UTF-8 temp path"),
+        spans.join(",")
+    )
+}
+
+/// Writes every `(offset, data)` in order through one nbdsh connection, then FLUSH if asked;
+/// any error fails the test.
+pub fn nbd_write(uri: &str, ops: &[(u64, Vec<u8>)], flush: bool) {
+    let dir = tempfile::tempdir().expect("tempdir");
     let code = format!(
-        "d = open({:?}, 'rb').read()\nfor off, a, b in [{}]:\n    h.pwrite(d[a:b], off)\n{}",
-        pay.to_str().unwrap(),
-        spans.join(","),
+        "{}for o, b in ops:\n    h.pwrite(b, o)\n{}",
+        ops_code(dir.path(), ops),
         if flush { "h.flush()" } else { "" }
     );
     nbdsh(uri, &[&code]);
+}
+
+/// FLUSH until it succeeds (write-back may still be in its backoff after S3 or the lease
+/// comes back); every failure must be EIO, and more than `max_attempts` fail the test.
+/// Returns the number of attempts.
+pub fn flush_until_ok(uri: &str, max_attempts: u32) -> u32 {
+    let code = format!(
+        "n = 0\nwhile True:\n    n += 1\n    try:\n        h.flush()\n        break\n    \
+         except nbd.Error as e:\n        assert e.errno == 'EIO', e\n        \
+         assert n < {max_attempts}, 'FLUSH keeps failing'\nprint('attempts', n)"
+    );
+    let out = nbdsh(uri, &[&code]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.trim()
+        .strip_prefix("attempts ")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("flush loop printed {text:?}"))
 }
 
 /// Reads `len` bytes at `off` through nbdsh (chunked below the 32 MiB request limit).
@@ -153,6 +204,23 @@ pub fn assert_objects_match(bed: &Bed, prefix: &str, image: &[u8], bs: u64) {
                 "object {key} must be exactly block_size bytes"
             );
             assert_image(&format!("object {key}"), &obj, &want, bs);
+        }
+    }
+}
+
+/// Every block of the image is in the bucket as written (non-zero blocks as exact objects,
+/// zero blocks absent or zero), read from s3s-fs's files, not through the daemon.
+pub fn assert_bucket_matches(s3: &S3Server, prefix: &str, image: &[u8], bs: u64) {
+    for (i, chunk) in image.chunks(bs as usize).enumerate() {
+        let key = block_key(prefix, i as u64);
+        let mut want = chunk.to_vec();
+        want.resize(bs as usize, 0);
+        match s3.read_object(BUCKET, &key) {
+            Some(obj) => assert_image(&format!("object {key}"), &obj, &want, bs),
+            None => assert!(
+                want.iter().all(|&b| b == 0),
+                "block {i} holds data but {key} is not in the bucket"
+            ),
         }
     }
 }

@@ -34,6 +34,7 @@ pub const REP_META_CONTEXT: u32 = 4;
 pub const REP_ERR_UNSUP: u32 = 0x8000_0001;
 pub const REP_ERR_POLICY: u32 = 0x8000_0002;
 pub const REP_ERR_INVALID: u32 = 0x8000_0003;
+pub const REP_ERR_TLS_REQD: u32 = 0x8000_0005;
 pub const REP_ERR_UNKNOWN: u32 = 0x8000_0006;
 
 pub const CMD_READ: u16 = 0;
@@ -89,13 +90,19 @@ pub struct Raw {
 }
 
 impl Raw {
+    /// A TCP connection with the raw client's timeouts, nothing read or sent yet.
+    pub fn tcp(addr: &str) -> Raw {
+        let s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+        s.set_read_timeout(Some(IO_TIMEOUT)).expect("read timeout");
+        s.set_write_timeout(Some(IO_TIMEOUT))
+            .expect("write timeout");
+        s.set_nodelay(true).expect("TCP_NODELAY");
+        Raw { s, server_flags: 0 }
+    }
+
     /// Connects and reads the newstyle greeting, checking both magics; sends nothing.
     pub fn greet(addr: &str) -> Raw {
-        let s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-        s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-        s.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
-        s.set_nodelay(true).unwrap();
-        let mut r = Raw { s, server_flags: 0 };
+        let mut r = Raw::tcp(addr);
         assert_eq!(r.u64(), NBDMAGIC, "greeting NBDMAGIC");
         assert_eq!(r.u64(), IHAVEOPT, "greeting IHAVEOPT");
         r.server_flags = r.u16();
@@ -154,15 +161,18 @@ impl Raw {
 
     /// Sends an option header with an arbitrary claimed `len` and the given bytes.
     pub fn send_opt_raw(&mut self, option: u32, len: u32, data: &[u8]) {
-        let mut b = Vec::with_capacity(16 + data.len());
-        b.extend_from_slice(&IHAVEOPT.to_be_bytes());
-        b.extend_from_slice(&option.to_be_bytes());
-        b.extend_from_slice(&len.to_be_bytes());
-        b.extend_from_slice(data);
-        self.send(&b);
+        self.send(&opt_bytes_claiming(option, len, data));
     }
     pub fn send_opt(&mut self, option: u32, data: &[u8]) {
-        self.send_opt_raw(option, data.len() as u32, data);
+        self.send(&opt_bytes(option, data));
+    }
+
+    /// Sends `option` with `data`; its reply must be of `kind` (`what` names the case).
+    pub fn expect_opt(&mut self, option: u32, data: &[u8], kind: u32, what: &str) -> OptReply {
+        self.send_opt(option, data);
+        let rep = self.opt_reply();
+        assert_eq!((rep.option, rep.kind), (option, kind), "{what}");
+        rep
     }
 
     /// Reads one option reply, checking its magic; the length is capped so a broken server
@@ -346,6 +356,34 @@ pub fn go_data(export: &str, infos: &[u16]) -> Vec<u8> {
         d.extend_from_slice(&i.to_be_bytes());
     }
     d
+}
+
+/// SET/LIST_META_CONTEXT data: export name, query count, queries.
+pub fn meta_data(export: &str, queries: &[&str]) -> Vec<u8> {
+    let mut d = Vec::new();
+    d.extend_from_slice(&(export.len() as u32).to_be_bytes());
+    d.extend_from_slice(export.as_bytes());
+    d.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+    for q in queries {
+        d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+        d.extend_from_slice(q.as_bytes());
+    }
+    d
+}
+
+/// One option on the wire: IHAVEOPT, option, length, data.
+pub fn opt_bytes(option: u32, data: &[u8]) -> Vec<u8> {
+    opt_bytes_claiming(option, data.len() as u32, data)
+}
+
+/// Like `opt_bytes` with a length field of `len`, which may lie about `data`.
+pub fn opt_bytes_claiming(option: u32, len: u32, data: &[u8]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(16 + data.len());
+    b.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    b.extend_from_slice(&option.to_be_bytes());
+    b.extend_from_slice(&len.to_be_bytes());
+    b.extend_from_slice(data);
+    b
 }
 
 /// One request on the wire.

@@ -1,23 +1,35 @@
-//! A lock-free latency histogram for the hot paths. prometheus-client's own `Histogram` takes a
-//! lock on every observation; NBD requests are observed on every core at once, so this one is
-//! a row of relaxed atomics and the scrape turns it into Prometheus buckets.
+//! A lock-free latency histogram for the hot paths: NBD requests, flushes and object-store
+//! calls are observed on every core at once, so an observation is two relaxed atomic adds and
+//! no lock (prometheus-client's own `Histogram` locks on every observation). Readers take a
+//! `Snapshot` whenever they like. A leaf module: whoever measures owns its histograms, and
+//! whoever reports (metrics) only reads snapshots, so measuring never depends on reporting.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-/// Upper bounds (seconds) of the buckets; `+Inf` is implied. From 100 µs (a cached read) to
-/// 60 s (a flush waiting on a slow S3), so p50 and p99 land in useful places at both ends.
+/// Upper bounds (seconds) of the default buckets; `+Inf` is implied. From 100 µs (a cached
+/// read) to 60 s (a flush waiting on a slow S3), so p50 and p99 land in useful places at both
+/// ends.
 pub const BUCKETS: [f64; 18] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
     5.0, 10.0, 30.0, 60.0,
 ];
 
 /// Durations counted into fixed buckets.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Histogram {
-    /// Observations per bucket (not cumulative); the last slot is `+Inf`.
-    buckets: [AtomicU64; BUCKETS.len() + 1],
+    /// Upper bounds of every bucket but the last (`+Inf`), ascending.
+    bounds: &'static [f64],
+    /// Observations per bucket (not cumulative); one more slot than `bounds`, for `+Inf`.
+    buckets: Box<[AtomicU64]>,
     sum_nanos: AtomicU64,
+}
+
+impl Default for Histogram {
+    /// A histogram over `BUCKETS`.
+    fn default() -> Self {
+        Self::with_bounds(&BUCKETS)
+    }
 }
 
 /// A histogram as read at one moment, ready for the text encoder.
@@ -33,13 +45,25 @@ pub struct Snapshot {
 }
 
 impl Histogram {
+    /// A histogram over `bounds` (ascending upper bounds in seconds; `+Inf` is added), for
+    /// measurements whose useful range differs from the default one.
+    pub fn with_bounds(bounds: &'static [f64]) -> Self {
+        debug_assert!(bounds.windows(2).all(|w| w[0] < w[1]), "{bounds:?}");
+        Self {
+            bounds,
+            buckets: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum_nanos: AtomicU64::new(0),
+        }
+    }
+
     /// Counts one duration.
     pub fn observe(&self, d: Duration) {
         let secs = d.as_secs_f64();
-        let i = BUCKETS
+        let i = self
+            .bounds
             .iter()
             .position(|&b| secs <= b)
-            .unwrap_or(BUCKETS.len());
+            .unwrap_or(self.bounds.len());
         self.buckets[i].fetch_add(1, Relaxed);
         let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         self.sum_nanos.fetch_add(nanos, Relaxed);
@@ -57,9 +81,9 @@ impl Histogram {
     /// The current counts. `count` is the bucket total, so the `+Inf` bucket and `_count`
     /// always agree even while other threads observe.
     pub fn snapshot(&self) -> Snapshot {
-        let bounds = BUCKETS.iter().copied().chain([f64::INFINITY]);
+        let bounds = self.bounds.iter().copied().chain([f64::INFINITY]);
         let buckets: Vec<(f64, u64)> = bounds
-            .zip(&self.buckets)
+            .zip(self.buckets.iter())
             .map(|(le, n)| (le, n.load(Relaxed)))
             .collect();
         Snapshot {
@@ -84,26 +108,6 @@ impl Drop for Timer<'_> {
 }
 
 impl Snapshot {
-    /// Converts the backend's cumulative histogram (`BackendStats::latency`) to this form.
-    pub fn from_cumulative(buckets: &[(f64, u64)], count: u64, sum_seconds: f64) -> Snapshot {
-        let mut below = 0;
-        let mut out: Vec<(f64, u64)> = buckets
-            .iter()
-            .map(|&(le, total)| {
-                let here = total.saturating_sub(below);
-                below = below.max(total);
-                (le, here)
-            })
-            .collect();
-        out.push((f64::INFINITY, count.saturating_sub(below)));
-        Snapshot {
-            buckets: out,
-            // Read racily, `count` may lag the buckets; never report fewer than they hold.
-            count: count.max(below),
-            sum_seconds,
-        }
-    }
-
     /// The bucket bound under which `q` (0..1) of the observations fall; a rough quantile
     /// for tests (Prometheus computes its own with `histogram_quantile`).
     #[cfg(test)]
@@ -158,13 +162,16 @@ mod tests {
     }
 
     #[test]
-    fn cumulative_buckets_convert_back_to_per_bucket_counts() {
-        let s = Snapshot::from_cumulative(&[(0.001, 1), (0.01, 3), (0.1, 3)], 5, 2.5);
-        assert_eq!(
-            s.buckets,
-            vec![(0.001, 1), (0.01, 2), (0.1, 0), (f64::INFINITY, 2)]
-        );
-        assert_eq!((s.count, s.sum_seconds), (5, 2.5));
-        assert_eq!(Histogram::default().snapshot().quantile_bound(0.5), None);
+    fn own_bounds_and_an_empty_histogram() {
+        static BOUNDS: [f64; 2] = [0.001, 0.01];
+        let h = Histogram::with_bounds(&BOUNDS);
+        assert_eq!(h.snapshot().quantile_bound(0.5), None);
+        h.observe(Duration::from_micros(1500));
+        h.observe(Duration::from_secs(1));
+        h.observe(Duration::from_secs(2));
+        let s = h.snapshot();
+        assert_eq!(s.buckets, vec![(0.001, 0), (0.01, 1), (f64::INFINITY, 2)]);
+        assert_eq!(s.count, 3);
+        assert!((s.sum_seconds - 3.0015).abs() < 1e-9, "{}", s.sum_seconds);
     }
 }

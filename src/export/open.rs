@@ -1,0 +1,115 @@
+//! Opening an export: bind the bucket, take the lease (writable exports), open the block store
+//! behind the lease's fence. Never fails: what cannot be opened becomes a refused export that
+//! carries a typed [`Refusal`].
+
+use super::{Export, Refusal, Step};
+use crate::backend::{BackendError, DynObjectStore};
+use crate::config::{ExportConfig, LeaseMode};
+use crate::lease::fence::FencedStore;
+use crate::lease::{Lease, LeaseManager};
+use crate::store::{BlockStore, BlockStoreConfig, CacheBudget};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::error;
+
+/// Hands out the object store of a bucket. The daemon's `StoreFactory` (one S3 client shared by
+/// every export) implements it; unit tests use in-memory stores.
+pub trait BucketSource: Send + Sync {
+    /// The object store bound to `bucket`.
+    fn bucket(&self, bucket: &str) -> Result<DynObjectStore, BackendError>;
+}
+
+impl BucketSource for crate::backend::StoreFactory {
+    fn bucket(&self, bucket: &str) -> Result<DynObjectStore, BackendError> {
+        Ok(crate::backend::StoreFactory::bucket(self, bucket))
+    }
+}
+
+/// What opening an export needs besides its definition; one per daemon.
+#[derive(Debug, Clone)]
+pub struct OpenContext {
+    /// Memory budget shared by every export's cache.
+    pub budget: Arc<CacheBudget>,
+    /// How long a FLUSH waits for S3.
+    pub flush_timeout: Duration,
+    /// This daemon's export leases.
+    pub leases: Arc<LeaseManager>,
+}
+
+/// Opens an export's store. Never fails: a store that cannot be opened (block-size mismatch,
+/// unreachable bucket, lease held elsewhere) yields a refused export that carries the reason,
+/// logged once here.
+pub async fn open_export<F: BucketSource + ?Sized>(
+    cfg: &ExportConfig,
+    factory: &F,
+    ctx: &OpenContext,
+) -> Arc<Export> {
+    let export = try_open(cfg, factory, ctx).await;
+    if let Some(reason) = export.refusal() {
+        error!(export = cfg.name.as_str(), "export refused: {reason}");
+    }
+    export
+}
+
+/// `open_export` without the log line (the background reopener logs its own way).
+pub async fn try_open<F: BucketSource + ?Sized>(
+    cfg: &ExportConfig,
+    factory: &F,
+    ctx: &OpenContext,
+) -> Arc<Export> {
+    match open_store(cfg, factory, ctx).await {
+        Ok((store, lease)) => Export::serving(cfg.clone(), store, lease),
+        Err(reason) => Export::refused(cfg.clone(), reason),
+    }
+}
+
+/// Takes the lease (writable exports), then opens the block store behind the lease's fence,
+/// so not even the manifest is written without it.
+async fn open_store<F: BucketSource + ?Sized>(
+    cfg: &ExportConfig,
+    factory: &F,
+    ctx: &OpenContext,
+) -> Result<(Arc<BlockStore>, Option<Arc<Lease>>), Refusal> {
+    let objects = factory
+        .bucket(&cfg.bucket)
+        .map_err(|e| Refusal::backend(Step::Bucket, e))?;
+    let (objects, lease) = match cfg.lease {
+        LeaseMode::On { ttl } if !cfg.read_only => {
+            let lease = ctx
+                .leases
+                .acquire(&objects, &cfg.bucket, &cfg.prefix, ttl)
+                .await
+                .map_err(|e| Refusal::lease(e, ttl))?;
+            let fenced = FencedStore::new(objects, Arc::clone(&lease));
+            (Arc::new(fenced) as DynObjectStore, Some(lease))
+        }
+        _ => (objects, None),
+    };
+    let store_cfg = BlockStoreConfig {
+        prefix: cfg.prefix.clone(),
+        size: cfg.size,
+        block_size: cfg.block_size,
+        read_only: cfg.read_only,
+        flush_timeout: ctx.flush_timeout,
+    };
+    let store = BlockStore::open(objects, store_cfg, Arc::clone(&ctx.budget)).await?;
+    if let Some(lease) = &lease {
+        store.set_write_gate(Arc::clone(lease) as Arc<dyn crate::store::WriteGate>);
+    }
+    Ok((store, lease))
+}
+
+/// Opens every export of a configuration (concurrently: each open lists a prefix in S3).
+pub async fn open_all<F: BucketSource + ?Sized>(
+    exports: &[ExportConfig],
+    factory: &F,
+    ctx: &OpenContext,
+) -> BTreeMap<String, Arc<Export>> {
+    let opens = exports.iter().map(|cfg| open_export(cfg, factory, ctx));
+    let opened = futures_util::future::join_all(opens).await;
+    opened
+        .into_iter()
+        .map(|e| (e.name().to_string(), e))
+        .collect()
+}
