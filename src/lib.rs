@@ -9,6 +9,7 @@
 
 pub mod backend;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod export;
 pub mod histogram;

@@ -4,6 +4,9 @@
 
 use clap::{Args, Parser, Subcommand};
 use nbd_s3::config::{summary_table, AdHoc, Config, ConfigError, Secret, DEFAULT_CONFIG_PATH};
+use nbd_s3::control::client::{self, ClientError};
+use nbd_s3::control::protocol::Status;
+use nbd_s3::control::Request;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -28,6 +31,29 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Parse and validate the configuration, print a summary of the exports.
     CheckConfig(CheckArgs),
+    /// Show the running daemon's exports: state, clients, dirty bytes, lease holder.
+    Status(ListArgs),
+}
+
+/// How an admin command finds the running daemon.
+#[derive(Debug, Args)]
+struct ControlArgs {
+    /// Configuration file naming the control socket [default: /etc/nbd-s3/exports.toml].
+    #[arg(long, env = "NBD_S3_CONFIG", value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// The daemon's control socket (instead of reading it from the configuration).
+    #[arg(long, value_name = "SOCKET")]
+    control: Option<PathBuf>,
+}
+
+/// An admin command that prints a table.
+#[derive(Debug, Args)]
+struct ListArgs {
+    #[command(flatten)]
+    target: ControlArgs,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -98,7 +124,42 @@ fn main() -> ExitCode {
     match cli.command {
         Command::CheckConfig(args) => check_config(args),
         Command::Serve(args) => serve(*args),
+        Command::Status(args) => admin(&args.target, &Request::Status, |value| {
+            print_listing(args.json, value, |s: Status| client::status_table(&s))
+        }),
     }
+}
+
+/// Runs one admin command against the daemon and prints its result with `show`.
+fn admin(
+    target: &ControlArgs,
+    request: &Request,
+    show: impl FnOnce(serde_json::Value) -> Result<(), ClientError>,
+) -> ExitCode {
+    let outcome = client::locate(target.control.clone(), target.config.clone())
+        .and_then(|socket| client::call(&socket, request))
+        .and_then(show);
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("nbd-s3: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+/// Prints a listing as JSON (`--json`, exactly what the daemon sent) or as `table`.
+fn print_listing<T: serde::de::DeserializeOwned>(
+    json: bool,
+    value: serde_json::Value,
+    table: impl FnOnce(T) -> String,
+) -> Result<(), ClientError> {
+    if json {
+        println!("{value:#}");
+        return Ok(());
+    }
+    print!("{}", table(client::decode(value)?));
+    Ok(())
 }
 
 /// Prints every line of a configuration error to stderr.

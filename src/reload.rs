@@ -121,6 +121,10 @@ pub fn plan_with(
         restart_needed.push("[server] metrics");
         effective.server.metrics = old.server.metrics;
     }
+    if old.server.control != new.server.control {
+        restart_needed.push("[server] control");
+        effective.server.control = old.server.control.clone();
+    }
     let listen_added = new
         .server
         .listen

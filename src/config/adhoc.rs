@@ -82,6 +82,7 @@ impl AdHoc {
                 listen: vec![ListenAddr::Tcp(format!("{host}:{}", self.port))],
                 metrics: None,
                 tls: None,
+                control: Some(super::DEFAULT_CONTROL.into()),
             },
             s3: S3Config {
                 path_style: self.s3_endpoint.is_some(),

@@ -17,7 +17,7 @@ mod tests;
 pub use adhoc::AdHoc;
 pub use error::{ConfigError, Diagnostic};
 pub use secrets::{command_line_warnings, file_warnings, Secret};
-pub use summary::summary_table;
+pub use summary::{summary_table, table};
 pub use validate::{check_name, parse_listen, read_secret, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
 pub use validate::{DEFAULT_DIRTY, DEFAULT_MEMORY};
 
@@ -28,6 +28,8 @@ use std::time::Duration;
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/nbd-s3/exports.toml";
 /// The listen address when `[server] listen` is absent (the IANA NBD port).
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:10809";
+/// The admin commands' socket when `[server] control` is absent.
+pub const DEFAULT_CONTROL: &str = "/run/nbd-s3/control.sock";
 /// Default `[cache] flush_timeout`: long enough to ride out an S3 hiccup, short enough that a
 /// client's FLUSH does not hang forever.
 pub const DEFAULT_FLUSH_TIMEOUT: Duration = Duration::from_secs(60);
@@ -97,6 +99,8 @@ pub struct ServerConfig {
     pub metrics: Option<std::net::SocketAddr>,
     /// `[server.tls]`: NBD_OPT_STARTTLS with these credentials; plain text when absent.
     pub tls: Option<TlsConfig>,
+    /// The admin commands' Unix socket (`control`); `None` when `"off"`.
+    pub control: Option<PathBuf>,
 }
 
 /// `[server.tls]`. Paths are absolute (relative ones resolved against the config file's

@@ -25,6 +25,7 @@ pub struct RawServer {
     pub listen: Option<Spanned<RawListen>>,
     pub metrics: Option<Spanned<String>>,
     pub tls: Option<Spanned<RawTls>>,
+    pub control: Option<Spanned<String>>,
 }
 
 /// `[server.tls]`.

@@ -36,6 +36,31 @@ fn allow_text(rules: &[AllowRule]) -> String {
     shown.join(", ")
 }
 
+/// Rows as left-aligned columns two spaces apart, each line trimmed; the first row is the
+/// header. Every row has the header's number of cells.
+pub fn table(rows: &[Vec<String>]) -> String {
+    let columns = rows.first().map_or(0, Vec::len);
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| {
+            rows.iter()
+                .map(|r| r.get(c).map_or(0, |cell| cell.chars().count()))
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
 /// Renders the server settings and one row per export (name, size, bucket, prefix, block
 /// size, read-only, description). Never includes secrets.
 pub fn summary_table(cfg: &Config) -> String {
@@ -46,6 +71,10 @@ pub fn summary_table(cfg: &Config) -> String {
         out.push_str(&format!("metrics: {m}\n"));
     }
     out.push_str(&tls_text(cfg.server.tls.as_ref()));
+    match &cfg.server.control {
+        Some(p) => out.push_str(&format!("control: {}\n", p.display())),
+        None => out.push_str("control: off\n"),
+    }
     match cfg.s3.endpoint.as_deref() {
         Some(e) if e.starts_with("file://") => {
             out.push_str(&format!("s3: {e} (local directory store)\n"));
@@ -91,18 +120,7 @@ pub fn summary_table(cfg: &Config) -> String {
             e.description.clone().unwrap_or_default(),
         ]);
     }
-    let widths: Vec<usize> = (0..header.len())
-        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
-        .collect();
-    for row in &rows {
-        let cells: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .map(|(cell, w)| format!("{cell:<w$}"))
-            .collect();
-        out.push_str(cells.join("  ").trim_end());
-        out.push('\n');
-    }
+    out.push_str(&table(&rows));
     for e in &cfg.exports {
         if let Some(rules) = &e.allow {
             out.push_str(&format!("{} allows only: {}\n", e.name, allow_text(rules)));

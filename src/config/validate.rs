@@ -6,7 +6,7 @@ use super::error::{line_of, Diagnostic};
 use super::raw::{RawCache, RawConfig, RawExport, RawS3, RawServer, RawSize};
 use super::size::{format_size, parse_size};
 use super::{CacheConfig, Config, ExportConfig, ListenAddr, S3Config, ServerConfig};
-use super::{DEFAULT_BLOCK_SIZE, DEFAULT_FLUSH_TIMEOUT, DEFAULT_LISTEN};
+use super::{DEFAULT_BLOCK_SIZE, DEFAULT_CONTROL, DEFAULT_FLUSH_TIMEOUT, DEFAULT_LISTEN};
 use std::collections::HashMap;
 use std::ops::Range;
 use std::path::Path;
@@ -83,11 +83,21 @@ impl<'a> Checker<'a> {
             listen: Vec::new(),
             metrics: None,
             tls: None,
+            control: Some(DEFAULT_CONTROL.into()),
         };
         let Some(raw) = raw else {
             cfg.listen.push(ListenAddr::Tcp(DEFAULT_LISTEN.to_string()));
             return cfg;
         };
+        if let Some(c) = &raw.control {
+            match c.get_ref().as_str() {
+                "off" => cfg.control = None,
+                p if p.is_empty() || p.contains('\0') => {
+                    self.err(&c.span(), "[server]", "control: a socket path, or \"off\"")
+                }
+                p => cfg.control = Some(self.base_dir.join(p)),
+            }
+        }
         match raw.listen {
             None => cfg.listen.push(ListenAddr::Tcp(DEFAULT_LISTEN.to_string())),
             Some(l) if l.get_ref().0.is_empty() => self.err(

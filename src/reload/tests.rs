@@ -29,6 +29,7 @@ fn config(exports: Vec<ExportConfig>) -> Config {
             listen: vec![ListenAddr::Tcp("127.0.0.1:0".into())],
             metrics: None,
             tls: None,
+            control: None,
         },
         s3: S3Config {
             endpoint: Some("http://127.0.0.1:9000".into()),

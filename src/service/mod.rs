@@ -74,6 +74,14 @@ async fn serve(config: Config, config_path: Option<PathBuf>) -> ExitCode {
             return ExitCode::SUCCESS;
         }
     };
+    // Bound once the exports are open, so a command never sees a half-started daemon; kept
+    // (and its socket file) until the process ends.
+    let _control = daemon
+        .config()
+        .server
+        .control
+        .as_deref()
+        .and_then(|path| crate::control::server::spawn(path, Arc::clone(&daemon)));
     let status = daemon.status();
     info!("ready: {status}");
     notifier.ready(&status);

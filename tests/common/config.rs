@@ -95,6 +95,8 @@ impl ExportSpec {
 pub struct DaemonConfig {
     pub listen: Vec<String>,
     pub metrics: Option<String>,
+    /// `[server] control`; the daemon fixture sets a socket in its scratch directory.
+    pub control: Option<String>,
     pub endpoint: String,
     pub region: String,
     pub access_key: Option<String>,
@@ -115,6 +117,7 @@ impl DaemonConfig {
         DaemonConfig {
             listen: vec!["127.0.0.1:0".into()],
             metrics: None,
+            control: None,
             endpoint: s3.endpoint(),
             region: s3.region.clone(),
             access_key: Some(s3.access_key.clone()),
@@ -145,6 +148,9 @@ impl DaemonConfig {
         out.push_str("]\n");
         if let Some(m) = &self.metrics {
             kv(&mut out, "metrics", m);
+        }
+        if let Some(c) = &self.control {
+            kv(&mut out, "control", c);
         }
         lines(&mut out, &self.extra_server);
         out.push_str("\n[s3]\n");

@@ -96,10 +96,16 @@ impl NbdS3Builder {
             .prefix("nbd-s3-daemon.")
             .tempdir()
             .expect("tempdir");
+        let mut config = self.config;
+        if config.control.is_none() {
+            // Never the system-wide default: tests run many daemons at once.
+            let socket = dir.path().join("control.sock");
+            config.control = Some(socket.to_string_lossy().into_owned());
+        }
         let mut nbd = NbdS3 {
             config_path: dir.path().join("exports.toml"),
             dir,
-            config: self.config,
+            config,
             s3_root: self.s3_root,
             env: self.env,
             args: self.args,
@@ -268,6 +274,37 @@ impl NbdS3 {
     /// The config file the daemon reads.
     pub fn config_path(&self) -> &Path {
         &self.config_path
+    }
+
+    /// Runs an admin command (`nbd-s3 ARGS --control SOCKET`) against this daemon; returns
+    /// its output whatever the exit status.
+    pub fn admin(&self, args: &[&str]) -> std::process::Output {
+        let socket = self
+            .config
+            .control
+            .as_deref()
+            .expect("control socket configured");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_nbd-s3"));
+        cmd.args(args).arg("--control").arg(socket);
+        for k in SCRUBBED_ENV {
+            cmd.env_remove(k);
+        }
+        cmd.stdin(Stdio::null())
+            .output()
+            .expect("run an nbd-s3 admin command")
+    }
+
+    /// `admin`, asserting exit 0; returns stdout.
+    pub fn admin_ok(&self, args: &[&str]) -> String {
+        let out = self.admin(args);
+        assert!(
+            out.status.success(),
+            "nbd-s3 {args:?} failed ({:?}):\nstdout: {}\nstderr: {}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// The config as last written.

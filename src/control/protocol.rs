@@ -1,0 +1,67 @@
+//! The documents on the control socket. Requests are tagged by `command`; every reply is
+//! `{"ok": true, "result": …}` or `{"ok": false, "error": "…"}`. The result of each command is
+//! a typed value here, so the daemon and the command line cannot disagree on field names.
+
+use serde::{Deserialize, Serialize};
+
+/// Longest request line the daemon reads (names are at most a few KiB).
+pub const MAX_REQUEST: usize = 64 * 1024;
+
+/// One admin command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "snake_case")]
+pub enum Request {
+    /// Every export's state, clients, dirty bytes and lease holder.
+    Status,
+}
+
+/// The answer to one request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Reply {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Reply {
+    /// A successful reply carrying `result`.
+    pub fn done(result: serde_json::Value) -> Reply {
+        Reply {
+            ok: true,
+            result: Some(result),
+            error: None,
+        }
+    }
+    /// A refusal saying why.
+    pub fn refused(error: impl Into<String>) -> Reply {
+        Reply {
+            ok: false,
+            result: None,
+            error: Some(error.into()),
+        }
+    }
+}
+
+/// `status`: one entry per configured export.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub exports: Vec<ExportStatus>,
+}
+
+/// One export in `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportStatus {
+    pub name: String,
+    /// `serving` or `refused`.
+    pub state: String,
+    /// Why it is refused (`None` while serving).
+    pub reason: Option<String>,
+    /// Connections in transmission phase on this export.
+    pub clients: usize,
+    /// Bytes written by clients and not yet stored in S3.
+    pub dirty_bytes: u64,
+    /// Who holds the export lease: this daemon, another one (refused), or nobody (`None`).
+    pub lease_holder: Option<String>,
+}

@@ -1,0 +1,155 @@
+//! The daemon side of the control socket: binds it (replacing a stale socket file, never a
+//! live daemon's), answers each connection's one request from the `Daemon`, and removes the
+//! socket file when stopped.
+
+use super::protocol::{ExportStatus, Reply, Request, Status, MAX_REQUEST};
+use crate::daemon::Daemon;
+use crate::export::{ExportState, Refusal};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tracing::{debug, info, warn};
+
+/// How long a client may take to send its request line: a stuck client must not hold a task.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The running control socket; stops accepting and removes the socket file when dropped.
+#[derive(Debug)]
+pub struct ControlHandle {
+    path: PathBuf,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ControlHandle {
+    fn drop(&mut self) {
+        self.task.abort();
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Binds `path` and answers admin commands from `daemon`. A socket that cannot be bound is
+/// logged and skipped: the daemon serves its exports without admin commands rather than not
+/// at all (the commands then say the daemon cannot be reached).
+pub fn spawn(path: &Path, daemon: Arc<Daemon>) -> Option<ControlHandle> {
+    let listener = match bind(path) {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(
+                "control socket {} not available ({e}); admin commands cannot reach this daemon",
+                path.display()
+            );
+            return None;
+        }
+    };
+    info!("control socket on {}", path.display());
+    let task = tokio::spawn(accept_loop(listener, daemon));
+    Some(ControlHandle {
+        path: path.to_path_buf(),
+        task,
+    })
+}
+
+/// Binds the socket with mode 0660. A socket file nobody answers on is a leftover of a
+/// crashed daemon and is replaced; one that answers belongs to a running daemon and is kept.
+fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                "another daemon answers on it",
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    Ok(listener)
+}
+
+async fn accept_loop(listener: UnixListener, daemon: Arc<Daemon>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let daemon = Arc::clone(&daemon);
+                tokio::spawn(async move { serve(stream, &daemon).await });
+            }
+            Err(e) => {
+                // EMFILE and friends: back off briefly instead of spinning on the error.
+                warn!("control socket accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Reads one request line (bounded in size and time), answers it, closes.
+async fn serve(stream: UnixStream, daemon: &Daemon) {
+    let (read, mut write) = stream.into_split();
+    let mut line = Vec::new();
+    let mut limited = BufReader::new(tokio::io::AsyncReadExt::take(read, MAX_REQUEST as u64));
+    let read = tokio::time::timeout(REQUEST_TIMEOUT, limited.read_until(b'\n', &mut line)).await;
+    let reply = match read {
+        Ok(Ok(_)) if line.ends_with(b"\n") => match serde_json::from_slice::<Request>(&line) {
+            Ok(request) => {
+                debug!(?request, "control request");
+                answer(daemon, request).await
+            }
+            Err(e) => Reply::refused(format!("malformed request: {e}")),
+        },
+        Ok(Ok(_)) => Reply::refused(format!(
+            "request not terminated by a newline within {MAX_REQUEST} bytes"
+        )),
+        Ok(Err(e)) => Reply::refused(format!("cannot read the request: {e}")),
+        Err(_) => Reply::refused("no request received in time"),
+    };
+    let mut out = serde_json::to_vec(&reply).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
+    out.push(b'\n');
+    let _ = write.write_all(&out).await;
+    let _ = write.shutdown().await;
+}
+
+/// Runs one command.
+pub async fn answer(daemon: &Daemon, request: Request) -> Reply {
+    let result = match request {
+        Request::Status => serde_json::to_value(status(daemon)),
+    };
+    match result {
+        Ok(v) => Reply::done(v),
+        Err(e) => Reply::refused(format!("cannot encode the reply: {e}")),
+    }
+}
+
+fn status(daemon: &Daemon) -> Status {
+    let exports = daemon
+        .registry()
+        .list()
+        .iter()
+        .map(|e| {
+            let (state, reason) = match e.state() {
+                ExportState::Serving { .. } => ("serving", None),
+                ExportState::Refused { reason } => ("refused", Some(reason.to_string())),
+            };
+            let lease_holder = match e.state() {
+                ExportState::Serving { lease: Some(l), .. } if !l.is_lost() => {
+                    Some(format!("this daemon (pid {})", std::process::id()))
+                }
+                ExportState::Refused {
+                    reason: Refusal::LeaseHeld { holder, .. },
+                } => Some(holder.clone()),
+                _ => None,
+            };
+            ExportStatus {
+                name: e.name().to_owned(),
+                state: state.to_owned(),
+                reason,
+                clients: e.attached(),
+                dirty_bytes: e.store().map_or(0, |s| s.dirty_bytes()),
+                lease_holder,
+            }
+        })
+        .collect();
+    Status { exports }
+}
