@@ -15,9 +15,11 @@ use std::sync::Arc;
 use std::time::Duration;
 use tracing::{error, info, warn};
 
+mod admin;
 mod reloads;
 mod reopen;
 
+pub use admin::ExportSnapshot;
 pub use reloads::{ReloadSnapshot, Reloads};
 
 /// Why the daemon could not start; the process logs it and exits 1.

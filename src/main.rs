@@ -5,7 +5,7 @@
 use clap::{Args, Parser, Subcommand};
 use nbd_s3::config::{summary_table, AdHoc, Config, ConfigError, Secret, DEFAULT_CONFIG_PATH};
 use nbd_s3::control::client::{self, ClientError};
-use nbd_s3::control::protocol::Status;
+use nbd_s3::control::protocol::{Deleted, SnapshotEntry, SnapshotList, Status};
 use nbd_s3::control::Request;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -33,6 +33,59 @@ enum Command {
     CheckConfig(CheckArgs),
     /// Show the running daemon's exports: state, clients, dirty bytes, lease holder.
     Status(ListArgs),
+    /// Point-in-time snapshots of an export (served read-only as EXPORT@SNAP).
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+    /// Delete objects of an export that no snapshot or live block needs (left by a crash);
+    /// prints how many.
+    Gc(ExportArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum SnapshotCommand {
+    /// Take a snapshot: it holds every write replied to before the command started.
+    Create(SnapshotArgs),
+    /// List snapshots: export, snapshot, created, bytes only it holds, clones based on it.
+    List(SnapshotListArgs),
+    /// Delete a snapshot and free what nothing else needs.
+    Delete(SnapshotArgs),
+}
+
+#[derive(Debug, Args)]
+struct SnapshotArgs {
+    /// The export.
+    export: String,
+    /// The snapshot: 1-64 characters of A-Z a-z 0-9 . _ -
+    #[arg(value_parser = snapshot_name)]
+    snapshot: String,
+    #[command(flatten)]
+    target: ControlArgs,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct SnapshotListArgs {
+    /// Only this export's snapshots.
+    export: Option<String>,
+    #[command(flatten)]
+    list: ListArgs,
+}
+
+#[derive(Debug, Args)]
+struct ExportArgs {
+    /// The export.
+    export: String,
+    #[command(flatten)]
+    target: ControlArgs,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+fn snapshot_name(name: &str) -> Result<String, String> {
+    nbd_s3::store::check_snapshot_name(name).map(|()| name.to_owned())
 }
 
 /// How an admin command finds the running daemon.
@@ -127,6 +180,53 @@ fn main() -> ExitCode {
         Command::Status(args) => admin(&args.target, &Request::Status, |value| {
             print_listing(args.json, value, |s: Status| client::status_table(&s))
         }),
+        Command::Snapshot(command) => snapshot(command),
+        Command::Gc(args) => {
+            let request = Request::Gc {
+                export: args.export,
+            };
+            admin(&args.target, &request, |value| {
+                print_listing(args.json, value, |d: Deleted| {
+                    format!("{}\n", d.deleted_objects)
+                })
+            })
+        }
+    }
+}
+
+fn snapshot(command: SnapshotCommand) -> ExitCode {
+    match command {
+        SnapshotCommand::Create(a) => {
+            let request = Request::SnapshotCreate {
+                export: a.export,
+                snapshot: a.snapshot,
+            };
+            admin(&a.target, &request, |value| {
+                print_listing(a.json, value, |s: SnapshotEntry| {
+                    client::snapshot_table(&[s])
+                })
+            })
+        }
+        SnapshotCommand::List(a) => {
+            let request = Request::SnapshotList { export: a.export };
+            admin(&a.list.target, &request, |value| {
+                print_listing(a.list.json, value, |l: SnapshotList| {
+                    client::snapshot_table(&l.snapshots)
+                })
+            })
+        }
+        SnapshotCommand::Delete(a) => {
+            let name = format!("{}@{}", a.export, a.snapshot);
+            let request = Request::SnapshotDelete {
+                export: a.export,
+                snapshot: a.snapshot,
+            };
+            admin(&a.target, &request, |value| {
+                print_listing(a.json, value, |d: Deleted| {
+                    format!("deleted {name}; {} objects freed\n", d.deleted_objects)
+                })
+            })
+        }
     }
 }
 

@@ -3,7 +3,7 @@
 //! into output and an exit code: 0 done, 1 refused (stderr says why), 2 usage error, 3 the
 //! daemon cannot be reached.
 
-use super::protocol::{Reply, Request, Status, MAX_REQUEST};
+use super::protocol::{Reply, Request, SnapshotEntry, Status, MAX_REQUEST};
 use crate::config::{table, DEFAULT_CONFIG_PATH, DEFAULT_CONTROL};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -149,6 +149,28 @@ pub fn status_table(status: &Status) -> String {
             e.clients.to_string(),
             e.dirty_bytes.to_string(),
             e.lease_holder.clone().unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    table(&rows)
+}
+
+/// Snapshots as a table: EXPORT, SNAPSHOT, CREATED, BYTES_HELD_ONLY (what deleting it
+/// frees), CLONES (exports based on it).
+pub fn snapshot_table(snapshots: &[SnapshotEntry]) -> String {
+    let header = ["EXPORT", "SNAPSHOT", "CREATED", "BYTES_HELD_ONLY", "CLONES"];
+    let mut rows = vec![header.map(String::from).to_vec()];
+    for s in snapshots {
+        let clones = if s.clones.is_empty() {
+            "-".to_owned()
+        } else {
+            s.clones.join(",")
+        };
+        rows.push(vec![
+            s.export.clone(),
+            s.snapshot.clone(),
+            s.created.clone(),
+            s.bytes_held_only.to_string(),
+            clones,
         ]);
     }
     table(&rows)

@@ -13,6 +13,17 @@ pub const MAX_REQUEST: usize = 64 * 1024;
 pub enum Request {
     /// Every export's state, clients, dirty bytes and lease holder.
     Status,
+    /// Takes a snapshot.
+    SnapshotCreate { export: String, snapshot: String },
+    /// Lists the snapshots of one export, or of all.
+    SnapshotList {
+        #[serde(default)]
+        export: Option<String>,
+    },
+    /// Deletes a snapshot and what nothing else needs.
+    SnapshotDelete { export: String, snapshot: String },
+    /// Deletes objects of an export nothing needs.
+    Gc { export: String },
 }
 
 /// The answer to one request.
@@ -64,4 +75,31 @@ pub struct ExportStatus {
     pub dirty_bytes: u64,
     /// Who holds the export lease: this daemon, another one (refused), or nobody (`None`).
     pub lease_holder: Option<String>,
+}
+
+/// One snapshot in `snapshot list` and `snapshot create`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotEntry {
+    pub export: String,
+    pub snapshot: String,
+    /// RFC 3339.
+    pub created: String,
+    /// The export's size when the snapshot was taken.
+    pub size: u64,
+    /// Bytes stored for this snapshot alone: what deleting it frees.
+    pub bytes_held_only: u64,
+    /// Exports cloned from this snapshot.
+    pub clones: Vec<String>,
+}
+
+/// `snapshot list`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotList {
+    pub snapshots: Vec<SnapshotEntry>,
+}
+
+/// `snapshot delete` and `gc`: how many objects were deleted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deleted {
+    pub deleted_objects: u64,
 }

@@ -2,8 +2,9 @@
 //! live daemon's), answers each connection's one request from the `Daemon`, and removes the
 //! socket file when stopped.
 
-use super::protocol::{ExportStatus, Reply, Request, Status, MAX_REQUEST};
-use crate::daemon::Daemon;
+use super::protocol::{Deleted, ExportStatus, Reply, Request, SnapshotEntry, SnapshotList};
+use super::protocol::{Status, MAX_REQUEST};
+use crate::daemon::{Daemon, ExportSnapshot};
 use crate::export::{ExportState, Refusal};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -114,11 +115,45 @@ async fn serve(stream: UnixStream, daemon: &Daemon) {
 /// Runs one command.
 pub async fn answer(daemon: &Daemon, request: Request) -> Reply {
     let result = match request {
-        Request::Status => serde_json::to_value(status(daemon)),
+        Request::Status => encode(status(daemon)),
+        Request::SnapshotCreate { export, snapshot } => daemon
+            .snapshot_create(&export, &snapshot)
+            .await
+            .and_then(|s| encode(entry(s))),
+        Request::SnapshotList { export } => {
+            daemon.snapshot_list(export.as_deref()).and_then(|all| {
+                encode(SnapshotList {
+                    snapshots: all.into_iter().map(entry).collect(),
+                })
+            })
+        }
+        Request::SnapshotDelete { export, snapshot } => daemon
+            .snapshot_delete(&export, &snapshot)
+            .await
+            .and_then(|n| encode(Deleted { deleted_objects: n })),
+        Request::Gc { export } => daemon
+            .gc(&export)
+            .await
+            .and_then(|n| encode(Deleted { deleted_objects: n })),
     };
     match result {
         Ok(v) => Reply::done(v),
-        Err(e) => Reply::refused(format!("cannot encode the reply: {e}")),
+        Err(e) => Reply::refused(e),
+    }
+}
+
+fn encode<T: serde::Serialize>(value: T) -> Result<serde_json::Value, String> {
+    serde_json::to_value(value).map_err(|e| format!("cannot encode the reply: {e}"))
+}
+
+fn entry(s: ExportSnapshot) -> SnapshotEntry {
+    SnapshotEntry {
+        export: s.export,
+        snapshot: s.snapshot.name,
+        created: s.snapshot.created,
+        size: s.snapshot.size,
+        bytes_held_only: s.snapshot.bytes_held_only,
+        clones: Vec::new(),
     }
 }
 

@@ -3,11 +3,25 @@
 //! remembered (weakly) so a re-added export can reuse their store.
 
 use super::{spawn_flush, Export};
+use crate::config::LeaseMode;
 use arc_swap::ArcSwap;
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, Weak};
 use tracing::info;
+
+/// One entry of an export listing: a snapshot is listed under its own name and description,
+/// with the export it belongs to (whose `allow` list and state apply).
+#[derive(Debug, Clone)]
+pub struct Listed {
+    pub name: String,
+    pub description: Option<String>,
+    pub export: Arc<Export>,
+}
+
+fn snapshot_description(snap: &str, export: &str) -> String {
+    format!("snapshot {snap} of {export}")
+}
 
 /// The set of exports new connections can see, replaced atomically on reload, plus the removed
 /// exports still draining (attached clients, or a final flush running).
@@ -15,6 +29,9 @@ use tracing::info;
 pub struct Registry {
     exports: ArcSwap<BTreeMap<String, Arc<Export>>>,
     draining: Mutex<Vec<Weak<Export>>>,
+    /// The read-only exports of snapshots (`EXPORT@SNAP`) clients opened, so their clients
+    /// are counted on one `Export`.
+    views: parking_lot::Mutex<BTreeMap<String, Arc<Export>>>,
 }
 
 impl Registry {
@@ -25,6 +42,68 @@ impl Registry {
     /// The export named `name` in the current snapshot.
     pub fn get(&self, name: &str) -> Option<Arc<Export>> {
         self.exports.load().get(name).cloned()
+    }
+    /// The export `name` as a client asks for it: a configured export, else the read-only
+    /// export of a snapshot, `EXPORT@SNAP`, of a served export (a configured export of that
+    /// name wins).
+    pub fn find(&self, name: &str) -> Option<Arc<Export>> {
+        self.get(name).or_else(|| self.snapshot_export(name))
+    }
+    /// The read-only export `EXPORT@SNAP` of snapshot SNAP of served export EXPORT.
+    pub fn snapshot_export(&self, name: &str) -> Option<Arc<Export>> {
+        let (base, snap) = name.rsplit_once('@')?;
+        let export = self.get(base)?;
+        let view = export.store()?.snapshot_view(snap)?;
+        let mut views = self.views.lock();
+        if let Some(known) = views.get(name) {
+            if known.store().is_some_and(|s| Arc::ptr_eq(s, &view)) {
+                return Some(Arc::clone(known));
+            }
+        }
+        let mut config = export.config.clone();
+        config.name = name.to_owned();
+        config.size = view.size();
+        config.read_only = true;
+        config.lease = LeaseMode::Off;
+        config.description = Some(snapshot_description(snap, base));
+        let opened = Export::serving(config, view, None);
+        views.insert(name.to_owned(), Arc::clone(&opened));
+        Some(opened)
+    }
+    /// Clients attached to the snapshot export `EXPORT@SNAP`.
+    pub fn snapshot_clients(&self, export: &str, snapshot: &str) -> usize {
+        let name = format!("{export}@{snapshot}");
+        self.views.lock().get(&name).map_or(0, |e| e.attached())
+    }
+    /// Every export a client may ask for, sorted by name: the configured ones and the
+    /// snapshots of the served ones (NBD_OPT_LIST). Nothing is opened to list them.
+    pub fn list_with_snapshots(&self) -> Vec<Listed> {
+        let configured = self.exports.load_full();
+        let mut all: BTreeMap<String, Listed> = configured
+            .values()
+            .map(|e| {
+                let listed = Listed {
+                    name: e.name().to_owned(),
+                    description: e.description().map(str::to_owned),
+                    export: Arc::clone(e),
+                };
+                (listed.name.clone(), listed)
+            })
+            .collect();
+        for export in configured.values() {
+            let Some(store) = export.store() else {
+                continue;
+            };
+            for snap in store.snapshot_names() {
+                let name = format!("{}@{snap}", export.name());
+                all.entry(name.clone()).or_insert_with(|| Listed {
+                    name,
+                    description: Some(snapshot_description(&snap, export.name())),
+                    export: Arc::clone(export),
+                });
+            }
+        }
+        all.into_values().collect()
     }
     /// Every export of the current snapshot, sorted by name (NBD_OPT_LIST).
     pub fn list(&self) -> Vec<Arc<Export>> {

@@ -334,11 +334,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
     }
 
     async fn list(&mut self) -> Result<Step, NegotiateError> {
-        for export in self.inner.registry.list() {
-            if !self.permitted(&export) {
-                debug!(peer = %self.ctx.peer, "LIST leaves out {}: not in its allow list", export.name());
-            } else if export.is_serving() {
-                reply::list_entry(&mut self.out, export.name(), export.description());
+        for listed in self.inner.registry.list_with_snapshots() {
+            if !self.permitted(&listed.export) {
+                debug!(peer = %self.ctx.peer, "LIST leaves out {}: not in its allow list", listed.name);
+            } else if listed.export.is_serving() {
+                let description = listed.description.as_deref();
+                reply::list_entry(&mut self.out, &listed.name, description);
             }
         }
         self.ack(OPT_LIST).await
@@ -446,7 +447,7 @@ fn find(registry: &crate::export::Registry, name: &str) -> Result<Arc<Export>, S
         };
     }
     registry
-        .get(name)
+        .find(name)
         .ok_or_else(|| format!("export '{name}' does not exist"))
 }
 

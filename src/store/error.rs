@@ -26,6 +26,12 @@ pub enum StoreError {
     /// The export lease is not (or no longer) held: this daemon must not change the objects.
     #[error("export lease not held: {0}")]
     Fenced(String),
+    /// An admin request that cannot be done as asked (names what is in the way).
+    #[error("{0}")]
+    Refused(String),
+    /// The export's metadata changed under a conditional write; nothing was done.
+    #[error("{0}")]
+    Conflict(String),
     /// Shutdown could not store everything: these blocks' latest data is not in S3.
     #[error("{count} dirty blocks could not be stored: {blocks}")]
     Unflushed { count: usize, blocks: String },
@@ -52,13 +58,14 @@ impl StoreError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             StoreError::ShuttingDown => ErrorKind::ShuttingDown,
-            StoreError::OutOfRange { .. } => ErrorKind::Invalid,
+            StoreError::OutOfRange { .. } | StoreError::Refused(_) => ErrorKind::Invalid,
             StoreError::ReadOnly => ErrorKind::ReadOnly,
             StoreError::Fenced(_) => ErrorKind::Fenced,
             StoreError::Backend(_)
             | StoreError::BlockSizeMismatch { .. }
             | StoreError::FlushTimeout(_)
             | StoreError::BadManifest(_)
+            | StoreError::Conflict(_)
             | StoreError::Unflushed { .. } => ErrorKind::Io,
         }
     }

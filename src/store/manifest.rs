@@ -1,14 +1,22 @@
 //! `<prefix>nbd-s3.json`: the export's self-description. It pins the block size, because data
-//! written with one block size is garbage when read with another.
+//! written with one block size is garbage when read with another, and — format 2, once the
+//! export has a snapshot — records its layers and snapshots. Every rewrite is conditional
+//! (`If-Match` on the version read), so two writers can never lose each other's change.
 
 use super::{BlockStoreConfig, StoreError};
-use crate::backend::{BackendError, DynObjectStore};
+use crate::backend::{BackendError, DynObjectStore, ETag};
 use crate::retry::Policy;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// Name of the manifest object under the export's prefix.
 pub(crate) const MANIFEST_NAME: &str = "nbd-s3.json";
+
+/// The plain layout: blocks at `<prefix><block>`, nothing else.
+pub(crate) const FORMAT_PLAIN: u32 = 1;
+/// Layers and snapshots (old daemons refuse it rather than misread the blocks).
+pub(crate) const FORMAT_LAYERED: u32 = 2;
 
 /// The JSON document stored in the manifest object.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -18,6 +26,146 @@ pub(crate) struct Manifest {
     pub size: u64,
     #[serde(default)]
     pub created: String,
+    /// The export's identity: 32 lowercase hex digits, random, written at creation (or the
+    /// first time a feature needs it for an older manifest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Format 2: the layer writes go to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head: Option<u64>,
+    /// Format 2: every layer and its parent.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layers: Vec<LayerRecord>,
+    /// Format 2: the next unused layer number (numbers are never reused: a layer's leftover
+    /// objects must not come back to life in a new one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_layer: Option<u64>,
+    /// Format 2: the snapshots, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub snapshots: Vec<SnapshotRecord>,
+    /// Fields this version does not know, kept as they are when the manifest is rewritten.
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, serde_json::Value>,
+}
+
+/// One layer of a format-2 manifest.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub(crate) struct LayerRecord {
+    pub id: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<u64>,
+}
+
+/// One snapshot: the frozen layer it reads through, when it was taken and the export's size
+/// then.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub(crate) struct SnapshotRecord {
+    pub name: String,
+    pub layer: u64,
+    pub created: String,
+    pub size: u64,
+}
+
+impl Manifest {
+    /// A new export's manifest.
+    fn new(cfg: &BlockStoreConfig) -> Manifest {
+        Manifest {
+            format: FORMAT_PLAIN,
+            block_size: u64::from(cfg.block_size),
+            size: cfg.size,
+            created: now_rfc3339(),
+            id: Some(new_id()),
+            head: None,
+            layers: Vec::new(),
+            next_layer: None,
+            snapshots: Vec::new(),
+            other: serde_json::Map::new(),
+        }
+    }
+
+    /// Every layer with its parent (format 1: layer 0 alone).
+    pub fn parents(&self) -> BTreeMap<u64, Option<u64>> {
+        if self.layers.is_empty() {
+            return BTreeMap::from([(0, None)]);
+        }
+        self.layers.iter().map(|l| (l.id, l.parent)).collect()
+    }
+
+    /// The layer writes go to.
+    pub fn head(&self) -> u64 {
+        self.head.unwrap_or(0)
+    }
+
+    /// Turns a plain manifest into a layered one (idempotent): layer 0 is the plain keys.
+    pub fn make_layered(&mut self) {
+        if self.format == FORMAT_LAYERED {
+            return;
+        }
+        self.format = FORMAT_LAYERED;
+        self.head = Some(0);
+        self.layers = vec![LayerRecord {
+            id: 0,
+            parent: None,
+        }];
+        self.next_layer = Some(1);
+        if self.id.is_none() {
+            self.id = Some(new_id());
+        }
+    }
+
+    /// Takes a fresh layer number.
+    pub fn take_layer(&mut self) -> u64 {
+        let max = self.layers.iter().map(|l| l.id).max().unwrap_or(0);
+        let next = self.next_layer.unwrap_or(1).max(max + 1);
+        self.next_layer = Some(next + 1);
+        next
+    }
+
+    /// The snapshot named `name`.
+    pub fn snapshot(&self, name: &str) -> Option<&SnapshotRecord> {
+        self.snapshots.iter().find(|s| s.name == name)
+    }
+
+    fn check(&self, key: &str) -> Result<(), StoreError> {
+        let bad = |m: String| StoreError::BadManifest(format!("{key}: {m}"));
+        match self.format {
+            FORMAT_PLAIN => Ok(()),
+            FORMAT_LAYERED => {
+                let parents = self.parents();
+                super::layers::chain_of(&parents, self.head()).map_err(bad)?;
+                for s in &self.snapshots {
+                    if !parents.contains_key(&s.layer) {
+                        let msg = format!("snapshot {:?} names unknown layer {}", s.name, s.layer);
+                        return Err(bad(msg));
+                    }
+                }
+                Ok(())
+            }
+            other => Err(bad(format!("unsupported format {other}"))),
+        }
+    }
+}
+
+/// 32 random lowercase hex digits.
+fn new_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+/// Now as RFC 3339 (seconds).
+pub(crate) fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+/// The manifest's key.
+pub(crate) fn key(prefix: &str) -> String {
+    format!("{prefix}{MANIFEST_NAME}")
+}
+
+fn parse(key: &str, raw: &[u8]) -> Result<Manifest, StoreError> {
+    let m: Manifest =
+        serde_json::from_slice(raw).map_err(|e| StoreError::BadManifest(format!("{key}: {e}")))?;
+    m.check(key)?;
+    Ok(m)
 }
 
 /// Reads the manifest (writing it when absent and writable) and checks the block size.
@@ -26,17 +174,10 @@ pub(crate) async fn check_or_create(
     objects: &DynObjectStore,
     cfg: &BlockStoreConfig,
 ) -> Result<Option<Manifest>, StoreError> {
-    let key = format!("{}{MANIFEST_NAME}", cfg.prefix);
+    let key = key(&cfg.prefix);
     match retry(|| objects.get(&key)).await? {
         Some(raw) => {
-            let m: Manifest = serde_json::from_slice(&raw)
-                .map_err(|e| StoreError::BadManifest(format!("{key}: {e}")))?;
-            if m.format != 1 {
-                return Err(StoreError::BadManifest(format!(
-                    "{key}: unsupported format {}",
-                    m.format
-                )));
-            }
+            let m = parse(&key, &raw)?;
             if m.block_size != u64::from(cfg.block_size) {
                 return Err(StoreError::BlockSizeMismatch {
                     stored: u32::try_from(m.block_size).unwrap_or(u32::MAX),
@@ -47,20 +188,70 @@ pub(crate) async fn check_or_create(
         }
         None if cfg.read_only => Ok(None),
         None => {
-            let m = Manifest {
-                format: 1,
-                block_size: u64::from(cfg.block_size),
-                size: cfg.size,
-                created: humantime::format_rfc3339_seconds(std::time::SystemTime::now())
-                    .to_string(),
-            };
-            let body = serde_json::to_vec_pretty(&m)
-                .map_err(|e| StoreError::BadManifest(e.to_string()))?;
-            let body = Bytes::from(body);
+            let m = Manifest::new(cfg);
+            let body = encode(&m)?;
             retry(|| objects.put(&key, body.clone())).await?;
             tracing::info!(key = %key, block_size = cfg.block_size, "wrote export manifest");
             Ok(Some(m))
         }
+    }
+}
+
+fn encode(m: &Manifest) -> Result<Bytes, StoreError> {
+    serde_json::to_vec_pretty(m)
+        .map(Bytes::from)
+        .map_err(|e| StoreError::BadManifest(e.to_string()))
+}
+
+/// The manifest with its version tag, for a conditional rewrite. Stores without conditional
+/// reads (used with `lease = "off"`, where one daemon is promised) give no tag.
+pub(crate) async fn read(
+    objects: &DynObjectStore,
+    prefix: &str,
+) -> Result<(Manifest, Option<ETag>), StoreError> {
+    let key = key(prefix);
+    let found = match retry(|| objects.get_with_etag(&key)).await {
+        Ok(found) => found.map(|(raw, tag)| (raw, Some(tag))),
+        Err(BackendError::Unsupported(_)) => retry(|| objects.get(&key)).await?.map(|r| (r, None)),
+        Err(e) => return Err(e.into()),
+    };
+    let Some((raw, tag)) = found else {
+        return Err(StoreError::BadManifest(format!("{key} is missing")));
+    };
+    Ok((parse(&key, &raw)?, tag))
+}
+
+/// Replaces the manifest if it is still the version `tag` read. A reply lost on the way is
+/// retried by the backend, and the retry then meets our own write: a refusal is checked by
+/// reading the manifest back.
+pub(crate) async fn write(
+    objects: &DynObjectStore,
+    prefix: &str,
+    m: &Manifest,
+    tag: Option<&str>,
+) -> Result<(), StoreError> {
+    let key = key(prefix);
+    let body = encode(m)?;
+    let Some(tag) = tag else {
+        retry(|| objects.put(&key, body.clone())).await?;
+        return Ok(());
+    };
+    match retry(|| objects.put_if_match(&key, body.clone(), tag)).await {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => {
+            let now = retry(|| objects.get(&key)).await?;
+            if now.as_deref() == Some(&body[..]) {
+                return Ok(());
+            }
+            Err(StoreError::Conflict(format!(
+                "{key} was changed by someone else meanwhile; nothing was done, try again"
+            )))
+        }
+        Err(BackendError::Unsupported(_)) => {
+            retry(|| objects.put(&key, body.clone())).await?;
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -74,4 +265,39 @@ where
     let warn =
         |e: &BackendError, _, _| tracing::warn!(error = %e, "object store call failed; retrying");
     Policy::MANIFEST.run_observed(op, warn).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_manifests_stay_format_1_and_unknown_fields_survive() {
+        let raw = br#"{"format":1,"block_size":4096,"size":8192,"created":"x","codec":"zstd"}"#;
+        let mut m = parse("k", raw).expect("parse");
+        assert_eq!(m.parents(), BTreeMap::from([(0, None)]));
+        let text = String::from_utf8(encode(&m).expect("encode").to_vec()).expect("utf8");
+        assert!(!text.contains("layers") && text.contains("codec"), "{text}");
+        m.make_layered();
+        assert_eq!(
+            (m.format, m.head(), m.take_layer(), m.take_layer()),
+            (2, 0, 1, 2)
+        );
+        assert_eq!(m.id.as_ref().map(String::len), Some(32));
+        let again = parse("k", &encode(&m).expect("encode")).expect("reparse");
+        assert_eq!(again, m);
+    }
+
+    #[test]
+    fn unknown_formats_and_broken_chains_are_refused() {
+        for raw in [
+            r#"{"format":3,"block_size":4096,"size":8192}"#,
+            r#"{"format":2,"block_size":4096,"size":8192,"head":5,"layers":[{"id":0}]}"#,
+            r#"{"format":2,"block_size":4096,"size":8192,"head":0,"layers":[{"id":0}],
+                "snapshots":[{"name":"a","layer":9,"created":"x","size":1}]}"#,
+        ] {
+            let err = parse("k", raw.as_bytes()).expect_err(raw);
+            assert!(matches!(err, StoreError::BadManifest(_)), "{err}");
+        }
+    }
 }

@@ -2,9 +2,12 @@
 //! every connection of the export, with write-back, single-flight reads and a global budget.
 //!
 //! Layout: block *i* is `<prefix>{i:016x}`, exactly `block_size` bytes; blocks
-//! that read as zeros have no object. Module map:
+//! that read as zeros have no object. Once the export has a snapshot, blocks written later
+//! live in further layers (`layers`). Module map:
 //! - `block`: range → per-block pieces (checked arithmetic), all-zero test
 //! - `objects`: block keys and the GET/PUT/DELETE of block objects
+//! - `layers`: copy-on-write layers, tombstones, garbage; `snapshot`: create, delete, gc,
+//!   read-only views; `crash`: the test hook that aborts at a named step
 //! - `manifest`: `<prefix>nbd-s3.json`, block-size pinning
 //! - `presence`: which blocks hold data (one LIST at open; answers block status)
 //! - `budget`: process-wide memory and dirty limits, eviction across exports
@@ -20,13 +23,16 @@
 mod block;
 mod budget;
 mod cache;
+mod crash;
 mod dirty;
 mod error;
+mod layers;
 mod manifest;
 mod objects;
 pub(crate) mod pool;
 mod presence;
 mod read;
+mod snapshot;
 mod stats;
 mod write;
 mod writeback;
@@ -35,7 +41,9 @@ mod writeback;
 mod tests;
 
 pub use budget::CacheBudget;
+pub use crash::crash_point;
 pub use error::{ErrorKind, StoreError};
+pub use snapshot::{check_snapshot_name, Snapshot};
 pub use stats::StoreStats;
 
 use crate::backend::DynObjectStore;
@@ -154,6 +162,11 @@ pub struct BlockStore {
     inner: Arc<Inner>,
     /// The export lease's fence (src/lease), set once after open; none = always writable.
     gate: std::sync::OnceLock<Arc<dyn WriteGate>>,
+    /// Every change holds it shared; taking a snapshot holds it exclusively, so the snapshot
+    /// has every change replied to before it started and none that started after.
+    barrier: tokio::sync::RwLock<()>,
+    /// Snapshots and their read-only views.
+    snaps: snapshot::Snapshots,
 }
 
 /// Whether this daemon may change an export's objects now. The export lease closes it when
@@ -177,13 +190,33 @@ impl BlockStore {
                 cfg.block_size
             )));
         }
-        manifest::check_or_create(&objects, &cfg).await?;
+        let manifest = manifest::check_or_create(&objects, &cfg).await?;
         let keys = manifest::retry(|| objects.list(&cfg.prefix)).await?;
-        let presence = presence::Presence::from_keys(&cfg.prefix, keys.iter().map(String::as_str));
+        let (mut layers, snapshots) = match &manifest {
+            Some(m) => (
+                layers::Layers::new(m.parents(), m.head()).map_err(StoreError::BadManifest)?,
+                m.snapshots.clone(),
+            ),
+            None => (layers::Layers::plain(), Vec::new()),
+        };
+        layers.load(&cfg.prefix, keys.iter().map(String::as_str));
         drop(keys);
+        let bs = cfg.block_size as usize;
+        let objects = objects::BlockObjects::new(objects, cfg.prefix.clone(), bs, layers);
+        Ok(Self::assemble(objects, &cfg, budget, snapshots))
+    }
+
+    /// A store over `objects` (whose layers are loaded), its write-back running.
+    fn assemble(
+        objects: objects::BlockObjects,
+        cfg: &BlockStoreConfig,
+        budget: Arc<CacheBudget>,
+        snapshots: Vec<manifest::SnapshotRecord>,
+    ) -> Arc<Self> {
+        let presence = objects.layers().effective();
         let bs = u64::from(cfg.block_size);
         let inner = Arc::new(Inner {
-            objects: objects::BlockObjects::new(objects, cfg.prefix, bs as usize),
+            objects,
             geo: Geometry { block_size: bs },
             pages: dirty::Pages::new(bs as usize),
             read_only: cfg.read_only,
@@ -203,10 +236,12 @@ impl BlockStore {
             blocks = inner.presence.count(),
             "block store open"
         );
-        Ok(Arc::new(Self {
+        Arc::new(Self {
             inner,
             gate: std::sync::OnceLock::new(),
-        }))
+            barrier: tokio::sync::RwLock::new(()),
+            snaps: snapshot::Snapshots::new(snapshots),
+        })
     }
     /// Installs the lease fence (once; later calls are ignored).
     pub fn set_write_gate(&self, gate: Arc<dyn WriteGate>) {
@@ -242,6 +277,7 @@ impl BlockStore {
     /// read-only setting are checked here, once, for every kind.
     pub async fn change(&self, change: Change) -> Result<(), StoreError> {
         self.gate()?;
+        let _not_during_a_snapshot = self.barrier.read().await;
         let inner = &self.inner;
         if inner.read_only && !matches!(change, Change::Flush) {
             return Err(StoreError::ReadOnly);

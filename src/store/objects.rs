@@ -4,23 +4,28 @@
 //! them (snapshots) has one place to sit. Retrying is the callers' business: reads and
 //! write-back retry by different rules.
 
+use super::layers::{data_key, tomb_key, Found, LayerKey, Layers};
 use crate::backend::{BackendError, DynObjectStore};
 use bytes::Bytes;
+use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::fmt;
 
-/// The block objects under one prefix, each exactly `block_size` bytes.
+/// The block objects under one prefix, each exactly `block_size` bytes, in the layers of
+/// `layers` (only layer 0, the plain keys, until the export has a snapshot).
 #[derive(Debug)]
 pub(crate) struct BlockObjects {
     store: DynObjectStore,
     prefix: String,
     block_size: usize,
+    layers: RwLock<Layers>,
 }
 
-/// A block's index with its object key, built once per GET or write-back task (retries reuse
-/// it) and printed in logs.
+/// A block's index with its object key, built once per GET or write-back attempt and printed
+/// in logs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct BlockKey {
     block: u64,
+    layer: u64,
     name: String,
 }
 
@@ -39,11 +44,12 @@ impl fmt::Display for BlockKey {
 }
 
 impl BlockObjects {
-    pub fn new(store: DynObjectStore, prefix: String, block_size: usize) -> Self {
+    pub fn new(store: DynObjectStore, prefix: String, block_size: usize, layers: Layers) -> Self {
         Self {
             store,
             prefix,
             block_size,
+            layers: RwLock::new(layers),
         }
     }
 
@@ -52,11 +58,40 @@ impl BlockObjects {
         &self.prefix
     }
 
-    /// The key of block `block`.
+    /// The object store the blocks live in.
+    pub fn store(&self) -> &DynObjectStore {
+        &self.store
+    }
+
+    /// The layers, to read.
+    pub fn layers(&self) -> RwLockReadGuard<'_, Layers> {
+        self.layers.read()
+    }
+
+    /// The layers, to change (snapshot create; never held across an await).
+    pub fn layers_mut(&self) -> RwLockWriteGuard<'_, Layers> {
+        self.layers.write()
+    }
+
+    /// The key block `block` is written to (the head layer).
     pub fn key(&self, block: u64) -> BlockKey {
+        let layer = self.layers.read().head();
         BlockKey {
             block,
-            name: block_key(&self.prefix, block),
+            layer,
+            name: data_key(&self.prefix, layer, block),
+        }
+    }
+
+    /// The object a read of `block` finds, `None` when the block reads as zeros.
+    pub fn read_key(&self, block: u64) -> Option<BlockKey> {
+        match self.layers.read().resolve(block) {
+            Found::Data(layer) => Some(BlockKey {
+                block,
+                layer,
+                name: data_key(&self.prefix, layer, block),
+            }),
+            Found::Tomb(_) | Found::Nothing => None,
         }
     }
 
@@ -72,14 +107,62 @@ impl BlockObjects {
         }
     }
 
-    /// Stores the block's bytes (exactly one block).
+    /// Stores the block's bytes (exactly one block) at `key` (from [`BlockObjects::key`]).
+    /// A tombstone of the block in that layer goes after the data is stored: a crash in
+    /// between leaves both, and the tombstone (the older state) wins.
     pub async fn put(&self, key: &BlockKey, data: Bytes) -> Result<(), BackendError> {
-        self.store.put(&key.name, data).await
+        self.store.put(&key.name, data).await?;
+        let tomb = self.layers.read().has(key.layer, key.block).1;
+        self.layers.read().set(key.layer, key.block, true, tomb);
+        if tomb {
+            let tomb_key = tomb_key(&self.prefix, key.layer, key.block);
+            self.store.delete(&tomb_key).await?;
+            self.layers.read().set(key.layer, key.block, true, false);
+        }
+        Ok(())
     }
 
-    /// Removes the block's object: it reads as zeros from now on.
-    pub async fn delete(&self, key: &BlockKey) -> Result<(), BackendError> {
-        self.store.delete(&key.name).await
+    /// Makes the block read as zeros: its object in the head layer goes, and a tombstone hides
+    /// what a lower layer (a snapshot) still holds. The tombstone is stored before the data
+    /// object goes, so a crash in between reads as zeros already.
+    pub async fn clear(&self, block: u64) -> Result<(), BackendError> {
+        let (layer, below, (data, tomb)) = {
+            let l = self.layers.read();
+            (l.head(), l.resolve_below(block), l.has(l.head(), block))
+        };
+        let data_key = data_key(&self.prefix, layer, block);
+        let tomb_key = tomb_key(&self.prefix, layer, block);
+        if matches!(below, Found::Data(_)) {
+            if !tomb {
+                self.store.put(&tomb_key, Bytes::new()).await?;
+                self.layers.read().set(layer, block, data, true);
+            }
+            if data {
+                self.store.delete(&data_key).await?;
+            }
+            self.layers.read().set(layer, block, false, true);
+            return Ok(());
+        }
+        if data {
+            self.store.delete(&data_key).await?;
+            self.layers.read().set(layer, block, false, tomb);
+        }
+        if tomb {
+            self.store.delete(&tomb_key).await?;
+            self.layers.read().set(layer, block, false, false);
+        }
+        Ok(())
+    }
+
+    /// Removes an object of a frozen layer that nothing reads any more.
+    pub async fn remove(&self, key: LayerKey) -> Result<(), BackendError> {
+        let name = match key.tomb {
+            true => tomb_key(&self.prefix, key.layer, key.block),
+            false => data_key(&self.prefix, key.layer, key.block),
+        };
+        self.store.delete(&name).await?;
+        self.layers.read().forget(key);
+        Ok(())
     }
 }
 
@@ -125,7 +208,12 @@ mod tests {
     #[tokio::test]
     async fn objects_are_named_by_block_and_checked_for_size() {
         let mem = Arc::new(MemoryStore::new());
-        let objects = BlockObjects::new(Arc::clone(&mem) as DynObjectStore, "p/".into(), 4);
+        let objects = BlockObjects::new(
+            Arc::clone(&mem) as DynObjectStore,
+            "p/".into(),
+            4,
+            Layers::plain(),
+        );
         let key = objects.key(3);
         assert_eq!(
             (key.block(), key.to_string()),
@@ -150,7 +238,7 @@ mod tests {
             .await
             .expect_err("a short object is corrupt");
         assert!(matches!(err, BackendError::Corrupt { .. }), "{err}");
-        objects.delete(&key).await.expect("delete");
+        objects.clear(3).await.expect("clear");
         assert!(mem.peek("p/0000000000000003").is_none());
     }
 }

@@ -1,11 +1,10 @@
-//! Which blocks hold data, as seen by readers: built by one LIST at open, then kept current by
+//! Which blocks hold data, as seen by readers: built from one LIST at open (by `layers`), then kept current by
 //! every write. A read of a block that is neither cached nor present costs no S3 call, and
 //! block status is answered from here alone.
 //!
 //! Stored as a sparse bitmap (4096 blocks per 512-byte leaf), so memory follows the data
 //! written, not the export size: a 100 TiB thin export that holds 1 GiB costs a few KiB.
 
-use super::objects::parse_block_key;
 use parking_lot::RwLock;
 use std::collections::BTreeMap;
 
@@ -25,18 +24,6 @@ fn split(block: u64) -> (u64, usize, u64) {
 }
 
 impl Presence {
-    /// Builds the map from the listed keys; keys that are not `<prefix><16 hex digits>` are
-    /// ignored (the manifest, lease objects, foreign files).
-    pub fn from_keys<'a>(prefix: &str, keys: impl IntoIterator<Item = &'a str>) -> Self {
-        let p = Self::default();
-        for key in keys {
-            if let Some(block) = parse_block_key(prefix, key) {
-                p.set(block, true);
-            }
-        }
-        p
-    }
-
     /// Whether the block holds data.
     pub fn get(&self, block: u64) -> bool {
         let (leaf, word, mask) = split(block);
@@ -61,6 +48,33 @@ impl Presence {
                 leaves.remove(&leaf);
             }
         }
+    }
+
+    /// An independent copy (a snapshot's view of a frozen layer).
+    pub fn copy(&self) -> Self {
+        Self {
+            leaves: RwLock::new(self.leaves.read().clone()),
+        }
+    }
+
+    /// Calls `f` with every present block, in order. `f` runs without the lock held, so it
+    /// may look at this map (or change it) itself.
+    pub fn for_each(&self, mut f: impl FnMut(u64)) {
+        let mut blocks = Vec::new();
+        {
+            let leaves = self.leaves.read();
+            for (leaf, words) in leaves.iter() {
+                for (w, word) in words.iter().enumerate() {
+                    let mut bits = *word;
+                    while bits != 0 {
+                        let bit = u64::from(bits.trailing_zeros());
+                        blocks.push(leaf * LEAF_BITS + w as u64 * 64 + bit);
+                        bits &= bits - 1;
+                    }
+                }
+            }
+        }
+        blocks.into_iter().for_each(&mut f);
     }
 
     /// Number of present blocks (metrics, tests).
@@ -109,20 +123,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn foreign_keys_are_not_blocks() {
-        let p = Presence::from_keys(
-            "vm1/",
-            [
-                "vm1/nbd-s3.json",
-                "vm1/0000000000000003",
-                "vm1/0000000000001000",
-            ],
-        );
-        assert_eq!(p.count(), 2);
-        assert!(p.get(3) && p.get(4096) && !p.get(4));
-    }
-
-    #[test]
     fn set_and_runs_merge_adjacent_equal_blocks() {
         let p = Presence::default();
         for b in [1, 2, 5, 4095, 4096, 9000] {
@@ -144,5 +144,8 @@ mod tests {
         );
         assert_eq!(p.runs(2, 2), vec![(true, 1), (false, 1)]);
         assert_eq!(p.count(), 5);
+        let mut seen = Vec::new();
+        p.copy().for_each(|b| seen.push(b));
+        assert_eq!(seen, [1, 2, 5, 4095, 4096]);
     }
 }

@@ -419,6 +419,14 @@ impl NbdS3 {
         self.proc_mut().kill9()
     }
 
+    /// Sets (`Some`) or removes (`None`) an environment variable for the next start.
+    pub fn set_env(&mut self, k: &str, v: Option<&str>) {
+        self.env.retain(|(key, _)| key != k);
+        if let Some(v) = v {
+            self.env.push((k.into(), v.into()));
+        }
+    }
+
     /// A new process with the same config and S3 (SIGTERM + wait first if still running).
     /// With `listen = 127.0.0.1:0` the port changes: use `uri()` again afterwards.
     pub fn restart(&mut self) {

@@ -24,6 +24,7 @@ mod outage;
 mod reload;
 mod secrets;
 mod service;
+mod snapshots;
 mod store;
 mod store_layout;
 mod store_load;

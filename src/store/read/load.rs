@@ -104,7 +104,9 @@ impl Inner {
 
     /// GET with a few retries; a wrong-sized object is corrupt (never served as data).
     async fn get_block(&self, block: u64) -> Result<Option<Bytes>, BackendError> {
-        let key = self.objects.key(block);
+        let Some(key) = self.objects.read_key(block) else {
+            return Ok(None);
+        };
         let mut backoff = Policy::BLOCK_READ.backoff();
         loop {
             Counters::bump(&self.counters.gets);

@@ -15,10 +15,11 @@ use tokio::time::Instant;
 /// Stores one block, retrying until the object store takes it. Each attempt sends the
 /// block's latest content, so changes made during an outage are folded in.
 pub(super) async fn store_block(inner: Arc<Inner>, block: u64, _permit: OwnedSemaphorePermit) {
-    let key = inner.objects.key(block);
     let mut backoff = Policy::WRITE_BACK.backoff();
     let mut failing = false;
     loop {
+        // Per attempt: the layer written to is the head when the attempt starts.
+        let key = inner.objects.key(block);
         let Some((content, stored)) = inner.snapshot(block) else {
             return;
         };
@@ -30,8 +31,9 @@ pub(super) async fn store_block(inner: Arc<Inner>, block: u64, _permit: OwnedSem
                     .put(&key, Bytes::from_owner(BufOwner(buf)))
                     .await
             }
-            None if stored => inner.objects.delete(&key).await,
-            None => Ok(()),
+            // The objects know whether anything must go (an object, or a tombstone over a
+            // snapshot's data): an all-zero block never stored costs nothing.
+            None => inner.objects.clear(block).await,
         };
         match result {
             Ok(()) => {

@@ -1,0 +1,109 @@
+//! What the admin commands do to a running daemon's exports: snapshots and garbage
+//! collection. Each returns the result, or why it was refused in words that name what is in
+//! the way (an unknown export or snapshot, a refused export, clients attached, the lease).
+
+use super::Daemon;
+use crate::export::Export;
+use crate::store::{check_snapshot_name, BlockStore, Snapshot, StoreError};
+use std::sync::Arc;
+
+/// One snapshot with the export it belongs to.
+#[derive(Debug, Clone)]
+pub struct ExportSnapshot {
+    pub export: String,
+    pub snapshot: Snapshot,
+}
+
+impl Daemon {
+    /// The served export `name` and its store, or why there is none.
+    fn served(&self, name: &str) -> Result<(Arc<Export>, Arc<BlockStore>), String> {
+        let export = self
+            .registry
+            .get(name)
+            .ok_or_else(|| format!("no export named {name:?} is configured"))?;
+        if let Some(reason) = export.refusal() {
+            return Err(format!("export {name:?} is refused: {reason}"));
+        }
+        let store = export
+            .store()
+            .cloned()
+            .ok_or_else(|| format!("export {name:?} is not served"))?;
+        Ok((export, store))
+    }
+
+    /// `snapshot create EXPORT SNAP`.
+    pub async fn snapshot_create(
+        &self,
+        export: &str,
+        snapshot: &str,
+    ) -> Result<ExportSnapshot, String> {
+        check_snapshot_name(snapshot)?;
+        let (_, store) = self.served(export)?;
+        let snapshot = store
+            .create_snapshot(snapshot)
+            .await
+            .map_err(|e| refused(export, e))?;
+        Ok(ExportSnapshot {
+            export: export.to_owned(),
+            snapshot,
+        })
+    }
+
+    /// `snapshot list [EXPORT]`: every served export's snapshots, or one export's.
+    pub fn snapshot_list(&self, export: Option<&str>) -> Result<Vec<ExportSnapshot>, String> {
+        let stores: Vec<(String, Arc<BlockStore>)> = match export {
+            Some(name) => vec![(name.to_owned(), self.served(name)?.1)],
+            None => self
+                .registry
+                .list()
+                .iter()
+                .filter_map(|e| Some((e.name().to_owned(), Arc::clone(e.store()?))))
+                .collect(),
+        };
+        Ok(stores
+            .into_iter()
+            .flat_map(|(export, store)| {
+                store
+                    .snapshots()
+                    .into_iter()
+                    .map(move |snapshot| ExportSnapshot {
+                        export: export.clone(),
+                        snapshot,
+                    })
+            })
+            .collect())
+    }
+
+    /// `snapshot delete EXPORT SNAP`: refused while clients read the snapshot's export.
+    /// Returns how many objects were deleted.
+    pub async fn snapshot_delete(&self, export: &str, snapshot: &str) -> Result<u64, String> {
+        let (_, store) = self.served(export)?;
+        let clients = self.registry.snapshot_clients(export, snapshot);
+        if clients > 0 {
+            return Err(format!(
+                "{clients} client(s) attached to {export}@{snapshot}; disconnect them first"
+            ));
+        }
+        store
+            .delete_snapshot(snapshot)
+            .await
+            .map_err(|e| refused(export, e))
+    }
+
+    /// `gc EXPORT`: deletes objects nothing needs; returns how many.
+    pub async fn gc(&self, export: &str) -> Result<u64, String> {
+        let (_, store) = self.served(export)?;
+        store.gc().await.map_err(|e| refused(export, e))
+    }
+}
+
+/// A store error as the admin reads it.
+fn refused(export: &str, e: StoreError) -> String {
+    match e {
+        StoreError::Refused(why) => format!("export {export:?}: {why}"),
+        StoreError::Fenced(why) => format!(
+            "export {export:?}: this daemon does not hold the export lease ({why}); only the lease holder changes snapshots"
+        ),
+        other => format!("export {export:?}: {other}"),
+    }
+}

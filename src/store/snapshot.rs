@@ -1,0 +1,293 @@
+//! Snapshots of one export: create (freeze the head layer, start a new one), delete (forget
+//! it, then remove what nothing reads any more), garbage collection, and read-only views.
+//!
+//! Creating a snapshot copies no block: it stores every dirty block, then makes one
+//! conditional manifest write; changes wait meanwhile (the store's barrier), so the snapshot
+//! holds exactly the changes replied to before it started. Deleting one is a manifest write
+//! followed by deletes of objects no reader finds any more; a crash between the two only
+//! leaves objects that the next delete or `gc` removes. Each step that a crash could split
+//! has a named crash point (`crash_point`) for the tests.
+
+use super::layers::Layers;
+use super::manifest::{self, LayerRecord, SnapshotRecord};
+use super::objects::BlockObjects;
+use super::{crash_point, BlockStore, BlockStoreConfig, StoreError};
+use futures_util::stream::{self, StreamExt};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+/// Longest snapshot name.
+const MAX_NAME: usize = 64;
+/// Deletes in flight while collecting garbage.
+const DELETES_IN_FLIGHT: usize = 32;
+
+/// A snapshot as the admin commands show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub name: String,
+    /// RFC 3339.
+    pub created: String,
+    /// The export's size when it was taken (the view's size).
+    pub size: u64,
+    /// Bytes stored for this snapshot alone: what deleting it frees.
+    pub bytes_held_only: u64,
+}
+
+/// Snapshot names: 1-64 characters of `A-Z a-z 0-9 . _ -`.
+pub fn check_snapshot_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME
+        && name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid snapshot name {name:?}: use 1-{MAX_NAME} characters of A-Z a-z 0-9 . _ -"
+        ))
+    }
+}
+
+/// The store's snapshots and the views opened on them.
+#[derive(Debug)]
+pub(super) struct Snapshots {
+    records: parking_lot::Mutex<Vec<SnapshotRecord>>,
+    views: parking_lot::Mutex<BTreeMap<String, Arc<BlockStore>>>,
+    /// One admin change at a time per export.
+    admin: tokio::sync::Mutex<()>,
+}
+
+impl Snapshots {
+    pub fn new(records: Vec<SnapshotRecord>) -> Self {
+        Self {
+            records: parking_lot::Mutex::new(records),
+            views: parking_lot::Mutex::new(BTreeMap::new()),
+            admin: tokio::sync::Mutex::new(()),
+        }
+    }
+}
+
+impl BlockStore {
+    /// Names of the snapshots, oldest first (no S3 call).
+    pub fn snapshot_names(&self) -> Vec<String> {
+        self.snaps
+            .records
+            .lock()
+            .iter()
+            .map(|r| r.name.clone())
+            .collect()
+    }
+
+    /// The snapshots with what each alone holds (from the in-memory maps, no S3 call).
+    pub fn snapshots(&self) -> Vec<Snapshot> {
+        let records = self.snaps.records.lock().clone();
+        let layers = self.inner.objects.layers();
+        let mut readers: BTreeSet<u64> = records.iter().map(|r| r.layer).collect();
+        readers.insert(layers.head());
+        records
+            .iter()
+            .map(|r| {
+                // Two snapshots of one layer (nothing written between them) share it all.
+                let twins = records.iter().filter(|o| o.layer == r.layer).count();
+                let only = if twins > 1 {
+                    0
+                } else {
+                    layers.held_only_by(r.layer, &readers)
+                };
+                Snapshot {
+                    name: r.name.clone(),
+                    created: r.created.clone(),
+                    size: r.size,
+                    bytes_held_only: only * self.inner.geo.block_size,
+                }
+            })
+            .collect()
+    }
+
+    /// Takes snapshot `name`: every change replied to before the call is in it, none that
+    /// starts after. Costs a flush and two manifest requests, whatever the export's size.
+    pub async fn create_snapshot(&self, name: &str) -> Result<Snapshot, StoreError> {
+        check_snapshot_name(name).map_err(StoreError::Refused)?;
+        if self.inner.read_only {
+            return Err(StoreError::Refused(
+                "the export is read-only (nothing can change, so a snapshot would add nothing)"
+                    .into(),
+            ));
+        }
+        let _one_at_a_time = self.snaps.admin.lock().await;
+        self.gate()?;
+        if self.snaps.records.lock().iter().any(|r| r.name == name) {
+            return Err(StoreError::Refused(format!(
+                "snapshot {name:?} already exists"
+            )));
+        }
+        let _no_changes = self.barrier.write().await;
+        self.inner.flush().await?;
+        crash_point("snapshot-create-flushed");
+        let store = self.inner.objects.store();
+        let prefix = self.inner.objects.prefix();
+        let (mut m, tag) = manifest::read(store, prefix).await?;
+        if m.snapshot(name).is_some() {
+            return Err(StoreError::Refused(format!(
+                "snapshot {name:?} already exists"
+            )));
+        }
+        m.make_layered();
+        let frozen = m.head();
+        let head = m.take_layer();
+        m.layers.push(LayerRecord {
+            id: head,
+            parent: Some(frozen),
+        });
+        m.head = Some(head);
+        let record = SnapshotRecord {
+            name: name.to_owned(),
+            layer: frozen,
+            created: manifest::now_rfc3339(),
+            size: self.size(),
+        };
+        m.snapshots.push(record.clone());
+        manifest::write(store, prefix, &m, tag.as_deref()).await?;
+        crash_point("snapshot-create-written");
+        self.inner.objects.layers_mut().push_head(head);
+        *self.snaps.records.lock() = m.snapshots;
+        tracing::info!(prefix = %prefix, snapshot = name, layer = frozen, "snapshot created");
+        Ok(Snapshot {
+            name: record.name,
+            created: record.created,
+            size: record.size,
+            bytes_held_only: 0,
+        })
+    }
+
+    /// Deletes snapshot `name`, then the objects nothing reads any more; returns how many
+    /// objects were deleted.
+    pub async fn delete_snapshot(&self, name: &str) -> Result<u64, StoreError> {
+        let _one_at_a_time = self.snaps.admin.lock().await;
+        self.gate()?;
+        let store = self.inner.objects.store();
+        let prefix = self.inner.objects.prefix();
+        let (mut m, tag) = manifest::read(store, prefix).await?;
+        let Some(at) = m.snapshots.iter().position(|s| s.name == name) else {
+            return Err(StoreError::Refused(format!("no snapshot {name:?}")));
+        };
+        m.snapshots.remove(at);
+        manifest::write(store, prefix, &m, tag.as_deref()).await?;
+        crash_point("snapshot-delete-written");
+        *self.snaps.records.lock() = m.snapshots.clone();
+        self.snaps.views.lock().remove(name);
+        tracing::info!(prefix = %prefix, snapshot = name, "snapshot deleted");
+        self.collect(&m).await
+    }
+
+    /// Deletes the objects nothing needs (left by a crash, or by a delete that was cut
+    /// short); returns how many.
+    pub async fn gc(&self) -> Result<u64, StoreError> {
+        let _one_at_a_time = self.snaps.admin.lock().await;
+        self.gate()?;
+        let (m, _) =
+            manifest::read(self.inner.objects.store(), self.inner.objects.prefix()).await?;
+        self.collect(&m).await
+    }
+
+    /// Lists the prefix and deletes what no reader (the head, a snapshot) finds: objects of
+    /// layers the manifest does not list, and objects every chain through their layer finds
+    /// elsewhere first. The head layer is left alone: it changes while this runs.
+    async fn collect(&self, m: &manifest::Manifest) -> Result<u64, StoreError> {
+        if self.inner.read_only {
+            return Err(StoreError::ReadOnly);
+        }
+        let objects = &self.inner.objects;
+        let prefix = objects.prefix();
+        let keys = manifest::retry(|| objects.store().list(prefix)).await?;
+        let mut listed = Layers::new(m.parents(), m.head()).map_err(StoreError::BadManifest)?;
+        let parents = m.parents();
+        let unknown: Vec<String> = keys
+            .iter()
+            .filter(|k| {
+                super::layers::parse_key(prefix, k).is_some_and(|p| !parents.contains_key(&p.layer))
+            })
+            .cloned()
+            .collect();
+        listed.load(prefix, keys.iter().map(String::as_str));
+        drop(keys);
+        let mut readers: BTreeSet<u64> = m.snapshots.iter().map(|s| s.layer).collect();
+        readers.insert(m.head());
+        let garbage = listed.garbage(&readers, m.head());
+        let total = (garbage.len() + unknown.len()) as u64;
+        if total == 0 {
+            return Ok(0);
+        }
+        let store = objects.store();
+        let mut unknown_deletes = stream::iter(unknown)
+            .map(|k| delete_key(Arc::clone(store), k))
+            .buffer_unordered(DELETES_IN_FLIGHT);
+        while let Some(done) = unknown_deletes.next().await {
+            done?;
+        }
+        let mut deletes = stream::iter(garbage)
+            .map(|k| remove(objects, k))
+            .buffer_unordered(DELETES_IN_FLIGHT);
+        let mut first = true;
+        while let Some(done) = deletes.next().await {
+            done?;
+            if std::mem::take(&mut first) {
+                crash_point("collect-partial");
+            }
+        }
+        tracing::info!(prefix = %prefix, objects = total, "deleted objects nothing needs");
+        Ok(total)
+    }
+
+    /// A read-only store reading snapshot `name` (opened once, then shared; no S3 call).
+    pub fn snapshot_view(&self, name: &str) -> Option<Arc<BlockStore>> {
+        let record = self
+            .snaps
+            .records
+            .lock()
+            .iter()
+            .find(|r| r.name == name)
+            .cloned()?;
+        if let Some(view) = self.snaps.views.lock().get(name) {
+            return Some(Arc::clone(view));
+        }
+        let layers = match self.inner.objects.layers().view(record.layer) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(snapshot = name, error = %e, "snapshot view cannot be opened");
+                return None;
+            }
+        };
+        let objects = self.inner.objects.store();
+        let prefix = self.inner.objects.prefix().to_owned();
+        let cfg = BlockStoreConfig {
+            prefix: prefix.clone(),
+            size: record.size,
+            block_size: self.block_size(),
+            read_only: true,
+            flush_timeout: self.inner.wb.flush_timeout,
+        };
+        let bs = self.block_size() as usize;
+        let view_objects = BlockObjects::new(Arc::clone(objects), prefix, bs, layers);
+        let view = Self::assemble(
+            view_objects,
+            &cfg,
+            Arc::clone(&self.inner.budget),
+            Vec::new(),
+        );
+        let mut views = self.snaps.views.lock();
+        let view = views.entry(name.to_owned()).or_insert(view);
+        Some(Arc::clone(view))
+    }
+}
+
+async fn remove(objects: &BlockObjects, key: super::layers::LayerKey) -> Result<(), StoreError> {
+    manifest::retry(|| objects.remove(key)).await?;
+    Ok(())
+}
+
+async fn delete_key(store: crate::backend::DynObjectStore, key: String) -> Result<(), StoreError> {
+    manifest::retry(|| store.delete(&key)).await?;
+    Ok(())
+}

@@ -1,0 +1,285 @@
+//! Snapshots through the real binary, real NBD clients and s3s-fs: `snapshot create` holds
+//! every write replied to before it (flushed or not) and nothing after; `EXPORT@SNAP` is
+//! listed, read-only, reads byte-exact and maps exactly its blocks; a restart keeps it all;
+//! `snapshot list` says what each snapshot alone holds and `snapshot delete` frees exactly
+//! that; refusals exit 1, bad names 2; kill -9 at every step of create and delete leaves
+//! every export and snapshot readable, and `gc` removes what a cut-short delete left.
+
+use crate::common::nbdsh_session::NbdshSession;
+use crate::common::store_bed::{
+    allocation_map, apply, assert_image, nbd_read, nbd_write, Bed, BUCKET, KIB, MIB,
+};
+use crate::common::{nbdinfo, pattern, run_fails, tool, ExportSpec, DAEMON_TIMEOUT};
+
+const BS: u64 = 64 * KIB;
+const SIZE: u64 = 4 * MIB;
+
+fn spec() -> ExportSpec {
+    ExportSpec::new("vm1").size("4MiB").block_size("64KiB")
+}
+
+fn json(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+/// The data written before the snapshot: blocks 0-7 whole, part of block 20.
+fn before_ops() -> Vec<(u64, Vec<u8>)> {
+    vec![
+        (0, pattern(8 * BS as usize, 1)),
+        (20 * BS + 1000, pattern(5000, 2)),
+    ]
+}
+
+/// Python for the changes after the snapshot: block 1 rewritten, part of block 2, block 3
+/// zeroed, block 4 trimmed, block 30 new. Returns the code and applies it to `image`.
+fn after_changes(image: &mut [u8]) -> Vec<String> {
+    let b1 = pattern(BS as usize, 3);
+    let b2 = pattern(100, 4);
+    apply(
+        image,
+        &[
+            (BS, b1.clone()),
+            (2 * BS + 7, b2.clone()),
+            (30 * BS, b1.clone()),
+        ],
+    );
+    image[3 * BS as usize..5 * BS as usize].fill(0);
+    vec![
+        format!("h.pwrite(bytes({b1:?}), {BS})"),
+        format!("h.pwrite(bytes({b2:?}), {})", 2 * BS + 7),
+        format!("h.zero({BS}, {})", 3 * BS),
+        format!("h.trim({BS}, {})", 4 * BS),
+        format!("h.pwrite(bytes({b1:?}), {})", 30 * BS),
+    ]
+}
+
+/// Blocks holding data in `image`, as (first block, count) runs.
+fn data_blocks(image: &[u8]) -> Vec<u64> {
+    image
+        .chunks(BS as usize)
+        .enumerate()
+        .filter(|(_, c)| c.iter().any(|b| *b != 0))
+        .map(|(i, _)| i as u64)
+        .collect()
+}
+
+/// The blocks the allocation map of `uri` shows as data.
+fn mapped_blocks(uri: &str) -> Vec<u64> {
+    let mut out = Vec::new();
+    for (off, len, typ) in allocation_map(uri) {
+        if typ & 1 == 0 {
+            out.extend(off / BS..(off + len).div_ceil(BS));
+        }
+    }
+    out
+}
+
+fn snapshot_list(bed: &Bed) -> serde_json::Value {
+    json(&bed.nbd.admin_ok(&["snapshot", "list", "--json"]))
+}
+
+#[test]
+fn snapshot_is_point_in_time_read_only_exact_and_delete_frees_what_only_it_held() {
+    let mut bed = Bed::start(vec![spec()]);
+    let mut image = vec![0u8; SIZE as usize];
+    let before = before_ops();
+    apply(&mut image, &before);
+    // Written, replied to, never flushed: the snapshot must hold it anyway.
+    nbd_write(&bed.uri("vm1"), &before, false);
+    let snap_image = image.clone();
+
+    let mut session = NbdshSession::open(&bed.uri("vm1"));
+    let created = bed.nbd.admin_ok(&["snapshot", "create", "vm1", "s1"]);
+    assert!(
+        created.contains("s1"),
+        "create prints the snapshot: {created}"
+    );
+    for line in after_changes(&mut image) {
+        session.run(&line, &bed.nbd);
+    }
+    session.run("h.flush()", &bed.nbd);
+    session.close();
+
+    let listed = nbdinfo(&["--list", "--json", &bed.uri("")]);
+    assert!(listed.contains("\"vm1@s1\""), "nbdinfo --list: {listed}");
+    bed.assert_reads("vm1@s1", &snap_image, BS, "snapshot");
+    bed.assert_reads("vm1", &image, BS, "live export after the snapshot");
+    assert_eq!(mapped_blocks(&bed.uri("vm1@s1")), data_blocks(&snap_image));
+    assert_eq!(mapped_blocks(&bed.uri("vm1")), data_blocks(&image));
+    let write = "h.pwrite(b'x', 0)";
+    run_fails(tool("nbdsh").args(["-u", &bed.uri("vm1@s1"), "-c", write]));
+
+    // Blocks 1-4 of the snapshot are no longer read by the live export: they are its own.
+    let list = snapshot_list(&bed);
+    let s1 = &list["snapshots"][0];
+    assert_eq!(
+        (s1["export"].as_str(), s1["snapshot"].as_str()),
+        (Some("vm1"), Some("s1"))
+    );
+    assert_eq!(s1["bytes_held_only"], 4 * BS, "{list}");
+    let table = bed.nbd.admin_ok(&["snapshot", "list", "vm1"]);
+    let header: Vec<&str> = table
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        header,
+        ["EXPORT", "SNAPSHOT", "CREATED", "BYTES_HELD_ONLY", "CLONES"]
+    );
+
+    // Everything survives a restart (the manifest is format 2 now).
+    bed.stop_and_restart();
+    bed.assert_reads("vm1@s1", &snap_image, BS, "snapshot after restart");
+    bed.assert_reads("vm1", &image, BS, "live export after restart");
+    let manifest = bed
+        .s3
+        .read_object(BUCKET, "vm1/nbd-s3.json")
+        .expect("manifest");
+    assert_eq!(json(&String::from_utf8_lossy(&manifest))["format"], 2);
+
+    let keys_before = bed.keys("vm1/").len();
+    let deleted = bed.nbd.admin_ok(&["snapshot", "delete", "vm1", "s1"]);
+    assert!(deleted.contains("4 objects"), "{deleted}");
+    assert_eq!(
+        bed.keys("vm1/").len(),
+        keys_before - 4,
+        "{:?}",
+        bed.keys("vm1/")
+    );
+    assert_eq!(bed.nbd.admin_ok(&["gc", "vm1"]).trim(), "0");
+    bed.assert_reads("vm1", &image, BS, "live export after the delete");
+    assert_eq!(snapshot_list(&bed)["snapshots"], serde_json::json!([]));
+    run_fails(tool("nbdinfo").arg(bed.uri("vm1@s1")));
+    bed.stop_and_restart();
+    bed.assert_reads("vm1", &image, BS, "live export after delete and restart");
+}
+
+#[test]
+fn refusals_exit_1_naming_the_cause_and_bad_names_exit_2() {
+    let bed = Bed::start(vec![spec(), ExportSpec::new("ro").read_only(true)]);
+    bed.nbd.admin_ok(&["snapshot", "create", "vm1", "a.b_c-1"]);
+    let code = |args: &[&str]| bed.nbd.admin(args);
+    for (args, why) in [
+        (
+            &["snapshot", "create", "vm1", "a.b_c-1"][..],
+            "already exists",
+        ),
+        (&["snapshot", "create", "nope", "x"][..], "nope"),
+        (&["snapshot", "delete", "vm1", "zz"][..], "zz"),
+        (&["snapshot", "create", "ro", "x"][..], "read-only"),
+        (&["gc", "nope"][..], "nope"),
+    ] {
+        let out = code(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains(why), "{args:?}: {stderr}");
+    }
+    let long = "x".repeat(65);
+    for bad in ["a/b", "", "a@b", long.as_str()] {
+        let out = code(&["snapshot", "create", "vm1", bad]);
+        assert_eq!(out.status.code(), Some(2), "{bad:?}: {out:?}");
+    }
+    assert_eq!(code(&["snapshot", "create", "vm1"]).status.code(), Some(2));
+}
+
+/// Starts a bed whose daemon dies at `step`, with blocks 0-7 written (unflushed).
+fn crash_bed(step: &str) -> (Bed, Vec<u8>) {
+    let bed = Bed::start_with(vec![spec()], |b| b.env("NBD_S3_CRASH_AT", step));
+    let mut image = vec![0u8; SIZE as usize];
+    apply(&mut image, &before_ops());
+    nbd_write(&bed.uri("vm1"), &before_ops(), false);
+    (bed, image)
+}
+
+/// The daemon died at its crash point: start it again without one.
+fn restart_after_crash(bed: &mut Bed) {
+    let status = bed.nbd.wait_exit(DAEMON_TIMEOUT);
+    assert!(!status.success(), "the crash hook aborts: {status}");
+    bed.nbd.set_env("NBD_S3_CRASH_AT", None);
+    bed.nbd.restart();
+}
+
+#[test]
+fn kill_at_each_step_of_create_leaves_export_and_snapshot_readable() {
+    for (step, taken) in [
+        ("snapshot-create-flushed", false),
+        ("snapshot-create-written", true),
+    ] {
+        let (mut bed, image) = crash_bed(step);
+        let out = bed.nbd.admin(&["snapshot", "create", "vm1", "s1"]);
+        assert_eq!(
+            out.status.code(),
+            Some(3),
+            "{step}: the daemon died: {out:?}"
+        );
+        restart_after_crash(&mut bed);
+        let names: Vec<String> = snapshot_list(&bed)["snapshots"]
+            .as_array()
+            .expect("array")
+            .iter()
+            .map(|s| s["snapshot"].as_str().unwrap_or_default().to_owned())
+            .collect();
+        assert_eq!(names.len(), usize::from(taken), "{step}: {names:?}");
+        // The flush before the manifest write stored the unflushed writes either way.
+        bed.assert_reads("vm1", &image, BS, step);
+        if taken {
+            bed.assert_reads("vm1@s1", &image, BS, step);
+        }
+        assert_eq!(bed.nbd.admin_ok(&["gc", "vm1"]).trim(), "0", "{step}");
+        // The export still takes snapshots and writes.
+        bed.nbd.admin_ok(&["snapshot", "create", "vm1", "s2"]);
+        nbd_write(&bed.uri("vm1"), &[(0, vec![9; 10])], true);
+        assert_image(step, &nbd_read(&bed.uri("vm1@s2"), 0, SIZE), &image, BS);
+    }
+}
+
+#[test]
+fn kill_at_each_step_of_delete_leaves_garbage_that_gc_removes() {
+    // After the first delete returns, the others in flight may or may not have finished.
+    for (step, left) in [
+        ("snapshot-delete-written", 4..=4),
+        ("collect-partial", 0..=3),
+    ] {
+        let (mut bed, mut image) = crash_bed(step);
+        bed.nbd.admin_ok(&["snapshot", "create", "vm1", "s1"]);
+        let mut session = NbdshSession::open(&bed.uri("vm1"));
+        for line in after_changes(&mut image) {
+            session.run(&line, &bed.nbd);
+        }
+        session.run("h.flush()", &bed.nbd);
+        session.close();
+        bed.nbd.admin_ok(&["snapshot", "create", "vm1", "keep"]);
+        let keys_before = bed.keys("vm1/").len();
+
+        // Blocks 1-4 of s1 are read by nothing else: the delete frees 4 objects.
+        let out = bed.nbd.admin(&["snapshot", "delete", "vm1", "s1"]);
+        assert_eq!(
+            out.status.code(),
+            Some(3),
+            "{step}: the daemon died: {out:?}"
+        );
+        restart_after_crash(&mut bed);
+        let list = snapshot_list(&bed);
+        assert_eq!(
+            list["snapshots"].as_array().map(Vec::len),
+            Some(1),
+            "{step}: {list}"
+        );
+        assert_eq!(list["snapshots"][0]["snapshot"], "keep");
+        bed.assert_reads("vm1", &image, BS, step);
+        bed.assert_reads("vm1@keep", &image, BS, step);
+        let collected: u64 = bed
+            .nbd
+            .admin_ok(&["gc", "vm1"])
+            .trim()
+            .parse()
+            .expect("count");
+        assert!(left.contains(&collected), "{step}: gc deleted {collected}");
+        assert_eq!(bed.keys("vm1/").len(), keys_before - 4, "{step}");
+        assert_eq!(bed.nbd.admin_ok(&["gc", "vm1"]).trim(), "0", "{step}");
+        bed.assert_reads("vm1", &image, BS, step);
+        bed.assert_reads("vm1@keep", &image, BS, step);
+    }
+}
