@@ -49,6 +49,8 @@ enum SnapshotCommand {
     List(SnapshotListArgs),
     /// Delete a snapshot and free what nothing else needs.
     Delete(SnapshotArgs),
+    /// Make the export read exactly as the snapshot did (refused while clients are attached).
+    Rollback(SnapshotArgs),
 }
 
 #[derive(Debug, Args)]
@@ -216,18 +218,31 @@ fn snapshot(command: SnapshotCommand) -> ExitCode {
             })
         }
         SnapshotCommand::Delete(a) => {
-            let name = format!("{}@{}", a.export, a.snapshot);
+            let done = format!("deleted {}@{}", a.export, a.snapshot);
             let request = Request::SnapshotDelete {
-                export: a.export,
-                snapshot: a.snapshot,
+                export: a.export.clone(),
+                snapshot: a.snapshot.clone(),
             };
-            admin(&a.target, &request, |value| {
-                print_listing(a.json, value, |d: Deleted| {
-                    format!("deleted {name}; {} objects freed\n", d.deleted_objects)
-                })
-            })
+            deleting(&a, &request, done)
+        }
+        SnapshotCommand::Rollback(a) => {
+            let done = format!("rolled {} back to {}", a.export, a.snapshot);
+            let request = Request::SnapshotRollback {
+                export: a.export.clone(),
+                snapshot: a.snapshot.clone(),
+            };
+            deleting(&a, &request, done)
         }
     }
+}
+
+/// A snapshot command that deletes objects: prints `done` and how many were freed.
+fn deleting(a: &SnapshotArgs, request: &Request, done: String) -> ExitCode {
+    admin(&a.target, request, |value| {
+        print_listing(a.json, value, |d: Deleted| {
+            format!("{done}; {} objects freed\n", d.deleted_objects)
+        })
+    })
 }
 
 /// Runs one admin command against the daemon and prints its result with `show`.

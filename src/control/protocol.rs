@@ -22,6 +22,8 @@ pub enum Request {
     },
     /// Deletes a snapshot and what nothing else needs.
     SnapshotDelete { export: String, snapshot: String },
+    /// Makes an export read as one of its snapshots.
+    SnapshotRollback { export: String, snapshot: String },
     /// Deletes objects of an export nothing needs.
     Gc { export: String },
 }

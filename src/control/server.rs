@@ -131,6 +131,10 @@ pub async fn answer(daemon: &Daemon, request: Request) -> Reply {
             .snapshot_delete(&export, &snapshot)
             .await
             .and_then(|n| encode(Deleted { deleted_objects: n })),
+        Request::SnapshotRollback { export, snapshot } => daemon
+            .snapshot_rollback(&export, &snapshot)
+            .await
+            .and_then(|n| encode(Deleted { deleted_objects: n })),
         Request::Gc { export } => daemon
             .gc(&export)
             .await

@@ -90,6 +90,22 @@ impl Daemon {
             .map_err(|e| refused(export, e))
     }
 
+    /// `snapshot rollback EXPORT SNAP`: refused while clients are attached to EXPORT.
+    /// Returns how many objects were deleted.
+    pub async fn snapshot_rollback(&self, export: &str, snapshot: &str) -> Result<u64, String> {
+        let (served, store) = self.served(export)?;
+        let clients = served.attached();
+        if clients > 0 {
+            return Err(format!(
+                "{clients} client(s) attached to {export}; disconnect them first"
+            ));
+        }
+        store
+            .rollback(snapshot)
+            .await
+            .map_err(|e| refused(export, e))
+    }
+
     /// `gc EXPORT`: deletes objects nothing needs; returns how many.
     pub async fn gc(&self, export: &str) -> Result<u64, String> {
         let (_, store) = self.served(export)?;

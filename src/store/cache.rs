@@ -167,6 +167,28 @@ impl Cache {
             .min()
     }
 
+    /// Drops every clean block (and forgets GETs in flight: their waiters look again), for
+    /// when what the blocks read as changed under the cache (a rollback). Dirty blocks stay.
+    pub fn drop_clean(&self) {
+        for shard in &self.shards {
+            let mut shard = shard.lock();
+            let clean: Vec<u64> = shard
+                .slots
+                .iter()
+                .filter(|(_, slot)| slot.is_clean())
+                .map(|(block, _)| *block)
+                .collect();
+            let mut dropped = Vec::with_capacity(clean.len());
+            for block in clean {
+                shard.unlink(block);
+                dropped.extend(shard.slots.remove(&block));
+            }
+            drop(shard);
+            // The buffers (and their charges) go outside the lock.
+            drop(dropped);
+        }
+    }
+
     /// Evicts the least recently used clean block of the export; false if none.
     pub fn evict_oldest(&self) -> bool {
         let mut best: Option<(u64, usize)> = None;

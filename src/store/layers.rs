@@ -212,6 +212,17 @@ impl Layers {
         self.chain.insert(0, new);
     }
 
+    /// Starts a new, empty head `new` on top of `parent` (a rollback to the snapshot reading
+    /// through `parent`): reads resolve through `parent`'s chain from now on.
+    pub fn reroot(&mut self, new: u64, parent: u64) -> Result<(), String> {
+        let mut parents = self.parents.clone();
+        parents.insert(new, Some(parent));
+        self.chain = chain_of(&parents, new)?;
+        self.parents = parents;
+        self.bits.insert(new, Bits::default());
+        Ok(())
+    }
+
     /// The same layers read through `top` (a snapshot's view); its bits are copies, as frozen
     /// layers no longer change.
     pub fn view(&self, top: u64) -> Result<Layers, String> {

@@ -50,6 +50,11 @@ impl Presence {
         }
     }
 
+    /// Takes over `other`'s blocks (a rollback changed what the export reads as).
+    pub fn replace(&self, other: Presence) {
+        *self.leaves.write() = other.leaves.into_inner();
+    }
+
     /// An independent copy (a snapshot's view of a frozen layer).
     pub fn copy(&self) -> Self {
         Self {

@@ -181,6 +181,48 @@ impl BlockStore {
         self.collect(&m).await
     }
 
+    /// Makes the export read exactly as snapshot `name` did: a new, empty head layer on top
+    /// of the snapshot's, then the old head's objects go. The caller makes sure no client
+    /// is attached (their cached view would change under them). Returns how many objects
+    /// were deleted.
+    pub async fn rollback(&self, name: &str) -> Result<u64, StoreError> {
+        if self.inner.read_only {
+            return Err(StoreError::ReadOnly);
+        }
+        let _one_at_a_time = self.snaps.admin.lock().await;
+        self.gate()?;
+        let m = {
+            let _no_changes = self.barrier.write().await;
+            self.inner.flush().await?;
+            let store = self.inner.objects.store();
+            let prefix = self.inner.objects.prefix();
+            let (mut m, tag) = manifest::read(store, prefix).await?;
+            let Some(target) = m.snapshot(name).map(|s| s.layer) else {
+                return Err(StoreError::Refused(format!("no snapshot {name:?}")));
+            };
+            let head = m.take_layer();
+            m.layers.push(LayerRecord {
+                id: head,
+                parent: Some(target),
+            });
+            m.head = Some(head);
+            manifest::write(store, prefix, &m, tag.as_deref()).await?;
+            crash_point("rollback-written");
+            let effective = {
+                let mut layers = self.inner.objects.layers_mut();
+                layers
+                    .reroot(head, target)
+                    .map_err(StoreError::BadManifest)?;
+                layers.effective()
+            };
+            self.inner.presence.replace(effective);
+            self.inner.cache.drop_clean();
+            tracing::info!(prefix = %prefix, snapshot = name, "rolled back");
+            m
+        };
+        self.collect(&m).await
+    }
+
     /// Deletes the objects nothing needs (left by a crash, or by a delete that was cut
     /// short); returns how many.
     pub async fn gc(&self) -> Result<u64, StoreError> {

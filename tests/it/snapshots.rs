@@ -283,3 +283,60 @@ fn kill_at_each_step_of_delete_leaves_garbage_that_gc_removes() {
         bed.assert_reads("vm1@keep", &image, BS, step);
     }
 }
+
+#[test]
+fn rollback_restores_the_bytes_exactly_refused_while_clients_are_attached() {
+    let mut bed = Bed::start(vec![spec()]);
+    let mut image = vec![0u8; SIZE as usize];
+    apply(&mut image, &before_ops());
+    nbd_write(&bed.uri("vm1"), &before_ops(), true);
+    let snap_image = image.clone();
+    bed.nbd.admin_ok(&["snapshot", "create", "vm1", "s1"]);
+
+    let mut session = NbdshSession::open(&bed.uri("vm1"));
+    for line in after_changes(&mut image) {
+        session.run(&line, &bed.nbd);
+    }
+    session.run("h.flush()", &bed.nbd);
+    // Blocks read before the rollback are cached: the rollback must not serve them.
+    let _ = nbd_read(&bed.uri("vm1"), 0, SIZE);
+    let out = bed.nbd.admin(&["snapshot", "rollback", "vm1", "s1"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("attached"), "{stderr}");
+    session.close();
+
+    // Blocks 1, 2 and 30 (data) and 3, 4 (tombstones) of the head go.
+    let out = bed.nbd.admin_ok(&["snapshot", "rollback", "vm1", "s1"]);
+    assert!(out.contains("5 objects"), "{out}");
+    bed.assert_reads("vm1", &snap_image, BS, "after the rollback");
+    assert_eq!(mapped_blocks(&bed.uri("vm1")), data_blocks(&snap_image));
+    bed.assert_reads("vm1@s1", &snap_image, BS, "the snapshot itself");
+    // The export goes on: writes land on the rolled-back content.
+    nbd_write(&bed.uri("vm1"), &[(0, vec![7; 100])], true);
+    let mut later = snap_image.clone();
+    later[..100].fill(7);
+    bed.stop_and_restart();
+    bed.assert_reads("vm1", &later, BS, "after rollback and restart");
+    bed.assert_reads("vm1@s1", &snap_image, BS, "snapshot after restart");
+}
+
+#[test]
+fn kill_during_rollback_leaves_the_rolled_back_export_and_garbage_for_gc() {
+    let (mut bed, image) = crash_bed("rollback-written");
+    bed.nbd.admin_ok(&["snapshot", "create", "vm1", "s1"]);
+    let mut changed = image.clone();
+    let mut session = NbdshSession::open(&bed.uri("vm1"));
+    for line in after_changes(&mut changed) {
+        session.run(&line, &bed.nbd);
+    }
+    session.close();
+    let out = bed.nbd.admin(&["snapshot", "rollback", "vm1", "s1"]);
+    assert_eq!(out.status.code(), Some(3), "the daemon died: {out:?}");
+    restart_after_crash(&mut bed);
+    bed.assert_reads("vm1", &image, BS, "rolled back before the crash");
+    bed.assert_reads("vm1@s1", &image, BS, "snapshot");
+    assert_eq!(bed.nbd.admin_ok(&["gc", "vm1"]).trim(), "5");
+    assert_eq!(bed.nbd.admin_ok(&["gc", "vm1"]).trim(), "0");
+    bed.assert_reads("vm1", &image, BS, "after gc");
+}
