@@ -43,6 +43,7 @@ async fn serve(port: u16, size: u64) -> Result<(), Box<dyn std::error::Error>> {
         description: None,
         allow: None,
         lease: LeaseMode::Off,
+        codec: Default::default(),
     };
     let store = BlockStore::open(
         Arc::new(MemoryStore::new()),
@@ -52,6 +53,7 @@ async fn serve(port: u16, size: u64) -> Result<(), Box<dyn std::error::Error>> {
             block_size: cfg.block_size,
             read_only: false,
             flush_timeout: Duration::from_secs(60),
+            codec: Default::default(),
         },
         // protocol.sh's [cache] for the other stores: memory 1GiB, dirty 512MiB.
         CacheBudget::new(1 << 30, 512 << 20),

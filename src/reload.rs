@@ -171,11 +171,12 @@ fn diff_export(o: &ExportConfig, n: &ExportConfig, st: RunningExport) -> ExportA
     let moved = o.bucket != n.bucket
         || o.prefix != n.prefix
         || o.block_size != n.block_size
-        || o.lease != n.lease;
+        || o.lease != n.lease
+        || o.codec != n.codec;
     if moved && st.attached > 0 {
         return ExportAction::Refuse {
             reason: format!(
-                "bucket, prefix, block_size or lease cannot change while {} client(s) are attached",
+                "bucket, prefix, block_size, lease, compression or encryption key cannot change while {} client(s) are attached",
                 st.attached
             ),
         };
@@ -192,7 +193,8 @@ fn diff_export(o: &ExportConfig, n: &ExportConfig, st: RunningExport) -> ExportA
     if moved {
         return ExportAction::Reopen {
             new: n.clone(),
-            reason: "bucket, prefix, block_size or lease changed".into(),
+            reason: "bucket, prefix, block_size, lease, compression or encryption key changed"
+                .into(),
         };
     }
     if o.read_only && !n.read_only {

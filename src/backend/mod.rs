@@ -42,6 +42,11 @@ pub enum BackendError {
     /// The object exists but its bytes are not what was written (checksum or length mismatch).
     #[error("object {key} is corrupt: {reason}")]
     Corrupt { key: String, reason: String },
+    /// The object arrived intact but does not decode as a block of this export (wrong key,
+    /// altered before it was checksummed, moved from another block): fetching it again gives
+    /// the same bytes, so it is not retried.
+    #[error("object {key} cannot be read: {reason}")]
+    Undecodable { key: String, reason: String },
     /// The store cannot do this operation at all (e.g. conditional writes): the caller must
     /// fall back or ask the admin to opt out (`lease = "off"`).
     #[error("object store does not support {0}")]
@@ -60,7 +65,7 @@ impl crate::retry::Classify for BackendError {
         use crate::retry::Kind;
         match self {
             BackendError::Transient(_) => Kind::Transient,
-            BackendError::Corrupt { .. } => Kind::Corrupt,
+            BackendError::Corrupt { .. } | BackendError::Undecodable { .. } => Kind::Corrupt,
             BackendError::Permanent(_) | BackendError::Unsupported(_) => Kind::Permanent,
         }
     }

@@ -72,7 +72,9 @@ impl Outcome {
             Ok(_) => Outcome::Ok,
             Err(BackendError::Transient(_)) => Outcome::Transient,
             Err(BackendError::Permanent(_)) => Outcome::Permanent,
-            Err(BackendError::Corrupt { .. }) => Outcome::Corrupt,
+            Err(BackendError::Corrupt { .. } | BackendError::Undecodable { .. }) => {
+                Outcome::Corrupt
+            }
             Err(BackendError::Unsupported(_)) => Outcome::Unsupported,
         }
     }

@@ -108,6 +108,7 @@ impl AdHoc {
                 lease: super::LeaseMode::On {
                     ttl: super::DEFAULT_LEASE_TTL,
                 },
+                codec: super::CodecConfig::default(),
             }],
         })
     }

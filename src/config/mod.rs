@@ -2,6 +2,7 @@
 //! validated, typed values. Nothing downstream re-checks what this module has validated.
 
 mod adhoc;
+mod codec;
 mod error;
 mod locate;
 mod raw;
@@ -15,6 +16,7 @@ mod validate;
 mod tests;
 
 pub use adhoc::AdHoc;
+pub use codec::{CodecConfig, Compression, EncryptionKey, KEY_LEN};
 pub use error::{ConfigError, Diagnostic};
 pub use secrets::{command_line_warnings, file_warnings, Secret};
 pub use summary::{summary_table, table};
@@ -223,6 +225,8 @@ pub struct ExportConfig {
     pub allow: Option<Vec<AllowRule>>,
     /// Irrelevant for read-only exports, which never take a lease.
     pub lease: LeaseMode,
+    /// `compression` and `encryption_key_file`: fixed once the export holds data.
+    pub codec: CodecConfig,
 }
 
 /// Default block size: 128 KiB objects balance request rate against read amplification.

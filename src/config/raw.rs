@@ -71,6 +71,8 @@ pub struct RawExport {
     pub description: Option<Spanned<String>>,
     pub allow: Option<Spanned<Vec<String>>>,
     pub lease: Option<Spanned<String>>,
+    pub compression: Option<Spanned<String>>,
+    pub encryption_key_file: Option<Spanned<String>>,
 }
 
 /// A size as written: a string with a unit, or a plain integer number of bytes.

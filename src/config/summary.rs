@@ -125,6 +125,16 @@ pub fn summary_table(cfg: &Config) -> String {
         if let Some(rules) = &e.allow {
             out.push_str(&format!("{} allows only: {}\n", e.name, allow_text(rules)));
         }
+        if !e.codec.is_plain() {
+            let encryption = match &e.codec.encryption {
+                Some(k) => format!("encrypted with the key in {}", k.path().display()),
+                None => "not encrypted".to_string(),
+            };
+            out.push_str(&format!(
+                "{} blocks: compression {}, {encryption}\n",
+                e.name, e.codec.compression
+            ));
+        }
     }
     let n = cfg.exports.len();
     out.push_str(&format!("{n} export{}\n", if n == 1 { "" } else { "s" }));

@@ -522,3 +522,59 @@ fn tls_files_must_parse_and_match() {
         "{line}"
     );
 }
+
+#[test]
+fn compression_and_encryption_key_file_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("vm1.key");
+    std::fs::write(&key, format!("{}\n", "ab".repeat(32))).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let src = format!(
+        "{}compression = \"zstd:5\"\nencryption_key_file = \"vm1.key\"\n",
+        with_export("size = \"1GiB\"\n")
+    );
+    let cfg = Config::parse(&src, "exports.toml", dir.path()).unwrap();
+    let codec = &cfg.exports[0].codec;
+    assert_eq!(codec.compression, Compression::Zstd { level: 5 });
+    let k = codec.encryption.as_ref().expect("key");
+    assert_eq!((k.path(), k.expose()[0]), (key.as_path(), 0xab));
+    let summary = summary_table(&cfg);
+    assert!(
+        summary.contains("vm1 blocks: compression zstd:5, encrypted with the key in"),
+        "{summary}"
+    );
+    assert!(!summary.contains("abab"), "{summary}");
+    assert!(
+        parse(GOOD).unwrap().exports[0].codec.is_plain(),
+        "off by default"
+    );
+
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let lines = Config::parse(&src, "exports.toml", dir.path())
+        .unwrap_err()
+        .lines();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].starts_with("exports.toml:6: export \"vm1\": encryption_key_file:")
+            && lines[0].contains("0644"),
+        "{lines:?}"
+    );
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::write(&key, "abcd\n").unwrap();
+    let lines = Config::parse(&src, "exports.toml", dir.path())
+        .unwrap_err()
+        .lines();
+    assert!(lines[0].contains("32 raw bytes or 64 hex"), "{lines:?}");
+    std::fs::remove_file(&key).unwrap();
+    let lines = Config::parse(&src, "exports.toml", dir.path())
+        .unwrap_err()
+        .lines();
+    assert!(lines[0].contains("cannot read"), "{lines:?}");
+
+    let bad = error_line(&with_export("size = \"1GiB\"\ncompression = \"lz4\"\n"));
+    assert!(
+        bad.starts_with("exports.toml:5: export \"vm1\": compression:")
+            && bad.contains("zstd:LEVEL"),
+        "{bad}"
+    );
+}

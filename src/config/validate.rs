@@ -6,6 +6,7 @@ use super::error::{line_of, Diagnostic};
 use super::raw::{RawCache, RawConfig, RawExport, RawS3, RawServer, RawSize};
 use super::size::{format_size, parse_size};
 use super::{CacheConfig, Config, ExportConfig, ListenAddr, S3Config, ServerConfig};
+use super::{CodecConfig, Compression, EncryptionKey};
 use super::{DEFAULT_BLOCK_SIZE, DEFAULT_CONTROL, DEFAULT_FLUSH_TIMEOUT, DEFAULT_LISTEN};
 use std::collections::HashMap;
 use std::ops::Range;
@@ -347,6 +348,7 @@ impl<'a> Checker<'a> {
         }
         let allow = raw.allow.as_ref().and_then(|a| self.allow(a, &label));
         let lease = self.lease(raw.lease.as_ref(), &label);
+        let codec = self.codec(raw, &label);
         if self.errors.len() != before {
             return None;
         }
@@ -360,7 +362,27 @@ impl<'a> Checker<'a> {
             description: raw.description.as_ref().map(|d| d.get_ref().clone()),
             allow,
             lease,
+            codec,
         })
+    }
+
+    /// `compression` and `encryption_key_file` (read now: a missing, open or short key file
+    /// is a configuration error, not a surprise at open).
+    fn codec(&mut self, raw: &RawExport, label: &str) -> CodecConfig {
+        let mut codec = CodecConfig::default();
+        if let Some(c) = &raw.compression {
+            match Compression::parse(c.get_ref()) {
+                Ok(v) => codec.compression = v,
+                Err(msg) => self.err(&c.span(), label, format!("compression: {msg}")),
+            }
+        }
+        if let Some(f) = &raw.encryption_key_file {
+            match EncryptionKey::read(&self.base_dir.join(f.get_ref())) {
+                Ok(key) => codec.encryption = Some(key),
+                Err(msg) => self.err(&f.span(), label, format!("encryption_key_file: {msg}")),
+            }
+        }
+        codec
     }
 }
 

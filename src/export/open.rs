@@ -92,6 +92,7 @@ async fn open_store<F: BucketSource + ?Sized>(
         block_size: cfg.block_size,
         read_only: cfg.read_only,
         flush_timeout: ctx.flush_timeout,
+        codec: cfg.codec.clone(),
     };
     let store = BlockStore::open(objects, store_cfg, Arc::clone(&ctx.budget)).await?;
     if let Some(lease) = &lease {

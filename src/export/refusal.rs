@@ -75,6 +75,18 @@ pub enum Refusal {
     NoConditionalWrites { bucket: String },
     /// The export's objects were written with another block size.
     BlockSizeMismatch { stored: u32, configured: u32 },
+    /// The export's blocks were written with another compression or encryption setting.
+    CodecMismatch {
+        setting: &'static str,
+        stored: String,
+        configured: String,
+    },
+    /// The configured key is not the one the export was encrypted with.
+    WrongKey {
+        key_file: String,
+        stored: String,
+        configured: String,
+    },
     /// The manifest does not parse or has a format this version does not know.
     BadManifest(String),
     /// The export's objects overlap a removed export that clients still use.
@@ -130,6 +142,8 @@ impl Refusal {
             Refusal::LeaseHeld { ttl, .. } => Retry::lease_held(*ttl),
             Refusal::NoConditionalWrites { .. }
             | Refusal::BlockSizeMismatch { .. }
+            | Refusal::CodecMismatch { .. }
+            | Refusal::WrongKey { .. }
             | Refusal::BadManifest(_)
             | Refusal::OverlapsAttached { .. }
             | Refusal::OverlapsUnflushed { .. }
@@ -145,6 +159,24 @@ impl From<StoreError> for Refusal {
             StoreError::BlockSizeMismatch { stored, configured } => {
                 Refusal::BlockSizeMismatch { stored, configured }
             }
+            StoreError::CodecMismatch {
+                setting,
+                stored,
+                configured,
+            } => Refusal::CodecMismatch {
+                setting,
+                stored,
+                configured,
+            },
+            StoreError::WrongKey {
+                key_file,
+                stored,
+                configured,
+            } => Refusal::WrongKey {
+                key_file,
+                stored,
+                configured,
+            },
             StoreError::BadManifest(m) => Refusal::BadManifest(m),
             other => Refusal::Other(other.to_string()),
         }
@@ -184,6 +216,30 @@ impl fmt::Display for Refusal {
                     configured: *configured
                 }
             ),
+            Refusal::CodecMismatch {
+                setting,
+                stored,
+                configured,
+            } => {
+                let e = StoreError::CodecMismatch {
+                    setting,
+                    stored: stored.clone(),
+                    configured: configured.clone(),
+                };
+                write!(f, "{e}")
+            }
+            Refusal::WrongKey {
+                key_file,
+                stored,
+                configured,
+            } => {
+                let e = StoreError::WrongKey {
+                    key_file: key_file.clone(),
+                    stored: stored.clone(),
+                    configured: configured.clone(),
+                };
+                write!(f, "{e}")
+            }
             Refusal::BadManifest(m) => write!(f, "{}", StoreError::BadManifest(m.clone())),
             Refusal::OverlapsAttached { other, clients } => write!(
                 f,

@@ -30,6 +30,7 @@ fn cfg() -> ExportConfig {
         description: None,
         allow: None,
         lease: crate::config::LeaseMode::Off,
+        codec: Default::default(),
     }
 }
 

@@ -115,7 +115,7 @@ const STORE_GAUGES: [StoreField; 3] = [
     ),
 ];
 
-const STORE_COUNTERS: [StoreField; 7] = [
+const STORE_COUNTERS: [StoreField; 12] = [
     (
         "nbd_s3_export_cache_hits",
         "Block reads served from memory or known holes",
@@ -150,6 +150,31 @@ const STORE_COUNTERS: [StoreField; 7] = [
         "nbd_s3_export_write_back_failures",
         "Failed write-back attempts (the data stays dirty and is retried)",
         |s| s.write_back_failures,
+    ),
+    (
+        "nbd_s3_export_put_logical_bytes",
+        "Block bytes written back (block size per PUT); divide by put_stored_bytes for the compression ratio",
+        |s| s.put_logical_bytes,
+    ),
+    (
+        "nbd_s3_export_put_stored_bytes",
+        "Object bytes stored by those PUTs (after compression and encryption)",
+        |s| s.put_stored_bytes,
+    ),
+    (
+        "nbd_s3_export_compressed_blocks",
+        "Blocks written back compressed (the others did not shrink or were not tried)",
+        |s| s.compressed_blocks,
+    ),
+    (
+        "nbd_s3_export_decrypt_errors",
+        "Block objects that did not decrypt with the export's key (the read got EIO)",
+        |s| s.decrypt_errors,
+    ),
+    (
+        "nbd_s3_export_decode_errors",
+        "Block objects that were not valid encoded blocks of the export (the read got EIO)",
+        |s| s.decode_errors,
     ),
 ];
 

@@ -20,6 +20,7 @@ fn export(name: &str) -> ExportConfig {
         description: None,
         allow: None,
         lease: crate::config::LeaseMode::Off,
+        codec: Default::default(),
     }
 }
 

@@ -11,6 +11,20 @@ pub enum StoreError {
     Backend(#[from] BackendError),
     #[error("export's stored block size {stored} differs from configured block size {configured}")]
     BlockSizeMismatch { stored: u32, configured: u32 },
+    /// The export's blocks were written with another compression or encryption setting.
+    #[error("{setting} changed: the export's blocks were written with {setting} {stored:?}, the configuration says {configured:?} (fixed once the export holds data)")]
+    CodecMismatch {
+        setting: &'static str,
+        stored: String,
+        configured: String,
+    },
+    /// The configured key is not the one the export's blocks were encrypted with.
+    #[error("wrong key: {key_file} is not the key this export was encrypted with (its fingerprint is {configured}, the export's is {stored})")]
+    WrongKey {
+        key_file: String,
+        stored: String,
+        configured: String,
+    },
     #[error("flush did not complete within {0:?}; data stays dirty and is retried")]
     FlushTimeout(Duration),
     #[error("export metadata is invalid: {0}")]
@@ -63,6 +77,8 @@ impl StoreError {
             StoreError::Fenced(_) => ErrorKind::Fenced,
             StoreError::Backend(_)
             | StoreError::BlockSizeMismatch { .. }
+            | StoreError::CodecMismatch { .. }
+            | StoreError::WrongKey { .. }
             | StoreError::FlushTimeout(_)
             | StoreError::BadManifest(_)
             | StoreError::Conflict(_)

@@ -1,10 +1,15 @@
 //! `<prefix>nbd-s3.json`: the export's self-description. It pins the block size, because data
-//! written with one block size is garbage when read with another, and — format 2, once the
-//! export has a snapshot — records its layers and snapshots. Every rewrite is conditional
-//! (`If-Match` on the version read), so two writers can never lose each other's change.
+//! written with one block size is garbage when read with another, and the codec (compression,
+//! encryption algorithm and key fingerprint), because blocks written with one cannot be read
+//! with another. Format 2 — once the export has a snapshot, or from the start when it has a
+//! codec — records its layers, snapshots and codec; older daemons refuse it instead of
+//! misreading the blocks. Every rewrite is conditional (`If-Match` on the version read), so
+//! two writers can never lose each other's change.
 
+use super::codec;
 use super::{BlockStoreConfig, StoreError};
 use crate::backend::{BackendError, DynObjectStore, ETag};
+use crate::config::{CodecConfig, Compression};
 use crate::retry::Policy;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -15,7 +20,8 @@ pub(crate) const MANIFEST_NAME: &str = "nbd-s3.json";
 
 /// The plain layout: blocks at `<prefix><block>`, nothing else.
 pub(crate) const FORMAT_PLAIN: u32 = 1;
-/// Layers and snapshots (old daemons refuse it rather than misread the blocks).
+/// Layers and snapshots, or encoded blocks (old daemons refuse it rather than misread the
+/// blocks).
 pub(crate) const FORMAT_LAYERED: u32 = 2;
 
 /// The JSON document stored in the manifest object.
@@ -43,9 +49,22 @@ pub(crate) struct Manifest {
     /// Format 2: the snapshots, oldest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub snapshots: Vec<SnapshotRecord>,
+    /// Format 2: `compression` as `zstd:LEVEL`; absent: off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<String>,
+    /// Format 2: the cipher and its key's fingerprint; absent: blocks in clear.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<Encryption>,
     /// Fields this version does not know, kept as they are when the manifest is rewritten.
     #[serde(flatten)]
     pub other: serde_json::Map<String, serde_json::Value>,
+}
+
+/// `encryption` in the manifest. Never the key: a keyed hash that tells a wrong key at open.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub(crate) struct Encryption {
+    pub algorithm: String,
+    pub key_fingerprint: String,
 }
 
 /// One layer of a format-2 manifest.
@@ -69,8 +88,19 @@ pub(crate) struct SnapshotRecord {
 impl Manifest {
     /// A new export's manifest.
     fn new(cfg: &BlockStoreConfig) -> Manifest {
+        let codec = &cfg.codec;
+        let compression =
+            (codec.compression != Compression::Off).then(|| codec.compression.to_string());
+        let encryption = codec.encryption.as_ref().map(|k| Encryption {
+            algorithm: codec::ALGORITHM.to_string(),
+            key_fingerprint: codec::fingerprint(k.expose()),
+        });
         Manifest {
-            format: FORMAT_PLAIN,
+            format: if codec.is_plain() {
+                FORMAT_PLAIN
+            } else {
+                FORMAT_LAYERED
+            },
             block_size: u64::from(cfg.block_size),
             size: cfg.size,
             created: now_rfc3339(),
@@ -79,7 +109,46 @@ impl Manifest {
             layers: Vec::new(),
             next_layer: None,
             snapshots: Vec::new(),
+            compression,
+            encryption,
             other: serde_json::Map::new(),
+        }
+    }
+
+    /// Refuses a configuration whose codec differs from the one the blocks were written with.
+    fn check_codec(&self, codec: &CodecConfig) -> Result<(), StoreError> {
+        let stored = self.compression.as_deref().unwrap_or("off");
+        let configured = codec.compression.to_string();
+        if stored != configured {
+            return Err(StoreError::CodecMismatch {
+                setting: "compression",
+                stored: stored.to_string(),
+                configured,
+            });
+        }
+        let name = |on: bool, e: Option<&Encryption>| match (on, e) {
+            (_, Some(e)) => e.algorithm.clone(),
+            (true, None) => codec::ALGORITHM.to_string(),
+            (false, None) => "off".to_string(),
+        };
+        match (&self.encryption, &codec.encryption) {
+            (Some(e), Some(key)) if e.algorithm == codec::ALGORITHM => {
+                let configured = codec::fingerprint(key.expose());
+                if e.key_fingerprint != configured {
+                    return Err(StoreError::WrongKey {
+                        key_file: key.path().display().to_string(),
+                        stored: e.key_fingerprint.clone(),
+                        configured,
+                    });
+                }
+                Ok(())
+            }
+            (None, None) => Ok(()),
+            (stored, configured) => Err(StoreError::CodecMismatch {
+                setting: "encryption",
+                stored: name(false, stored.as_ref()),
+                configured: name(configured.is_some(), None),
+            }),
         }
     }
 
@@ -98,7 +167,8 @@ impl Manifest {
 
     /// Turns a plain manifest into a layered one (idempotent): layer 0 is the plain keys.
     pub fn make_layered(&mut self) {
-        if self.format == FORMAT_LAYERED {
+        // A codec export is format 2 from the start, without layers until its first snapshot.
+        if !self.layers.is_empty() {
             return;
         }
         self.format = FORMAT_LAYERED;
@@ -184,6 +254,7 @@ pub(crate) async fn check_or_create(
                     configured: cfg.block_size,
                 });
             }
+            m.check_codec(&cfg.codec)?;
             Ok(Some(m))
         }
         None if cfg.read_only => Ok(None),

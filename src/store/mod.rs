@@ -23,6 +23,7 @@
 mod block;
 mod budget;
 mod cache;
+mod codec;
 mod crash;
 mod dirty;
 mod error;
@@ -66,6 +67,8 @@ pub struct BlockStoreConfig {
     pub read_only: bool,
     /// How long a flush waits for S3 before failing.
     pub flush_timeout: Duration,
+    /// Compression and encryption of the block objects.
+    pub codec: crate::config::CodecConfig,
 }
 
 /// A piece of a read result, in order.
@@ -202,7 +205,9 @@ impl BlockStore {
         layers.load(&cfg.prefix, keys.iter().map(String::as_str));
         drop(keys);
         let bs = cfg.block_size as usize;
-        let objects = objects::BlockObjects::new(objects, cfg.prefix.clone(), bs, layers);
+        let id = manifest.and_then(|m| m.id).unwrap_or_default();
+        let objects = objects::BlockObjects::new(objects, cfg.prefix.clone(), bs, layers)
+            .with_codec(codec::Codec::new(&cfg.codec, bs), id);
         Ok(Self::assemble(objects, &cfg, budget, snapshots))
     }
 

@@ -1,23 +1,47 @@
 //! The block objects of one export: how a block index names its object, and the GET, PUT and
 //! DELETE of one block. Everything the store sends to or reads from S3 about blocks passes
-//! here, so a layer that transforms block contents (compression, encryption) or redirects
-//! them (snapshots) has one place to sit. Retrying is the callers' business: reads and
-//! write-back retry by different rules.
+//! here, so a layer that transforms block contents (compression, encryption: `codec`) or
+//! redirects them (snapshots) has one place to sit. Retrying is the callers' business: reads
+//! and write-back retry by different rules.
 
+use super::codec::{Codec, DecodeError};
 use super::layers::{data_key, tomb_key, Found, LayerKey, Layers};
 use crate::backend::{BackendError, DynObjectStore};
 use bytes::Bytes;
 use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 
-/// The block objects under one prefix, each exactly `block_size` bytes, in the layers of
-/// `layers` (only layer 0, the plain keys, until the export has a snapshot).
+/// The block objects under one prefix, in the layers of `layers` (only layer 0, the plain
+/// keys, until the export has a snapshot): exactly `block_size` raw bytes each for a plain
+/// export, encoded by `codec` otherwise.
 #[derive(Debug)]
 pub(crate) struct BlockObjects {
     store: DynObjectStore,
     prefix: String,
     block_size: usize,
     layers: RwLock<Layers>,
+    /// `None`: raw objects.
+    codec: Option<Arc<Codec>>,
+    /// The export's identity, bound into every encrypted block.
+    id: Arc<str>,
+    counters: ObjectCounters,
+}
+
+/// What the codec did, for metrics (compression ratio, decryption failures).
+#[derive(Debug, Default)]
+pub(crate) struct ObjectCounters {
+    /// Block bytes handed to successful PUTs (block_size each).
+    pub logical_bytes: AtomicU64,
+    /// Object bytes those PUTs stored.
+    pub stored_bytes: AtomicU64,
+    /// PUTs whose block was stored compressed (the rest did not shrink, or were not tried).
+    pub compressed_blocks: AtomicU64,
+    /// Objects that did not authenticate under the export's key.
+    pub decrypt_errors: AtomicU64,
+    /// Objects that were not well-formed block objects (header, lengths, compressed stream).
+    pub decode_errors: AtomicU64,
 }
 
 /// A block's index with its object key, built once per GET or write-back attempt and printed
@@ -50,7 +74,29 @@ impl BlockObjects {
             prefix,
             block_size,
             layers: RwLock::new(layers),
+            codec: None,
+            id: Arc::from(""),
+            counters: ObjectCounters::default(),
         }
+    }
+
+    /// The same objects encoded by `codec` (none: raw) for the export `id`.
+    pub fn with_codec(mut self, codec: Option<Codec>, id: String) -> Self {
+        self.codec = codec.map(Arc::new);
+        self.id = id.into();
+        self
+    }
+
+    /// The same objects encoded like `other`'s (a snapshot view reads its export's blocks).
+    pub fn with_codec_of(mut self, other: &BlockObjects) -> Self {
+        self.codec = other.codec.clone();
+        self.id = Arc::clone(&other.id);
+        self
+    }
+
+    /// The codec's counters.
+    pub fn counters(&self) -> &ObjectCounters {
+        &self.counters
     }
 
     /// The export's key prefix (logs).
@@ -98,20 +144,77 @@ impl BlockObjects {
     /// The block's bytes, `None` when it has no object (reads as zeros). An object of the wrong
     /// size is corrupt (cut short on the way, or written by something else): never data.
     pub async fn get(&self, key: &BlockKey) -> Result<Option<Bytes>, BackendError> {
-        match self.store.get(&key.name).await? {
-            Some(d) if d.len() != self.block_size => Err(BackendError::Corrupt {
+        let object = self.store.get(&key.name).await?;
+        match (object, &self.codec) {
+            (None, _) => Ok(None),
+            (Some(d), None) if d.len() != self.block_size => Err(BackendError::Corrupt {
                 key: key.name.clone(),
                 reason: format!("{} bytes, expected {}", d.len(), self.block_size),
             }),
-            other => Ok(other),
+            (Some(d), None) => Ok(Some(d)),
+            (Some(d), Some(codec)) => {
+                let (codec, id, block) = (Arc::clone(codec), Arc::clone(&self.id), key.block);
+                let decoded = off_runtime(move || codec.decode(&id, block, &d)).await;
+                match decoded {
+                    Ok(Ok(plain)) => Ok(Some(Bytes::from(plain))),
+                    Ok(Err(e)) => Err(self.undecodable(key, e)),
+                    Err(reason) => Err(BackendError::Transient(reason)),
+                }
+            }
         }
+    }
+
+    /// Counts and logs an object that does not decode; the error the reader gets.
+    fn undecodable(&self, key: &BlockKey, e: DecodeError) -> BackendError {
+        match &e {
+            DecodeError::Decrypt { key_file } => {
+                self.counters.decrypt_errors.fetch_add(1, Relaxed);
+                tracing::error!(key = %key, key_file = %key_file.display(),
+                    "block does not decrypt with the export's key file (wrong key, or the object was altered, truncated or moved); returning EIO");
+            }
+            DecodeError::Malformed(reason) => {
+                self.counters.decode_errors.fetch_add(1, Relaxed);
+                let key_file = self.codec.as_ref().and_then(|c| c.key_file());
+                let key_file = key_file
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default();
+                tracing::error!(key = %key, reason = %reason, key_file = %key_file,
+                    "block object is not a valid block of this export (truncated or altered?); returning EIO");
+            }
+        }
+        BackendError::Undecodable {
+            key: key.name.clone(),
+            reason: e.to_string(),
+        }
+    }
+
+    /// The object for `data` (one whole block) at `key`, and whether it is compressed.
+    async fn encode(&self, key: &BlockKey, data: Bytes) -> Result<(Bytes, bool), BackendError> {
+        let Some(codec) = &self.codec else {
+            return Ok((data, false));
+        };
+        let (codec, id, block) = (Arc::clone(codec), Arc::clone(&self.id), key.block);
+        let encoded = off_runtime(move || codec.encode(&id, block, &data))
+            .await
+            .and_then(|r| r)
+            .map_err(|reason| BackendError::Transient(format!("encoding block {key}: {reason}")))?;
+        Ok((Bytes::from(encoded.object), encoded.compressed))
     }
 
     /// Stores the block's bytes (exactly one block) at `key` (from [`BlockObjects::key`]).
     /// A tombstone of the block in that layer goes after the data is stored: a crash in
     /// between leaves both, and the tombstone (the older state) wins.
     pub async fn put(&self, key: &BlockKey, data: Bytes) -> Result<(), BackendError> {
-        self.store.put(&key.name, data).await?;
+        let logical = data.len() as u64;
+        let (object, compressed) = self.encode(key, data).await?;
+        let stored = object.len() as u64;
+        self.store.put(&key.name, object).await?;
+        let c = &self.counters;
+        c.logical_bytes.fetch_add(logical, Relaxed);
+        c.stored_bytes.fetch_add(stored, Relaxed);
+        if compressed {
+            c.compressed_blocks.fetch_add(1, Relaxed);
+        }
         let tomb = self.layers.read().has(key.layer, key.block).1;
         self.layers.read().set(key.layer, key.block, true, tomb);
         if tomb {
@@ -164,6 +267,16 @@ impl BlockObjects {
         self.layers.read().forget(key);
         Ok(())
     }
+}
+
+/// Runs codec work (about a millisecond per 128 KiB block at most) on the blocking pool, so a
+/// burst of PUTs or GETs cannot hold the async threads that serve every connection.
+async fn off_runtime<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, String> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| format!("codec task failed: {e}"))
 }
 
 /// The object key of a block: prefix + 16 lowercase hex digits.

@@ -309,9 +309,13 @@ impl BlockStore {
             block_size: self.block_size(),
             read_only: true,
             flush_timeout: self.inner.wb.flush_timeout,
+            // Only a new export's manifest reads it; the view decodes through its export's
+            // codec (`with_codec_of`).
+            codec: Default::default(),
         };
         let bs = self.block_size() as usize;
-        let view_objects = BlockObjects::new(Arc::clone(objects), prefix, bs, layers);
+        let view_objects = BlockObjects::new(Arc::clone(objects), prefix, bs, layers)
+            .with_codec_of(&self.inner.objects);
         let view = Self::assemble(
             view_objects,
             &cfg,

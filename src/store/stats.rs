@@ -50,12 +50,24 @@ pub struct StoreStats {
     pub cache_misses: u64,
     /// Blocks fetched ahead of sequential readers.
     pub readahead_blocks: u64,
+    /// Block bytes written back (block_size per PUT): what the client's data costs before
+    /// compression and encryption.
+    pub put_logical_bytes: u64,
+    /// Object bytes those PUTs stored (after compression, with header and tag).
+    pub put_stored_bytes: u64,
+    /// PUTs stored compressed.
+    pub compressed_blocks: u64,
+    /// Block objects that did not decrypt with the export's key (each read got EIO).
+    pub decrypt_errors: u64,
+    /// Block objects that were not valid block objects of the export (each read got EIO).
+    pub decode_errors: u64,
 }
 
 impl Inner {
     /// Current counters and gauges.
     pub(crate) fn stats(&self) -> StoreStats {
         let c = &self.counters;
+        let o = self.objects.counters();
         StoreStats {
             dirty_bytes: self.wb.dirty.load(Relaxed),
             cached_blocks: self
@@ -72,6 +84,11 @@ impl Inner {
             cache_hits: c.hits.load(Relaxed),
             cache_misses: c.misses.load(Relaxed),
             readahead_blocks: c.readahead.load(Relaxed),
+            put_logical_bytes: o.logical_bytes.load(Relaxed),
+            put_stored_bytes: o.stored_bytes.load(Relaxed),
+            compressed_blocks: o.compressed_blocks.load(Relaxed),
+            decrypt_errors: o.decrypt_errors.load(Relaxed),
+            decode_errors: o.decode_errors.load(Relaxed),
         }
     }
 }

@@ -41,6 +41,7 @@ fn export_config(name: &str, read_only: bool) -> ExportConfig {
         description: Some(format!("{name} description")),
         allow: None,
         lease: crate::config::LeaseMode::Off,
+        codec: Default::default(),
     }
 }
 
@@ -53,6 +54,7 @@ async fn open(cfg: &ExportConfig, objects: Arc<MemoryStore>) -> Arc<Export> {
             block_size: cfg.block_size,
             read_only: false,
             flush_timeout: Duration::from_secs(10),
+            codec: Default::default(),
         },
         CacheBudget::new(64 << 20, 32 << 20),
     )

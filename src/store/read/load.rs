@@ -114,7 +114,7 @@ impl Inner {
                 Ok(v) => return Ok(v),
                 Err(e) => {
                     let delay = match e {
-                        BackendError::Permanent(_) => None,
+                        BackendError::Permanent(_) | BackendError::Undecodable { .. } => None,
                         _ => backoff.next_delay(),
                     };
                     let Some(delay) = delay else {
@@ -134,6 +134,10 @@ impl Inner {
 fn clone_error(e: &BackendError) -> BackendError {
     match e {
         BackendError::Corrupt { key, reason } => BackendError::Corrupt {
+            key: key.clone(),
+            reason: reason.clone(),
+        },
+        BackendError::Undecodable { key, reason } => BackendError::Undecodable {
             key: key.clone(),
             reason: reason.clone(),
         },

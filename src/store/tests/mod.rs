@@ -5,6 +5,7 @@ mod basics;
 mod blocks;
 mod budget;
 mod change;
+mod codec;
 mod durability;
 mod model;
 mod sparse;
@@ -23,6 +24,7 @@ pub(super) fn config(bs: u32, size: u64) -> BlockStoreConfig {
         block_size: bs,
         read_only: false,
         flush_timeout: Duration::from_secs(20),
+        codec: Default::default(),
     }
 }
 
