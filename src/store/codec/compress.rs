@@ -1,6 +1,7 @@
 //! zstd with one reusable context per thread and level (a context costs far more to build
 //! than a 128 KiB block costs to compress), and the rule that decides when to try at all.
 
+use crate::store::presence::Presence;
 use std::cell::RefCell;
 use std::io::Cursor;
 use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
@@ -65,9 +66,13 @@ pub fn decompress(frame: &[u8], len: usize) -> Result<Vec<u8>, String> {
 /// When to try compressing: always, until several blocks in a row did not shrink (an
 /// incompressible stream: encrypted files, media, a guest's own compressed data); from then
 /// on one block in `PROBE_EVERY`, so a stream that turns compressible is noticed soon and an
-/// incompressible one does not pay for a useless attempt on every write.
+/// incompressible one does not pay for a useless attempt on every write. A block that shrank
+/// the last time it was tried is always tried: a compressible block rewritten in the middle
+/// of an incompressible stream (file-system metadata between data writes) stays compressed.
 #[derive(Debug, Default)]
 pub struct Adaptive {
+    /// Blocks whose last attempt shrank (a sparse bitmap: memory follows those blocks).
+    shrank: Presence,
     /// Attempts in a row that did not shrink.
     misses: AtomicU32,
     /// Blocks stored raw without an attempt since the last probe.
@@ -80,17 +85,18 @@ const MISSES_BEFORE_SKIPPING: u32 = 4;
 const PROBE_EVERY: u32 = 16;
 
 impl Adaptive {
-    /// Whether the next block should be tried.
-    pub fn should_try(&self) -> bool {
-        if self.misses.load(Relaxed) < MISSES_BEFORE_SKIPPING {
+    /// Whether to try compressing block `block` now.
+    pub fn should_try(&self, block: u64) -> bool {
+        if self.misses.load(Relaxed) < MISSES_BEFORE_SKIPPING || self.shrank.get(block) {
             return true;
         }
         let n = self.skipped.fetch_add(1, Relaxed);
         n % PROBE_EVERY == PROBE_EVERY - 1
     }
 
-    /// Records the outcome of an attempt.
-    pub fn record(&self, shrank: bool) {
+    /// Records the outcome of an attempt on `block`.
+    pub fn record(&self, block: u64, shrank: bool) {
+        self.shrank.set(block, shrank);
         if shrank {
             self.misses.store(0, Relaxed);
             self.skipped.store(0, Relaxed);
@@ -144,13 +150,18 @@ mod tests {
     #[test]
     fn adaptive_skips_after_misses_and_probes_now_and_then() {
         let a = Adaptive::default();
-        for _ in 0..MISSES_BEFORE_SKIPPING {
-            assert!(a.should_try());
-            a.record(false);
+        a.record(1000, true);
+        for block in 0..u64::from(MISSES_BEFORE_SKIPPING) {
+            assert!(a.should_try(block));
+            a.record(block, false);
         }
-        let tries = (0..PROBE_EVERY * 4).filter(|_| a.should_try()).count();
+        let tries = (0..PROBE_EVERY * 4).filter(|_| a.should_try(7)).count();
         assert_eq!(tries, 4);
-        a.record(true);
-        assert!(a.should_try(), "a block that shrank ends skipping");
+        assert!(
+            a.should_try(1000),
+            "a block that shrank before is always tried"
+        );
+        a.record(5, true);
+        assert!(a.should_try(6), "a block that shrank ends skipping");
     }
 }

@@ -88,9 +88,9 @@ impl Codec {
         out.resize(HEADER_LEN + nonce_len, 0);
         let at = out.len();
         let compressed = match self.compression {
-            Compression::Zstd { level } if self.adaptive.should_try() => {
+            Compression::Zstd { level } if self.adaptive.should_try(block) => {
                 let shrank = compress::compress_into(level, data, &mut out);
-                self.adaptive.record(shrank);
+                self.adaptive.record(block, shrank);
                 shrank
             }
             _ => false,
