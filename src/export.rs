@@ -90,6 +90,24 @@ impl Export {
             shared: Arc::clone(&self.shared),
         })
     }
+    /// This freshly opened export, counting its clients' requests on `previous`'s counters:
+    /// a reload or reopen that replaces an export of the same name keeps its request counts
+    /// monotonic (Prometheus counters never go back). An export already shared keeps its own.
+    pub fn counting_on(self: Arc<Self>, previous: &Export) -> Arc<Self> {
+        if Arc::ptr_eq(&self.shared.requests, &previous.shared.requests) {
+            return self;
+        }
+        match Arc::try_unwrap(self) {
+            Ok(mut export) => {
+                export.shared = Arc::new(Shared {
+                    requests: Arc::clone(&previous.shared.requests),
+                    ..Shared::default()
+                });
+                Arc::new(export)
+            }
+            Err(shared) => shared,
+        }
+    }
     /// Served or refused, with what goes with each.
     pub fn state(&self) -> &ExportState {
         &self.state

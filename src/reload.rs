@@ -336,6 +336,10 @@ pub async fn apply_exports<F: BucketSource + ?Sized>(
         .map(|cfg| open_or_reuse(cfg, &draining, registry, factory, ctx));
     let mut added = Vec::new();
     for (export, fresh) in futures_util::future::join_all(opens).await {
+        let export = match current.get(export.name()) {
+            Some(previous) if fresh => export.counting_on(previous),
+            _ => export,
+        };
         info!(
             export = export.name(),
             "export added; served to new connections"

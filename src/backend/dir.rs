@@ -19,6 +19,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// Extended attribute holding `"<crc32c hex> <length>"`.
 const XATTR: &str = "user.nbd-s3.crc32c";
@@ -31,6 +32,16 @@ pub struct DirStore {
     bucket: String,
     /// `<root>/<bucket>`, created on the first write.
     dir: PathBuf,
+    /// Shared by the clones of this store (one per export using the bucket).
+    writes: Arc<Writes>,
+}
+
+/// What atomic writes into one bucket directory share: a sequence for unique temp-file names
+/// (with the pid, unique across daemons too) and whether the missing-xattr warning was given.
+#[derive(Debug, Default)]
+struct Writes {
+    seq: AtomicU64,
+    warned_no_xattr: AtomicBool,
 }
 
 impl DirStore {
@@ -50,6 +61,7 @@ impl DirStore {
         Ok(Self {
             bucket: bucket.to_string(),
             dir: root.into().join(bucket),
+            writes: Arc::default(),
         })
     }
 
@@ -170,13 +182,12 @@ fn read_checksum(file: &File) -> io::Result<Option<String>> {
 }
 
 /// Records the checksum on the (still temporary) file.
-fn write_checksum(file: &File, data: &[u8]) -> io::Result<()> {
-    static WARNED: AtomicBool = AtomicBool::new(false);
+fn write_checksum(writes: &Writes, file: &File, data: &[u8]) -> io::Result<()> {
     let value = format!("{} {}", crc32c_hex(data), data.len());
     match fsetxattr(file, XATTR, value.as_bytes()) {
         Ok(()) => Ok(()),
         Err(Errno::ENOTSUP) => {
-            if !WARNED.swap(true, Ordering::Relaxed) {
+            if !writes.warned_no_xattr.swap(true, Ordering::Relaxed) {
                 tracing::warn!(
                     "filesystem has no user extended attributes: file:// objects are stored \
                      without checksums"
@@ -252,11 +263,10 @@ fn ensure_dir(dir: &Path) -> io::Result<()> {
 }
 
 /// Opens a fresh temp file next to `path`, creating the directory if needed.
-fn create_temp(path: &Path) -> io::Result<(File, PathBuf)> {
-    static SEQ: AtomicU64 = AtomicU64::new(0);
+fn create_temp(writes: &Writes, path: &Path) -> io::Result<(File, PathBuf)> {
     let parent = path.parent().ok_or(io::ErrorKind::InvalidInput)?;
     let name = path.file_name().ok_or(io::ErrorKind::InvalidInput)?;
-    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+    let seq = writes.seq.fetch_add(1, Ordering::Relaxed);
     let tmp = parent.join(format!(
         "{TMP_PREFIX}{}.{}.{seq}",
         name.to_string_lossy(),
@@ -274,11 +284,16 @@ fn create_temp(path: &Path) -> io::Result<(File, PathBuf)> {
 }
 
 /// Writes an object atomically. With `no_replace`, returns `Ok(None)` if the key exists.
-fn write_object(path: &Path, data: &[u8], no_replace: bool) -> io::Result<Option<ETag>> {
-    let (mut file, tmp) = create_temp(path)?;
+fn write_object(
+    writes: &Writes,
+    path: &Path,
+    data: &[u8],
+    no_replace: bool,
+) -> io::Result<Option<ETag>> {
+    let (mut file, tmp) = create_temp(writes, path)?;
     let result = (|| {
         file.write_all(data)?;
-        write_checksum(&file, data)?;
+        write_checksum(writes, &file, data)?;
         file.sync_all()?;
         let meta = file.metadata()?;
         if no_replace {
@@ -378,8 +393,9 @@ impl ObjectStore for DirStore {
 
     async fn put(&self, key: &str, data: Bytes) -> Result<(), BackendError> {
         let path = self.path_of(key)?;
+        let writes = Arc::clone(&self.writes);
         blocking(move || {
-            write_object(&path, &data, false).map_err(|e| map_io("write", &path, e))?;
+            write_object(&writes, &path, &data, false).map_err(|e| map_io("write", &path, e))?;
             Ok(())
         })
         .await
@@ -416,9 +432,10 @@ impl ObjectStore for DirStore {
     async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<Option<ETag>, BackendError> {
         let path = self.path_of(key)?;
         let dir = self.dir.clone();
+        let writes = Arc::clone(&self.writes);
         blocking(move || {
             let _lock = lock_bucket(&dir)?;
-            write_object(&path, &data, true).map_err(|e| map_io("write", &path, e))
+            write_object(&writes, &path, &data, true).map_err(|e| map_io("write", &path, e))
         })
         .await
     }
@@ -431,13 +448,14 @@ impl ObjectStore for DirStore {
     ) -> Result<Option<ETag>, BackendError> {
         let path = self.path_of(key)?;
         let (dir, key, etag) = (self.dir.clone(), key.to_string(), etag.to_string());
+        let writes = Arc::clone(&self.writes);
         blocking(move || {
             let _lock = lock_bucket(&dir)?;
             match read_object(&path, &key)? {
                 Some((_, current)) if current == etag => {}
                 _ => return Ok(None),
             }
-            write_object(&path, &data, false).map_err(|e| map_io("write", &path, e))
+            write_object(&writes, &path, &data, false).map_err(|e| map_io("write", &path, e))
         })
         .await
     }

@@ -94,7 +94,9 @@ fn reschedule(p: &mut Pending, refused: &Arc<Export>) {
 /// refused version now in the registry (`None`: it is up, or a reload took over).
 async fn attempt(d: &Daemon, old: Arc<Export>) -> (String, Option<Arc<Export>>) {
     let name = old.name().to_owned();
-    let fresh = try_open(&old.config, &d.factory, &d.ctx).await;
+    let fresh = try_open(&old.config, &d.factory, &d.ctx)
+        .await
+        .counting_on(&old);
     let _no_reload_meanwhile = d.reload_lock.lock().await;
     let current = d.registry.snapshot();
     if !current.get(&name).is_some_and(|c| Arc::ptr_eq(c, &old)) {

@@ -454,3 +454,25 @@ fn lease_change_reopens_idle_exports_and_is_refused_under_clients() {
         ExportAction::Refuse { .. }
     ));
 }
+
+#[tokio::test]
+async fn reopened_export_keeps_counting_its_requests() {
+    let registry = Registry::new();
+    let buckets = Buckets::default();
+    let one = config(vec![export("a")]);
+    apply(&config(vec![]), &one, &registry, &buckets).await;
+    let a = registry.get("a").unwrap();
+    drop(a.requests().start(crate::proto::Command::Read, 4096));
+    let mut moved = export("a");
+    moved.prefix = "elsewhere/".into();
+    let moved_cfg = config(vec![moved]);
+    apply(&one, &moved_cfg, &registry, &buckets).await;
+    let a2 = registry.get("a").unwrap();
+    assert!(!a2.same_instance(&a), "a new prefix must open a new store");
+    let reads = a2.requests().snapshot(crate::proto::Command::Read);
+    assert_eq!(
+        reads.requests, 1,
+        "request counter went back to zero on reopen"
+    );
+    assert_eq!(reads.bytes, 4096);
+}

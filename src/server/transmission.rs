@@ -10,7 +10,7 @@ use super::writer::{self, Reply};
 use super::{Inner, State, MAX_IN_FLIGHT};
 use crate::proto::consts::*;
 use crate::proto::{parse_header, validate, Command, FatalError, Limits, Request, RequestHeader};
-use crate::store::pool::{self, Pooled};
+use crate::store::pool::{self, BufferPool};
 use bytes::{Bytes, BytesMut};
 use std::future::{pending, Future};
 use std::io;
@@ -195,8 +195,16 @@ async fn read_loop<R: AsyncRead + Unpin>(
         let payload = match payload_len {
             0 => Payload::Bytes(Bytes::new()),
             n => {
-                let bs = c.ctx.store.block_size() as usize;
-                let read = read_payload(reader, &mut payload_buf, header.offset, n as usize, bs);
+                let store = &c.ctx.store;
+                let (bs, buffers) = (store.block_size() as usize, store.buffers());
+                let read = read_payload(
+                    reader,
+                    &mut payload_buf,
+                    header.offset,
+                    n as usize,
+                    bs,
+                    buffers,
+                );
                 match or_expired(&mut state, read).await {
                     Some(r) => r?,
                     None => return Ok(()),
@@ -296,6 +304,7 @@ async fn read_payload<R: AsyncRead + Unpin>(
     offset: u64,
     len: usize,
     block_size: usize,
+    buffers: &Arc<BufferPool>,
 ) -> io::Result<Payload> {
     let whole_blocks = block_size > SMALL_CHUNK
         && pool::is_pooled(block_size)
@@ -304,15 +313,16 @@ async fn read_payload<R: AsyncRead + Unpin>(
     if whole_blocks {
         let mut blocks = Vec::with_capacity(len / block_size);
         for _ in 0..len / block_size {
-            let mut b = Pooled(pool::take(block_size));
-            read_direct(reader, &mut b.0).await?;
-            blocks.push(std::mem::take(&mut b.0));
+            // Back to the pool if the read fails half way.
+            let mut b = buffers.take_owned(block_size);
+            read_direct(reader, b.buf_mut()).await?;
+            blocks.push(b.into_inner());
         }
         return Ok(Payload::Blocks(blocks));
     }
     if len > SMALL_CHUNK && pool::is_pooled(len) {
-        let mut owned = Pooled(pool::take(len));
-        read_direct(reader, &mut owned.0).await?;
+        let mut owned = buffers.take_owned(len);
+        read_direct(reader, owned.buf_mut()).await?;
         return Ok(Payload::Bytes(Bytes::from_owner(owned)));
     }
     // Small writes share one allocation; big ones get their own.

@@ -75,14 +75,15 @@ impl Reply {
     }
 }
 
-static ZEROS: [u8; 64 * 1024] = [0u8; 64 * 1024];
+/// Zero bytes for replies that hold holes (a constant: read-only, shared by every writer).
+const ZEROS: &[u8; 64 * 1024] = &[0u8; 64 * 1024];
 
 /// Most replies taken from the queue for one round of vectored writes.
 const BATCH_REPLIES: usize = 64;
 /// Most slices per `writev` (Linux allows 1024).
 const MAX_SLICES: usize = 512;
 
-/// Appends the reply's bytes as slices: headers, data shared with the cache, static zeros.
+/// Appends the reply's bytes as slices: headers, data shared with the cache, shared zeros.
 fn push_slices<'a>(reply: &'a Reply, out: &mut Vec<&'a [u8]>) {
     match &reply.body {
         Body::One(h) => out.push(h.bytes()),

@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Weak};
 use tokio::sync::Notify;
 
+use super::pool::BufferPool;
+
 /// See [`CacheBudget::pressure_level`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Pressure {
@@ -39,6 +41,8 @@ pub struct CacheBudget {
     pressure: Notify,
     tick: AtomicU64,
     evictors: Mutex<Vec<Weak<dyn Evictor>>>,
+    /// Freed block buffers kept for reuse (part of the memory this budget allows).
+    buffers: Arc<BufferPool>,
 }
 
 impl std::fmt::Debug for CacheBudget {
@@ -57,6 +61,13 @@ impl std::fmt::Debug for CacheBudget {
 pub(crate) struct Charge {
     budget: Arc<CacheBudget>,
     bytes: u64,
+}
+
+impl Charge {
+    /// The pool of the budget this charge counts against.
+    pub(crate) fn buffers(&self) -> &Arc<BufferPool> {
+        &self.budget.buffers
+    }
 }
 
 impl Drop for Charge {
@@ -93,8 +104,8 @@ impl Drop for DirtyToken {
 impl CacheBudget {
     /// One budget per process; every export's store draws from it.
     pub fn new(memory: u64, dirty: u64) -> Arc<Self> {
-        super::pool::set_limit(pool_limit(memory));
         Arc::new(Self {
+            buffers: Arc::new(BufferPool::new(pool_limit(memory))),
             memory,
             dirty,
             used: AtomicU64::new(0),
@@ -105,6 +116,10 @@ impl CacheBudget {
             tick: AtomicU64::new(1),
             evictors: Mutex::new(Vec::new()),
         })
+    }
+    /// The recycled buffers every block and large payload is taken from.
+    pub(crate) fn buffers(&self) -> &Arc<BufferPool> {
+        &self.buffers
     }
     /// Bytes of clean + dirty data allowed in memory.
     pub fn memory_limit(&self) -> u64 {

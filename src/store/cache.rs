@@ -20,7 +20,8 @@ pub(crate) struct BlockBuf {
 impl Drop for BlockBuf {
     /// The memory goes back to the buffer pool for the next block (no fresh mapping).
     fn drop(&mut self) {
-        super::pool::give(std::mem::take(&mut self.data));
+        let data = std::mem::take(&mut self.data);
+        self._charge.buffers().give(data);
     }
 }
 

@@ -262,6 +262,11 @@ impl BlockStore {
     pub fn size(&self) -> u64 {
         self.inner.size.load(SeqCst)
     }
+    /// Where large buffers for this store come from (WRITE payloads read straight into
+    /// blocks).
+    pub(crate) fn buffers(&self) -> &Arc<pool::BufferPool> {
+        self.inner.budget.buffers()
+    }
     /// Object size in bytes.
     pub fn block_size(&self) -> u32 {
         self.inner.geo.block_size as u32

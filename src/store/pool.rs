@@ -4,29 +4,28 @@
 //! mmap, one page fault per 4 KiB and a munmap for every such buffer (about a fifth of the
 //! CPU of large sequential I/O). The pool keeps freed buffers for reuse instead, up to a
 //! fixed number of bytes, so the memory bound still holds: RSS may exceed the budget by at
-//! most the pool's limit.
+//! most the pool's limit. One pool belongs to the process-wide [`CacheBudget`], so it is
+//! created, sized and dropped with it (no process static: tests get their own).
+//!
+//! [`CacheBudget`]: super::CacheBudget
 
 use parking_lot::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::sync::Arc;
 
 /// Smallest pooled size (2^16 = 64 KiB): below it malloc's arenas recycle memory well.
 const MIN_SHIFT: u32 = 16;
 /// Largest pooled size (2^25 = 32 MiB, the largest request the server accepts).
 const MAX_SHIFT: u32 = 25;
 const CLASSES: usize = (MAX_SHIFT - MIN_SHIFT + 1) as usize;
-/// Bytes kept until a cache budget sets the limit (see [`set_limit`]).
-const DEFAULT_LIMIT: usize = 4 << 20;
-
 /// Free buffers by size class (powers of two only).
-struct Pool {
+pub(crate) struct BufferPool {
     lists: Mutex<[Vec<Box<[u8]>>; CLASSES]>,
     held: AtomicUsize,
     limit: AtomicUsize,
 }
 
 const EMPTY: Vec<Box<[u8]>> = Vec::new();
-
-static POOL: Pool = Pool::new(DEFAULT_LIMIT);
 
 /// The size class of a `len`-byte buffer, if such buffers are pooled.
 fn class(len: usize) -> Option<usize> {
@@ -35,9 +34,19 @@ fn class(len: usize) -> Option<usize> {
         .then(|| (shift - MIN_SHIFT) as usize)
 }
 
-impl Pool {
-    const fn new(limit: usize) -> Self {
-        Pool {
+impl std::fmt::Debug for BufferPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BufferPool")
+            .field("held", &self.held.load(SeqCst))
+            .field("limit", &self.limit.load(SeqCst))
+            .finish()
+    }
+}
+
+impl BufferPool {
+    /// A pool keeping at most `limit` bytes of free buffers.
+    pub(crate) fn new(limit: usize) -> Self {
+        BufferPool {
             lists: Mutex::new([EMPTY; CLASSES]),
             held: AtomicUsize::new(0),
             limit: AtomicUsize::new(limit),
@@ -51,7 +60,9 @@ impl Pool {
         Some(buf)
     }
 
-    fn give(&self, buf: Box<[u8]>) {
+    /// Hands a buffer back for reuse; it is freed instead if it is not a pooled size or the
+    /// pool is full.
+    pub(crate) fn give(&self, buf: Box<[u8]>) {
         let len = buf.len();
         let Some(c) = class(len) else { return };
         let limit = self.limit.load(SeqCst);
@@ -68,51 +79,71 @@ pub(crate) fn is_pooled(len: usize) -> bool {
     class(len).is_some()
 }
 
-/// How many bytes of free buffers the pool may keep; set from the cache budget so the pool
-/// stays a small fraction of it. Buffers beyond a lowered limit are freed as they come back.
-pub(crate) fn set_limit(bytes: usize) {
-    POOL.limit.store(bytes, SeqCst);
-}
-
-/// A buffer of exactly `len` bytes whose content is unspecified (old data when recycled):
-/// for callers that overwrite all of it.
-pub(crate) fn take(len: usize) -> Box<[u8]> {
-    POOL.reuse(len)
-        .unwrap_or_else(|| vec![0u8; len].into_boxed_slice())
-}
-
-/// A buffer of exactly `len` zero bytes.
-pub(crate) fn take_zeroed(len: usize) -> Box<[u8]> {
-    match POOL.reuse(len) {
-        Some(mut buf) => {
-            buf.fill(0);
-            buf
-        }
-        None => vec![0u8; len].into_boxed_slice(),
+impl BufferPool {
+    /// A buffer of exactly `len` bytes whose content is unspecified (old data when
+    /// recycled): for callers that overwrite all of it.
+    pub(crate) fn take(&self, len: usize) -> Box<[u8]> {
+        self.reuse(len)
+            .unwrap_or_else(|| vec![0u8; len].into_boxed_slice())
     }
-}
 
-/// Hands a buffer back for reuse; it is freed instead if it is not a pooled size or the
-/// pool is full.
-pub(crate) fn give(buf: Box<[u8]>) {
-    POOL.give(buf);
+    /// A buffer of exactly `len` zero bytes.
+    pub(crate) fn take_zeroed(&self, len: usize) -> Box<[u8]> {
+        match self.reuse(len) {
+            Some(mut buf) => {
+                buf.fill(0);
+                buf
+            }
+            None => vec![0u8; len].into_boxed_slice(),
+        }
+    }
+
+    /// A `len`-byte buffer (content unspecified) that comes back here when dropped.
+    pub(crate) fn take_owned(self: &Arc<Self>, len: usize) -> Pooled {
+        Pooled {
+            buf: self.take(len),
+            pool: Arc::clone(self),
+        }
+    }
 }
 
 /// A pooled buffer that goes back to the pool when dropped; as the owner of a [`Bytes`]
 /// (`Bytes::from_owner`) it lets a WRITE payload be read without a fresh mapping.
 ///
 /// [`Bytes`]: bytes::Bytes
-pub(crate) struct Pooled(pub Box<[u8]>);
+pub(crate) struct Pooled {
+    buf: Box<[u8]>,
+    pool: Arc<BufferPool>,
+}
+
+impl Pooled {
+    /// Wraps `buf` so that it returns to `pool` unless taken out with [`Pooled::into_inner`].
+    pub(crate) fn new(buf: Box<[u8]>, pool: &Arc<BufferPool>) -> Self {
+        Pooled {
+            buf,
+            pool: Arc::clone(pool),
+        }
+    }
+
+    /// The buffer, which the caller now owns (it no longer returns to the pool on its own).
+    pub(crate) fn into_inner(mut self) -> Box<[u8]> {
+        std::mem::take(&mut self.buf)
+    }
+
+    pub(crate) fn buf_mut(&mut self) -> &mut Box<[u8]> {
+        &mut self.buf
+    }
+}
 
 impl AsRef<[u8]> for Pooled {
     fn as_ref(&self) -> &[u8] {
-        &self.0
+        &self.buf
     }
 }
 
 impl Drop for Pooled {
     fn drop(&mut self) {
-        give(std::mem::take(&mut self.0));
+        self.pool.give(std::mem::take(&mut self.buf));
     }
 }
 
@@ -133,7 +164,7 @@ mod tests {
 
     #[test]
     fn buffers_are_reused_up_to_the_limit() {
-        let pool = Pool::new(256 * 1024);
+        let pool = BufferPool::new(256 * 1024);
         let len = 128 * 1024;
         pool.give(vec![0u8; len].into_boxed_slice());
         pool.give(vec![0u8; len].into_boxed_slice());
@@ -150,11 +181,12 @@ mod tests {
 
     #[test]
     fn zeroed_buffers_are_zero_even_when_recycled() {
-        let len = 8 << 20; // a size other tests do not use
-        let mut b = take(len);
+        let pool = BufferPool::new(16 << 20);
+        let len = 8 << 20;
+        let mut b = pool.take(len);
         b.fill(7);
-        give(b);
-        let z = take_zeroed(len);
+        pool.give(b);
+        let z = pool.take_zeroed(len);
         assert_eq!(z.len(), len);
         assert!(z.iter().all(|&x| x == 0));
     }

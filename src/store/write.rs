@@ -6,7 +6,8 @@
 use super::block::{is_zero, Chunk};
 use super::budget::{Charge, DirtyToken};
 use super::cache::{BlockBuf, Buf, Content, LoadResult, Shard, Slot};
-use super::{pool, Inner, StoreError};
+use super::pool::Pooled;
+use super::{Inner, StoreError};
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Arc;
 use tokio::sync::watch;
@@ -31,16 +32,9 @@ enum Step {
 struct Room {
     dirty: Option<DirtyToken>,
     memory: Option<Charge>,
-    /// A whole-block write's own buffer (or, after a swap, the old content's).
-    block: Option<Box<[u8]>>,
-}
-
-impl Drop for Room {
-    fn drop(&mut self) {
-        if let Some(b) = self.block.take() {
-            pool::give(b);
-        }
-    }
+    /// A whole-block write's own buffer (or, after a swap, the old content's); back to the
+    /// pool if it is not adopted.
+    block: Option<Pooled>,
 }
 
 impl Inner {
@@ -103,7 +97,7 @@ impl Inner {
         let chunks = self.geo.chunks(offset, len, self.size.load(SeqCst))?;
         for (c, block) in chunks.iter().zip(blocks) {
             if is_zero(&block) {
-                pool::give(block);
+                self.budget.buffers().give(block);
                 self.write_chunk(c, Src::Zero).await?;
             } else {
                 self.write_whole(c, block).await?;
@@ -119,8 +113,10 @@ impl Inner {
 
     /// One whole block from an owned buffer; see [`Inner::write_blocks`].
     async fn write_whole(self: &Arc<Self>, c: &Chunk, block: Box<[u8]>) -> Result<(), StoreError> {
-        let mut room = Room::default();
-        room.block = Some(block);
+        let mut room = Room {
+            block: Some(Pooled::new(block, self.budget.buffers())),
+            ..Room::default()
+        };
         loop {
             let step = {
                 let mut shard = self.cache.lock(c.block);
@@ -162,12 +158,16 @@ impl Inner {
                 _ => None,
             });
         match (in_place, room.block.as_mut()) {
-            (Some(cached), Some(new)) => std::mem::swap(&mut cached.data, new),
+            (Some(cached), Some(new)) => std::mem::swap(&mut cached.data, new.buf_mut()),
             (_, Some(_)) => {
                 let Some(charge) = room.memory.take() else {
                     return Step::NeedMemory;
                 };
-                let data = room.block.take().unwrap_or_default();
+                let data = room
+                    .block
+                    .take()
+                    .map(Pooled::into_inner)
+                    .unwrap_or_default();
                 let buf = Arc::new(BlockBuf {
                     data,
                     _charge: charge,
@@ -309,10 +309,11 @@ impl Inner {
 
 /// A fresh block of zeros with `data` at `start`.
 fn new_buf(bs: usize, charge: Charge, start: usize, data: &[u8]) -> Buf {
+    let buffers = charge.buffers();
     let mut v = if start == 0 && data.len() == bs {
-        pool::take(bs)
+        buffers.take(bs)
     } else {
-        pool::take_zeroed(bs)
+        buffers.take_zeroed(bs)
     };
     v[start..start + data.len()].copy_from_slice(data);
     Arc::new(BlockBuf {
@@ -374,7 +375,7 @@ fn modify(
 fn writable<'b>(buf: &'b mut Buf, memory: &mut Option<Charge>) -> Option<&'b mut [u8]> {
     if Arc::get_mut(buf).is_none() {
         let charge = memory.take()?;
-        let mut data = pool::take(buf.data.len());
+        let mut data = charge.buffers().take(buf.data.len());
         data.copy_from_slice(&buf.data);
         *buf = Arc::new(BlockBuf {
             data,
