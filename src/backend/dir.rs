@@ -462,5 +462,4 @@ impl ObjectStore for DirStore {
 }
 
 #[cfg(test)]
-#[path = "dir_tests.rs"]
 mod tests;

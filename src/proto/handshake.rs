@@ -306,5 +306,4 @@ pub fn encode_meta_request(export: &str, queries: &[&str]) -> Vec<u8> {
 }
 
 #[cfg(test)]
-#[path = "handshake_tests.rs"]
 mod tests;

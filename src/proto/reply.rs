@@ -164,5 +164,4 @@ pub fn block_status(buf: &mut impl BufMut, cookie: u64, context: u32, extents: &
 }
 
 #[cfg(test)]
-#[path = "reply_tests.rs"]
 mod tests;

@@ -255,5 +255,4 @@ pub fn validate(h: &RequestHeader, limits: &Limits) -> Result<Request, RequestEr
 }
 
 #[cfg(test)]
-#[path = "request_tests.rs"]
 mod tests;

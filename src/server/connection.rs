@@ -97,5 +97,4 @@ fn prepend(leftover: Vec<u8>, reader: BoxRead) -> BoxRead {
 }
 
 #[cfg(test)]
-#[path = "connection_tests.rs"]
 mod tests;

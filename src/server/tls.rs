@@ -79,5 +79,4 @@ impl std::fmt::Debug for TlsAcceptorSource {
 }
 
 #[cfg(test)]
-#[path = "tls_tests.rs"]
 mod tests;

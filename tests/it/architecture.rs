@@ -205,6 +205,42 @@ fn top_level_modules_form_no_cycle() {
     );
 }
 
+/// One unit-test layout: a module's tests are its child module `tests`, inline at the end of
+/// the file or in `<module>/tests.rs` (`<module>/tests/` when split), found by the usual module
+/// rules. No `foo_tests.rs` siblings, no `#[path]` into `src/` (the one shared fixture, the
+/// TLS test certificates, lives in `tests/common` and is the only allowed `#[path]`).
+#[test]
+fn unit_tests_follow_one_layout() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    let mut odd = Vec::new();
+    for file in &files {
+        let name = file.file_name().map(|n| n.to_string_lossy().into_owned());
+        if name.as_deref().is_some_and(|n| n.ends_with("_tests.rs")) {
+            odd.push(format!(
+                "{}: tests belong in <module>/tests.rs",
+                file.display()
+            ));
+        }
+        let text = std::fs::read_to_string(file).unwrap_or_else(|e| panic!("read {file:?}: {e}"));
+        for line in text
+            .lines()
+            .filter(|l| l.trim_start().starts_with("#[path"))
+        {
+            if !line.contains("tests/common/") {
+                odd.push(format!("{}: {}", file.display(), line.trim()));
+            }
+        }
+    }
+    assert!(files.len() > 20, "found too few files under {src:?}");
+    assert!(
+        odd.is_empty(),
+        "unit tests outside the layout:\n{}",
+        odd.join("\n")
+    );
+}
+
 #[test]
 fn nothing_but_the_entry_points_depends_on_metrics() {
     let graph = module_graph();
