@@ -44,6 +44,7 @@ async fn serve(port: u16, size: u64) -> Result<(), Box<dyn std::error::Error>> {
         allow: None,
         lease: LeaseMode::Off,
         codec: Default::default(),
+        base: None,
     };
     let store = BlockStore::open(
         Arc::new(MemoryStore::new()),
@@ -54,6 +55,7 @@ async fn serve(port: u16, size: u64) -> Result<(), Box<dyn std::error::Error>> {
             read_only: false,
             flush_timeout: Duration::from_secs(60),
             codec: Default::default(),
+            base: None,
         },
         // protocol.sh's [cache] for the other stores: memory 1GiB, dirty 512MiB.
         CacheBudget::new(1 << 30, 512 << 20),

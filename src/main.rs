@@ -5,7 +5,7 @@
 use clap::{Args, Parser, Subcommand};
 use nbd_s3::config::{summary_table, AdHoc, Config, ConfigError, Secret, DEFAULT_CONFIG_PATH};
 use nbd_s3::control::client::{self, ClientError};
-use nbd_s3::control::protocol::{Deleted, SnapshotEntry, SnapshotList, Status};
+use nbd_s3::control::protocol::{Copied, Deleted, SnapshotEntry, SnapshotList, Status};
 use nbd_s3::control::Request;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -36,6 +36,8 @@ enum Command {
     /// Point-in-time snapshots of an export (served read-only as EXPORT@SNAP).
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
+    /// A clone copies what it still reads from its base (server-side), then needs it no more.
+    Flatten(ExportArgs),
     /// Delete objects of an export that no snapshot or live block needs (left by a crash);
     /// prints how many.
     Gc(ExportArgs),
@@ -183,6 +185,17 @@ fn main() -> ExitCode {
             print_listing(args.json, value, |s: Status| client::status_table(&s))
         }),
         Command::Snapshot(command) => snapshot(command),
+        Command::Flatten(args) => {
+            let done = format!("flattened {}", args.export);
+            let request = Request::Flatten {
+                export: args.export,
+            };
+            admin(&args.target, &request, |value| {
+                print_listing(args.json, value, |c: Copied| {
+                    format!("{done}; {} blocks copied\n", c.copied_blocks)
+                })
+            })
+        }
         Command::Gc(args) => {
             let request = Request::Gc {
                 export: args.export,

@@ -84,6 +84,26 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug + 'static {
     /// Every key that starts with `prefix` (full keys, any order).
     async fn list(&self, prefix: &str) -> Result<Vec<String>, BackendError>;
 
+    /// Copies object `src_key` of bucket `src_bucket` (whose store is `src`, on the same
+    /// object store) to `key` in this bucket. S3 copies server-side (`CopyObject`: no bytes
+    /// pass through this host, metadata such as the checksum goes along); the default reads
+    /// and writes.
+    async fn copy_from(
+        &self,
+        src: &dyn ObjectStore,
+        src_bucket: &str,
+        src_key: &str,
+        key: &str,
+    ) -> Result<(), BackendError> {
+        let _ = src_bucket;
+        match src.get(src_key).await? {
+            Some(data) => self.put(key, data).await,
+            None => Err(BackendError::Permanent(format!(
+                "copy source {src_key} does not exist"
+            ))),
+        }
+    }
+
     /// Reads an object with its version tag (S3 ETag), for read-modify-write of small control
     /// objects such as leases. `Ok(None)` when absent.
     async fn get_with_etag(&self, key: &str) -> Result<Option<(Bytes, ETag)>, BackendError> {

@@ -98,6 +98,20 @@ impl ObjectStore for Retrying {
         self.run(Op::List, prefix, || self.inner.list(prefix)).await
     }
 
+    async fn copy_from(
+        &self,
+        src: &dyn ObjectStore,
+        src_bucket: &str,
+        src_key: &str,
+        key: &str,
+    ) -> Result<(), BackendError> {
+        // Counted with the PUTs: a copy writes one object.
+        self.run(Op::Put, key, || {
+            self.inner.copy_from(src, src_bucket, src_key, key)
+        })
+        .await
+    }
+
     async fn get_with_etag(&self, key: &str) -> Result<Option<(Bytes, ETag)>, BackendError> {
         let got = self
             .run(Op::Get, key, || self.inner.get_with_etag(key))

@@ -312,6 +312,28 @@ impl ObjectStore for S3Store {
             .map_err(|e| self.map_err("PUT", key, e))
     }
 
+    async fn copy_from(
+        &self,
+        _src: &dyn ObjectStore,
+        src_bucket: &str,
+        src_key: &str,
+        key: &str,
+    ) -> Result<(), BackendError> {
+        self.client
+            .copy_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .copy_source(format!(
+                "{}/{}",
+                encode_key(src_bucket),
+                encode_key(src_key)
+            ))
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| self.map_err("COPY", key, e))
+    }
+
     async fn delete(&self, key: &str) -> Result<(), BackendError> {
         let resp = self
             .client
@@ -377,6 +399,19 @@ impl ObjectStore for S3Store {
         let req = self.put_request(key, data).if_match(etag);
         self.put_conditional(key, req).await
     }
+}
+
+/// A key as `x-amz-copy-source` wants it: percent-encoded except unreserved characters and `/`.
+fn encode_key(key: &str) -> String {
+    let mut out = String::with_capacity(key.len());
+    for b in key.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'/') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 #[cfg(test)]

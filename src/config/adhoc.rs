@@ -109,6 +109,7 @@ impl AdHoc {
                     ttl: super::DEFAULT_LEASE_TTL,
                 },
                 codec: super::CodecConfig::default(),
+                base: None,
             }],
         })
     }

@@ -20,7 +20,9 @@ pub use codec::{CodecConfig, Compression, EncryptionKey, KEY_LEN};
 pub use error::{ConfigError, Diagnostic};
 pub use secrets::{command_line_warnings, file_warnings, Secret};
 pub use summary::{summary_table, table};
-pub use validate::{check_name, parse_listen, read_secret, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
+pub use validate::{
+    check_name, check_snapshot_name, parse_listen, read_secret, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE,
+};
 pub use validate::{DEFAULT_DIRTY, DEFAULT_MEMORY};
 
 use std::path::{Path, PathBuf};
@@ -227,6 +229,18 @@ pub struct ExportConfig {
     pub lease: LeaseMode,
     /// `compression` and `encryption_key_file`: fixed once the export holds data.
     pub codec: CodecConfig,
+    /// `base = "EXPORT@SNAP"`: a clone starts as that snapshot's content.
+    pub base: Option<BaseRef>,
+}
+
+/// A clone's `base`: a snapshot of another export of the same file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseRef {
+    pub export: String,
+    pub snapshot: String,
+    /// Where EXPORT's objects are (bucket, prefix), when EXPORT is configured: needed only
+    /// to create the clone; afterwards the clone's own manifest records it.
+    pub location: Option<(String, String)>,
 }
 
 /// Default block size: 128 KiB objects balance request rate against read amplification.

@@ -73,6 +73,7 @@ pub struct RawExport {
     pub lease: Option<Spanned<String>>,
     pub compression: Option<Spanned<String>>,
     pub encryption_key_file: Option<Spanned<String>>,
+    pub base: Option<Spanned<String>>,
 }
 
 /// A size as written: a string with a unit, or a plain integer number of bytes.

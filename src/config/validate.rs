@@ -259,6 +259,8 @@ impl<'a> Checker<'a> {
         let mut first_line: HashMap<String, usize> = HashMap::new();
         // (bucket, prefix, name, line of prefix) of every accepted export, for overlap checks.
         let mut placed: Vec<(String, String, String, usize)> = Vec::new();
+        // Per accepted export: the span of its `base` and whether it names a block size.
+        let mut spans = Vec::new();
         for item in raw {
             let header_line = line_of(self.src, item.span().start);
             let raw = item.into_inner();
@@ -296,8 +298,45 @@ impl<'a> Checker<'a> {
                 line_of(self.src, prefix_span.start),
             ));
             out.push(export);
+            spans.push((
+                raw.base.as_ref().map(|b| b.span()),
+                raw.block_size.is_some(),
+            ));
         }
+        self.bases(&mut out, &spans);
         out
+    }
+
+    /// Clones: where their base export's objects are, and its block size (inherited when
+    /// the clone names none; a different one is an error: blocks would not line up).
+    fn bases(&mut self, exports: &mut [ExportConfig], spans: &[(Option<Range<usize>>, bool)]) {
+        let by_name: HashMap<String, (String, String, u32)> = exports
+            .iter()
+            .map(|e| {
+                (
+                    e.name.clone(),
+                    (e.bucket.clone(), e.prefix.clone(), e.block_size),
+                )
+            })
+            .collect();
+        for (export, (span, explicit_bs)) in exports.iter_mut().zip(spans) {
+            let Some(base) = &mut export.base else {
+                continue;
+            };
+            let Some((bucket, prefix, bs)) = by_name.get(&base.export) else {
+                continue; // created already, or refused when it is first opened
+            };
+            if *explicit_bs && *bs != export.block_size {
+                let msg = format!(
+                    "block_size {} differs from the block_size {} of its base export {:?}",
+                    export.block_size, bs, base.export
+                );
+                let label = format!("export {:?}", export.name);
+                self.err(span.as_ref().unwrap_or(&(0..0)), &label, msg);
+            }
+            export.block_size = *bs;
+            base.location = Some((bucket.clone(), prefix.clone()));
+        }
     }
 
     fn export(&mut self, raw: &RawExport) -> Option<ExportConfig> {
@@ -349,6 +388,13 @@ impl<'a> Checker<'a> {
         let allow = raw.allow.as_ref().and_then(|a| self.allow(a, &label));
         let lease = self.lease(raw.lease.as_ref(), &label);
         let codec = self.codec(raw, &label);
+        let base = raw.base.as_ref().and_then(|b| {
+            let parsed = parse_base(b.get_ref(), &name);
+            if let Err(msg) = &parsed {
+                self.err(&b.span(), &label, format!("base: {msg}"));
+            }
+            parsed.ok()
+        });
         if self.errors.len() != before {
             return None;
         }
@@ -363,6 +409,7 @@ impl<'a> Checker<'a> {
             allow,
             lease,
             codec,
+            base,
         })
     }
 
@@ -386,6 +433,23 @@ impl<'a> Checker<'a> {
     }
 }
 
+/// `base = "EXPORT@SNAP"`: the last `@` splits (export names may contain one).
+fn parse_base(text: &str, me: &str) -> Result<super::BaseRef, String> {
+    let (export, snapshot) = text
+        .rsplit_once('@')
+        .ok_or_else(|| format!("{text:?} is not \"EXPORT@SNAPSHOT\""))?;
+    check_name(export).map_err(|m| format!("export name {m}"))?;
+    check_snapshot_name(snapshot)?;
+    if export == me {
+        return Err("an export cannot be based on its own snapshot".into());
+    }
+    Ok(super::BaseRef {
+        export: export.to_owned(),
+        snapshot: snapshot.to_owned(),
+        location: None,
+    })
+}
+
 /// Parses one `listen` entry: `"host:port"` or `"unix:/path"`.
 pub fn parse_listen(text: &str) -> Result<ListenAddr, String> {
     if let Some(path) = text.strip_prefix("unix:") {
@@ -406,6 +470,25 @@ pub fn parse_listen(text: &str) -> Result<ListenAddr, String> {
         ));
     }
     Ok(ListenAddr::Tcp(text.to_string()))
+}
+
+/// Longest snapshot name.
+const MAX_SNAPSHOT_NAME: usize = 64;
+
+/// Snapshot names: 1-64 characters of `A-Z a-z 0-9 . _ -`.
+pub fn check_snapshot_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_SNAPSHOT_NAME
+        && name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid snapshot name {name:?}: use 1-{MAX_SNAPSHOT_NAME} characters of A-Z a-z 0-9 . _ -"
+        ))
+    }
 }
 
 /// Export names: what NBD clients send, so non-empty, at most 4096 bytes, no NUL.

@@ -24,6 +24,8 @@ pub enum Request {
     SnapshotDelete { export: String, snapshot: String },
     /// Makes an export read as one of its snapshots.
     SnapshotRollback { export: String, snapshot: String },
+    /// A clone copies what it reads from its base.
+    Flatten { export: String },
     /// Deletes objects of an export nothing needs.
     Gc { export: String },
 }
@@ -104,4 +106,10 @@ pub struct SnapshotList {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Deleted {
     pub deleted_objects: u64,
+}
+
+/// `flatten`: how many blocks were copied from the base.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Copied {
+    pub copied_blocks: u64,
 }

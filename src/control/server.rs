@@ -2,7 +2,7 @@
 //! live daemon's), answers each connection's one request from the `Daemon`, and removes the
 //! socket file when stopped.
 
-use super::protocol::{Deleted, ExportStatus, Reply, Request, SnapshotEntry, SnapshotList};
+use super::protocol::{Copied, Deleted, ExportStatus, Reply, Request, SnapshotEntry, SnapshotList};
 use super::protocol::{Status, MAX_REQUEST};
 use crate::daemon::{Daemon, ExportSnapshot};
 use crate::export::{ExportState, Refusal};
@@ -114,32 +114,38 @@ async fn serve(stream: UnixStream, daemon: &Daemon) {
 
 /// Runs one command.
 pub async fn answer(daemon: &Daemon, request: Request) -> Reply {
-    let result = match request {
-        Request::Status => encode(status(daemon)),
-        Request::SnapshotCreate { export, snapshot } => daemon
-            .snapshot_create(&export, &snapshot)
-            .await
-            .and_then(|s| encode(entry(s))),
-        Request::SnapshotList { export } => {
-            daemon.snapshot_list(export.as_deref()).and_then(|all| {
-                encode(SnapshotList {
-                    snapshots: all.into_iter().map(entry).collect(),
-                })
-            })
-        }
-        Request::SnapshotDelete { export, snapshot } => daemon
-            .snapshot_delete(&export, &snapshot)
-            .await
-            .and_then(|n| encode(Deleted { deleted_objects: n })),
-        Request::SnapshotRollback { export, snapshot } => daemon
-            .snapshot_rollback(&export, &snapshot)
-            .await
-            .and_then(|n| encode(Deleted { deleted_objects: n })),
-        Request::Gc { export } => daemon
-            .gc(&export)
-            .await
-            .and_then(|n| encode(Deleted { deleted_objects: n })),
-    };
+    let result =
+        match request {
+            Request::Status => encode(status(daemon)),
+            Request::SnapshotCreate { export, snapshot } => daemon
+                .snapshot_create(&export, &snapshot)
+                .await
+                .and_then(|s| encode(entry(s))),
+            Request::SnapshotList { export } => daemon
+                .snapshot_list(export.as_deref())
+                .await
+                .and_then(|all| {
+                    encode(SnapshotList {
+                        snapshots: all.into_iter().map(entry).collect(),
+                    })
+                }),
+            Request::SnapshotDelete { export, snapshot } => daemon
+                .snapshot_delete(&export, &snapshot)
+                .await
+                .and_then(|n| encode(Deleted { deleted_objects: n })),
+            Request::SnapshotRollback { export, snapshot } => daemon
+                .snapshot_rollback(&export, &snapshot)
+                .await
+                .and_then(|n| encode(Deleted { deleted_objects: n })),
+            Request::Flatten { export } => daemon
+                .flatten(&export)
+                .await
+                .and_then(|n| encode(Copied { copied_blocks: n })),
+            Request::Gc { export } => daemon
+                .gc(&export)
+                .await
+                .and_then(|n| encode(Deleted { deleted_objects: n })),
+        };
     match result {
         Ok(v) => Reply::done(v),
         Err(e) => Reply::refused(e),
@@ -157,7 +163,7 @@ fn entry(s: ExportSnapshot) -> SnapshotEntry {
         created: s.snapshot.created,
         size: s.snapshot.size,
         bytes_held_only: s.snapshot.bytes_held_only,
-        clones: Vec::new(),
+        clones: s.clones,
     }
 }
 

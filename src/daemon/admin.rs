@@ -12,6 +12,8 @@ use std::sync::Arc;
 pub struct ExportSnapshot {
     pub export: String,
     pub snapshot: Snapshot,
+    /// Exports cloned from it.
+    pub clones: Vec<String>,
 }
 
 impl Daemon {
@@ -46,11 +48,12 @@ impl Daemon {
         Ok(ExportSnapshot {
             export: export.to_owned(),
             snapshot,
+            clones: Vec::new(),
         })
     }
 
     /// `snapshot list [EXPORT]`: every served export's snapshots, or one export's.
-    pub fn snapshot_list(&self, export: Option<&str>) -> Result<Vec<ExportSnapshot>, String> {
+    pub async fn snapshot_list(&self, export: Option<&str>) -> Result<Vec<ExportSnapshot>, String> {
         let stores: Vec<(String, Arc<BlockStore>)> = match export {
             Some(name) => vec![(name.to_owned(), self.served(name)?.1)],
             None => self
@@ -60,18 +63,22 @@ impl Daemon {
                 .filter_map(|e| Some((e.name().to_owned(), Arc::clone(e.store()?))))
                 .collect(),
         };
-        Ok(stores
-            .into_iter()
-            .flat_map(|(export, store)| {
-                store
-                    .snapshots()
-                    .into_iter()
-                    .map(move |snapshot| ExportSnapshot {
-                        export: export.clone(),
-                        snapshot,
-                    })
-            })
-            .collect())
+        let mut out = Vec::new();
+        for (export, store) in stores {
+            let snapshots = store.snapshots();
+            if snapshots.is_empty() {
+                continue;
+            }
+            let mut clones = store.clones().await.map_err(|e| refused(&export, e))?;
+            for snapshot in snapshots {
+                out.push(ExportSnapshot {
+                    export: export.clone(),
+                    clones: clones.remove(&snapshot.name).unwrap_or_default(),
+                    snapshot,
+                });
+            }
+        }
+        Ok(out)
     }
 
     /// `snapshot delete EXPORT SNAP`: refused while clients read the snapshot's export.
@@ -104,6 +111,13 @@ impl Daemon {
             .rollback(snapshot)
             .await
             .map_err(|e| refused(export, e))
+    }
+
+    /// `flatten EXPORT`: a clone copies what it reads from its base, then needs it no more.
+    /// Returns how many blocks were copied.
+    pub async fn flatten(&self, export: &str) -> Result<u64, String> {
+        let (_, store) = self.served(export)?;
+        store.flatten().await.map_err(|e| refused(export, e))
     }
 
     /// `gc EXPORT`: deletes objects nothing needs; returns how many.

@@ -7,7 +7,7 @@ use crate::backend::{BackendError, DynObjectStore};
 use crate::config::{ExportConfig, LeaseMode};
 use crate::lease::fence::FencedStore;
 use crate::lease::{Lease, LeaseManager};
-use crate::store::{BlockStore, BlockStoreConfig, CacheBudget};
+use crate::store::{BaseSpec, BlockStore, BlockStoreConfig, Buckets, CacheBudget, NoBuckets};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,11 +18,28 @@ use tracing::error;
 pub trait BucketSource: Send + Sync {
     /// The object store bound to `bucket`.
     fn bucket(&self, bucket: &str) -> Result<DynObjectStore, BackendError>;
+    /// Every bucket, for as long as a store lives (a clone reads its base's bucket).
+    fn buckets(&self) -> Arc<dyn Buckets> {
+        Arc::new(NoBuckets)
+    }
 }
 
 impl BucketSource for crate::backend::StoreFactory {
     fn bucket(&self, bucket: &str) -> Result<DynObjectStore, BackendError> {
         Ok(crate::backend::StoreFactory::bucket(self, bucket))
+    }
+    fn buckets(&self) -> Arc<dyn Buckets> {
+        Arc::new(FactoryBuckets(self.clone()))
+    }
+}
+
+/// The daemon's buckets, held by the stores that need other buckets.
+#[derive(Debug)]
+struct FactoryBuckets(crate::backend::StoreFactory);
+
+impl Buckets for FactoryBuckets {
+    fn bucket(&self, bucket: &str) -> Result<DynObjectStore, BackendError> {
+        Ok(self.0.bucket(bucket))
     }
 }
 
@@ -93,8 +110,16 @@ async fn open_store<F: BucketSource + ?Sized>(
         read_only: cfg.read_only,
         flush_timeout: ctx.flush_timeout,
         codec: cfg.codec.clone(),
+        base: cfg.base.as_ref().map(|b| BaseSpec {
+            export: b.export.clone(),
+            snapshot: b.snapshot.clone(),
+            location: b.location.clone(),
+            name: cfg.name.clone(),
+            bucket: cfg.bucket.clone(),
+        }),
     };
-    let store = BlockStore::open(objects, store_cfg, Arc::clone(&ctx.budget)).await?;
+    let buckets = factory.buckets();
+    let store = BlockStore::open_with(objects, store_cfg, Arc::clone(&ctx.budget), buckets).await?;
     if let Some(lease) = &lease {
         store.set_write_gate(Arc::clone(lease) as Arc<dyn crate::store::WriteGate>);
     }

@@ -31,6 +31,7 @@ fn cfg() -> ExportConfig {
         allow: None,
         lease: crate::config::LeaseMode::Off,
         codec: Default::default(),
+        base: None,
     }
 }
 
@@ -71,6 +72,7 @@ async fn removed_export_is_kept_until_s3_takes_its_data() {
 fn leased(ttl: Duration) -> ExportConfig {
     ExportConfig {
         lease: LeaseMode::On { ttl },
+        base: None,
         ..cfg()
     }
 }

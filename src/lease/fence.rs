@@ -67,6 +67,16 @@ impl ObjectStore for FencedStore {
     async fn list(&self, prefix: &str) -> Result<Vec<String>, BackendError> {
         self.inner.list(prefix).await
     }
+    async fn copy_from(
+        &self,
+        src: &dyn ObjectStore,
+        src_bucket: &str,
+        src_key: &str,
+        key: &str,
+    ) -> Result<(), BackendError> {
+        self.guarded(self.inner.copy_from(src, src_bucket, src_key, key))
+            .await
+    }
     async fn get_with_etag(&self, key: &str) -> Result<Option<(Bytes, ETag)>, BackendError> {
         self.inner.get_with_etag(key).await
     }

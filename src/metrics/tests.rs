@@ -40,6 +40,7 @@ async fn sources(dir: &std::path::Path, names: &[&str]) -> Observed {
             read_only: c.read_only,
             flush_timeout: Duration::from_secs(5),
             codec: Default::default(),
+            base: None,
         };
         let store = BlockStore::open(factory.bucket(&c.bucket), cfg, Arc::clone(&budget)).await;
         opened.insert(

@@ -21,6 +21,7 @@ fn export(name: &str) -> ExportConfig {
         allow: None,
         lease: crate::config::LeaseMode::Off,
         codec: Default::default(),
+        base: None,
     }
 }
 

@@ -19,6 +19,10 @@ use super::objects::parse_block_key;
 use super::presence::Presence;
 use std::collections::{BTreeMap, BTreeSet};
 
+/// A clone reads its base export's layers too; in the clone they are numbered as in the base,
+/// with this bit set, so the two numberings never meet.
+pub(crate) const BASE: u64 = 1 << 63;
+
 /// Folder of the layered keys under the export's prefix.
 const LAYERS_DIR: &str = "layers/";
 /// Suffix of a tombstone key.
@@ -146,6 +150,66 @@ impl Layers {
                 }
             }
         }
+    }
+
+    /// Records the listed keys of a clone's base export (its layers carry [`BASE`]).
+    pub fn load_base<'a>(&mut self, prefix: &str, keys: impl IntoIterator<Item = &'a str>) {
+        for key in keys {
+            if let Some(k) = parse_key(prefix, key) {
+                if let Some(bits) = self.bits.get(&(k.layer | BASE)) {
+                    let set = if k.tomb { &bits.tomb } else { &bits.data };
+                    set.set(k.block, true);
+                }
+            }
+        }
+    }
+
+    /// Blocks a read of the base export's layers finds as data, with the base layer (in the
+    /// base's numbering) holding each: what flatten copies.
+    pub fn base_blocks(&self) -> Vec<(u64, u64)> {
+        let base: Vec<u64> = self
+            .chain
+            .iter()
+            .copied()
+            .filter(|l| l & BASE != 0)
+            .collect();
+        let mut out = BTreeMap::new();
+        for layer in &base {
+            if let Some(b) = self.bits.get(layer) {
+                b.data.for_each(|block| {
+                    if resolve_in(&self.bits, &base, block) == Found::Data(*layer) {
+                        out.insert(block, layer & !BASE);
+                    }
+                });
+            }
+        }
+        out.into_iter().collect()
+    }
+
+    /// After flatten: `flat` (holding copies of every base block) replaces the base layers
+    /// under the root of the export's own layers.
+    pub fn replace_base(&mut self, flat: u64, copied: &[u64]) -> Result<(), String> {
+        let mut parents: BTreeMap<u64, Option<u64>> = self
+            .parents
+            .iter()
+            .filter(|(l, _)| **l & BASE == 0)
+            .map(|(l, p)| (*l, p.filter(|p| p & BASE == 0)))
+            .collect();
+        for parent in parents.values_mut() {
+            if parent.is_none() {
+                *parent = Some(flat);
+            }
+        }
+        parents.insert(flat, None);
+        self.chain = chain_of(&parents, self.head())?;
+        self.bits.retain(|l, _| l & BASE == 0);
+        let bits = Bits::default();
+        for block in copied {
+            bits.data.set(*block, true);
+        }
+        self.bits.insert(flat, bits);
+        self.parents = parents;
+        Ok(())
     }
 
     /// The layer writes go to.
@@ -299,7 +363,8 @@ impl Layers {
             .filter_map(|o| chain_of(&self.parents, *o).ok())
             .collect();
         let mut count = 0;
-        for layer in &mine {
+        // The base export's blocks are the base's to free, never the clone's.
+        for layer in mine.iter().filter(|l| *l & BASE == 0) {
             let Some(bits) = self.bits.get(layer) else {
                 continue;
             };

@@ -7,6 +7,7 @@
 //! two writers can never lose each other's change.
 
 use super::codec;
+use super::layers::BASE;
 use super::{BlockStoreConfig, StoreError};
 use crate::backend::{BackendError, DynObjectStore, ETag};
 use crate::config::{CodecConfig, Compression};
@@ -55,6 +56,12 @@ pub(crate) struct Manifest {
     /// Format 2: the cipher and its key's fingerprint; absent: blocks in clear.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encryption: Option<Encryption>,
+    /// Format 2, a clone: the snapshot of another export it reads through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<BaseRecord>,
+    /// Format 2: the clones based on this export's snapshots (they must be kept).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub clones: Vec<CloneRecord>,
     /// Fields this version does not know, kept as they are when the manifest is rewritten.
     #[serde(flatten)]
     pub other: serde_json::Map<String, serde_json::Value>,
@@ -75,6 +82,31 @@ pub(crate) struct LayerRecord {
     pub parent: Option<u64>,
 }
 
+/// What a clone depends on: a snapshot of another export, with the layers it reads through
+/// (numbered as in the base's manifest), so the clone keeps working if the base export leaves
+/// the configuration.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub(crate) struct BaseRecord {
+    pub export: String,
+    pub snapshot: String,
+    pub bucket: String,
+    pub prefix: String,
+    /// The base's identity (its encrypted blocks are bound to it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// The base's layers, top (the snapshot's layer) first.
+    pub layers: Vec<LayerRecord>,
+}
+
+/// A clone based on one of this export's snapshots.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub(crate) struct CloneRecord {
+    pub export: String,
+    pub snapshot: String,
+    pub bucket: String,
+    pub prefix: String,
+}
+
 /// One snapshot: the frozen layer it reads through, when it was taken and the export's size
 /// then.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -87,7 +119,7 @@ pub(crate) struct SnapshotRecord {
 
 impl Manifest {
     /// A new export's manifest.
-    fn new(cfg: &BlockStoreConfig) -> Manifest {
+    pub fn new(cfg: &BlockStoreConfig) -> Manifest {
         let codec = &cfg.codec;
         let compression =
             (codec.compression != Compression::Off).then(|| codec.compression.to_string());
@@ -111,12 +143,14 @@ impl Manifest {
             snapshots: Vec::new(),
             compression,
             encryption,
+            base: None,
+            clones: Vec::new(),
             other: serde_json::Map::new(),
         }
     }
 
     /// Refuses a configuration whose codec differs from the one the blocks were written with.
-    fn check_codec(&self, codec: &CodecConfig) -> Result<(), StoreError> {
+    pub fn check_codec(&self, codec: &CodecConfig) -> Result<(), StoreError> {
         let stored = self.compression.as_deref().unwrap_or("off");
         let configured = codec.compression.to_string();
         if stored != configured {
@@ -153,11 +187,32 @@ impl Manifest {
     }
 
     /// Every layer with its parent (format 1: layer 0 alone).
+    /// Every layer of this export with its parent (format 1: layer 0 alone).
     pub fn parents(&self) -> BTreeMap<u64, Option<u64>> {
         if self.layers.is_empty() {
             return BTreeMap::from([(0, None)]);
         }
         self.layers.iter().map(|l| (l.id, l.parent)).collect()
+    }
+
+    /// `parents`, plus a clone's base layers (marked `BASE`) under its root layer.
+    pub fn all_parents(&self) -> BTreeMap<u64, Option<u64>> {
+        let mut parents = self.parents();
+        let Some(base) = &self.base else {
+            return parents;
+        };
+        let Some(top) = base.layers.first() else {
+            return parents;
+        };
+        for parent in parents.values_mut() {
+            if parent.is_none() {
+                *parent = Some(top.id | BASE);
+            }
+        }
+        for l in &base.layers {
+            parents.insert(l.id | BASE, l.parent.map(|p| p | BASE));
+        }
+        parents
     }
 
     /// The layer writes go to.
@@ -198,11 +253,17 @@ impl Manifest {
 
     fn check(&self, key: &str) -> Result<(), StoreError> {
         let bad = |m: String| StoreError::BadManifest(format!("{key}: {m}"));
+        let bs = self.block_size;
+        if !bs.is_power_of_two() || bs > 8 << 20 {
+            return Err(bad(format!(
+                "block size {bs} is not a power of two up to 8MiB"
+            )));
+        }
         match self.format {
             FORMAT_PLAIN => Ok(()),
             FORMAT_LAYERED => {
                 let parents = self.parents();
-                super::layers::chain_of(&parents, self.head()).map_err(bad)?;
+                super::layers::chain_of(&self.all_parents(), self.head()).map_err(bad)?;
                 for s in &self.snapshots {
                     if !parents.contains_key(&s.layer) {
                         let msg = format!("snapshot {:?} names unknown layer {}", s.name, s.layer);
@@ -243,12 +304,15 @@ fn parse(key: &str, raw: &[u8]) -> Result<Manifest, StoreError> {
 pub(crate) async fn check_or_create(
     objects: &DynObjectStore,
     cfg: &BlockStoreConfig,
+    buckets: &dyn super::Buckets,
 ) -> Result<Option<Manifest>, StoreError> {
     let key = key(&cfg.prefix);
     match retry(|| objects.get(&key)).await? {
         Some(raw) => {
             let m = parse(&key, &raw)?;
-            if m.block_size != u64::from(cfg.block_size) {
+            // A clone's block size is its base's; the file may no longer say which.
+            let clone = cfg.base.is_some();
+            if m.block_size != u64::from(cfg.block_size) && !clone {
                 return Err(StoreError::BlockSizeMismatch {
                     stored: u32::try_from(m.block_size).unwrap_or(u32::MAX),
                     configured: cfg.block_size,
@@ -258,6 +322,7 @@ pub(crate) async fn check_or_create(
             Ok(Some(m))
         }
         None if cfg.read_only => Ok(None),
+        None if cfg.base.is_some() => Ok(Some(super::clone::create(objects, cfg, buckets).await?)),
         None => {
             let m = Manifest::new(cfg);
             let body = encode(&m)?;
@@ -268,7 +333,7 @@ pub(crate) async fn check_or_create(
     }
 }
 
-fn encode(m: &Manifest) -> Result<Bytes, StoreError> {
+pub(crate) fn encode(m: &Manifest) -> Result<Bytes, StoreError> {
     serde_json::to_vec_pretty(m)
         .map(Bytes::from)
         .map_err(|e| StoreError::BadManifest(e.to_string()))

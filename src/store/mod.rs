@@ -23,6 +23,7 @@
 mod block;
 mod budget;
 mod cache;
+mod clone;
 mod codec;
 mod crash;
 mod dirty;
@@ -42,6 +43,8 @@ mod writeback;
 mod tests;
 
 pub use budget::CacheBudget;
+pub use clone::BaseSpec;
+
 pub use crash::crash_point;
 pub use error::{ErrorKind, StoreError};
 pub use snapshot::{check_snapshot_name, Snapshot};
@@ -69,6 +72,25 @@ pub struct BlockStoreConfig {
     pub flush_timeout: Duration,
     /// Compression and encryption of the block objects.
     pub codec: crate::config::CodecConfig,
+    /// A clone's base snapshot (used when the clone is first created).
+    pub base: Option<BaseSpec>,
+}
+
+/// Hands out the object store of another bucket of the same object store (a clone's base).
+pub trait Buckets: Send + Sync + std::fmt::Debug {
+    fn bucket(&self, bucket: &str) -> Result<DynObjectStore, crate::backend::BackendError>;
+}
+
+/// For stores that are never clones (tests, tools): no other bucket is reachable.
+#[derive(Debug)]
+pub struct NoBuckets;
+
+impl Buckets for NoBuckets {
+    fn bucket(&self, bucket: &str) -> Result<DynObjectStore, crate::backend::BackendError> {
+        Err(crate::backend::BackendError::Permanent(format!(
+            "bucket {bucket:?} is not reachable from here"
+        )))
+    }
 }
 
 /// A piece of a read result, in order.
@@ -170,6 +192,8 @@ pub struct BlockStore {
     barrier: tokio::sync::RwLock<()>,
     /// Snapshots and their read-only views.
     snaps: snapshot::Snapshots,
+    /// Other buckets of the object store (a clone's base, clones of this export).
+    buckets: Arc<dyn Buckets>,
 }
 
 /// Whether this daemon may change an export's objects now. The export lease closes it when
@@ -187,28 +211,55 @@ impl BlockStore {
         cfg: BlockStoreConfig,
         budget: Arc<CacheBudget>,
     ) -> Result<Arc<Self>, StoreError> {
+        Self::open_with(objects, cfg, budget, Arc::new(NoBuckets)).await
+    }
+
+    /// `open`, reaching other buckets through `buckets` (a clone's base).
+    pub async fn open_with(
+        objects: DynObjectStore,
+        cfg: BlockStoreConfig,
+        budget: Arc<CacheBudget>,
+        buckets: Arc<dyn Buckets>,
+    ) -> Result<Arc<Self>, StoreError> {
         if !cfg.block_size.is_power_of_two() {
             return Err(StoreError::BadManifest(format!(
                 "block size {} is not a power of two",
                 cfg.block_size
             )));
         }
-        let manifest = manifest::check_or_create(&objects, &cfg).await?;
+        let mut cfg = cfg;
+        let manifest = manifest::check_or_create(&objects, &cfg, &*buckets).await?;
+        if let Some(m) = &manifest {
+            // Checked by the manifest: a power of two up to 8 MiB.
+            cfg.block_size = u32::try_from(m.block_size).unwrap_or(cfg.block_size);
+        }
         let keys = manifest::retry(|| objects.list(&cfg.prefix)).await?;
         let (mut layers, snapshots) = match &manifest {
             Some(m) => (
-                layers::Layers::new(m.parents(), m.head()).map_err(StoreError::BadManifest)?,
+                layers::Layers::new(m.all_parents(), m.head()).map_err(StoreError::BadManifest)?,
                 m.snapshots.clone(),
             ),
             None => (layers::Layers::plain(), Vec::new()),
         };
         layers.load(&cfg.prefix, keys.iter().map(String::as_str));
         drop(keys);
+        let mut base = None;
+        if let Some(b) = manifest.as_ref().and_then(|m| m.base.as_ref()) {
+            let store = buckets.bucket(&b.bucket)?;
+            let keys = manifest::retry(|| store.list(&b.prefix)).await?;
+            layers.load_base(&b.prefix, keys.iter().map(String::as_str));
+            base = Some(objects::BaseObjects {
+                store,
+                prefix: b.prefix.clone(),
+                id: Arc::from(b.id.clone().unwrap_or_default()),
+            });
+        }
         let bs = cfg.block_size as usize;
         let id = manifest.and_then(|m| m.id).unwrap_or_default();
         let objects = objects::BlockObjects::new(objects, cfg.prefix.clone(), bs, layers)
             .with_codec(codec::Codec::new(&cfg.codec, bs), id);
-        Ok(Self::assemble(objects, &cfg, budget, snapshots))
+        objects.set_base(base);
+        Ok(Self::assemble(objects, &cfg, budget, snapshots, buckets))
     }
 
     /// A store over `objects` (whose layers are loaded), its write-back running.
@@ -217,6 +268,7 @@ impl BlockStore {
         cfg: &BlockStoreConfig,
         budget: Arc<CacheBudget>,
         snapshots: Vec<manifest::SnapshotRecord>,
+        buckets: Arc<dyn Buckets>,
     ) -> Arc<Self> {
         let presence = objects.layers().effective();
         let bs = u64::from(cfg.block_size);
@@ -246,6 +298,7 @@ impl BlockStore {
             gate: std::sync::OnceLock::new(),
             barrier: tokio::sync::RwLock::new(()),
             snaps: snapshot::Snapshots::new(snapshots),
+            buckets,
         })
     }
     /// Installs the lease fence (once; later calls are ignored).

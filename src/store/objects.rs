@@ -5,7 +5,7 @@
 //! and write-back retry by different rules.
 
 use super::codec::{Codec, DecodeError};
-use super::layers::{data_key, tomb_key, Found, LayerKey, Layers};
+use super::layers::{data_key, tomb_key, Found, LayerKey, Layers, BASE};
 use crate::backend::{BackendError, DynObjectStore};
 use bytes::Bytes;
 use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -27,6 +27,17 @@ pub(crate) struct BlockObjects {
     /// The export's identity, bound into every encrypted block.
     id: Arc<str>,
     counters: ObjectCounters,
+    /// A clone's base export: where the layers marked [`BASE`] live (read only).
+    base: RwLock<Option<BaseObjects>>,
+}
+
+/// Where a clone's base blocks are: the base's bucket, prefix and identity (its encrypted
+/// blocks are bound to it).
+#[derive(Debug, Clone)]
+pub(crate) struct BaseObjects {
+    pub store: DynObjectStore,
+    pub prefix: String,
+    pub id: Arc<str>,
 }
 
 /// What the codec did, for metrics (compression ratio, decryption failures).
@@ -77,6 +88,7 @@ impl BlockObjects {
             codec: None,
             id: Arc::from(""),
             counters: ObjectCounters::default(),
+            base: RwLock::new(None),
         }
     }
 
@@ -97,6 +109,28 @@ impl BlockObjects {
     /// The codec's counters.
     pub fn counters(&self) -> &ObjectCounters {
         &self.counters
+    }
+
+    /// Where the base export's layers live (a clone).
+    pub fn set_base(&self, base: Option<BaseObjects>) {
+        *self.base.write() = base;
+    }
+
+    /// The store, key and identity of a block in `layer` (the base's, for a base layer).
+    fn locate(&self, layer: u64, block: u64) -> (DynObjectStore, String, Arc<str>) {
+        if layer & BASE != 0 {
+            if let Some(b) = &*self.base.read() {
+                let key = data_key(&b.prefix, layer & !BASE, block);
+                return (Arc::clone(&b.store), key, Arc::clone(&b.id));
+            }
+        }
+        let key = data_key(&self.prefix, layer, block);
+        (Arc::clone(&self.store), key, Arc::clone(&self.id))
+    }
+
+    /// The base export's objects (a clone), for flatten and snapshot views.
+    pub fn base(&self) -> Option<BaseObjects> {
+        self.base.read().clone()
     }
 
     /// The export's key prefix (logs).
@@ -135,7 +169,7 @@ impl BlockObjects {
             Found::Data(layer) => Some(BlockKey {
                 block,
                 layer,
-                name: data_key(&self.prefix, layer, block),
+                name: self.locate(layer, block).1,
             }),
             Found::Tomb(_) | Found::Nothing => None,
         }
@@ -144,7 +178,8 @@ impl BlockObjects {
     /// The block's bytes, `None` when it has no object (reads as zeros). An object of the wrong
     /// size is corrupt (cut short on the way, or written by something else): never data.
     pub async fn get(&self, key: &BlockKey) -> Result<Option<Bytes>, BackendError> {
-        let object = self.store.get(&key.name).await?;
+        let (store, _, id) = self.locate(key.layer, key.block);
+        let object = store.get(&key.name).await?;
         match (object, &self.codec) {
             (None, _) => Ok(None),
             (Some(d), None) if d.len() != self.block_size => Err(BackendError::Corrupt {
@@ -153,7 +188,7 @@ impl BlockObjects {
             }),
             (Some(d), None) => Ok(Some(d)),
             (Some(d), Some(codec)) => {
-                let (codec, id, block) = (Arc::clone(codec), Arc::clone(&self.id), key.block);
+                let (codec, block) = (Arc::clone(codec), key.block);
                 let decoded = off_runtime(move || codec.decode(&id, block, &d)).await;
                 match decoded {
                     Ok(Ok(plain)) => Ok(Some(Bytes::from(plain))),

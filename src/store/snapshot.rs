@@ -16,8 +16,6 @@ use futures_util::stream::{self, StreamExt};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-/// Longest snapshot name.
-const MAX_NAME: usize = 64;
 /// Deletes in flight while collecting garbage.
 const DELETES_IN_FLIGHT: usize = 32;
 
@@ -33,21 +31,7 @@ pub struct Snapshot {
     pub bytes_held_only: u64,
 }
 
-/// Snapshot names: 1-64 characters of `A-Z a-z 0-9 . _ -`.
-pub fn check_snapshot_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= MAX_NAME
-        && name
-            .bytes()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "invalid snapshot name {name:?}: use 1-{MAX_NAME} characters of A-Z a-z 0-9 . _ -"
-        ))
-    }
-}
+pub use crate::config::check_snapshot_name;
 
 /// The store's snapshots and the views opened on them.
 #[derive(Debug)]
@@ -55,10 +39,15 @@ pub(super) struct Snapshots {
     records: parking_lot::Mutex<Vec<SnapshotRecord>>,
     views: parking_lot::Mutex<BTreeMap<String, Arc<BlockStore>>>,
     /// One admin change at a time per export.
-    admin: tokio::sync::Mutex<()>,
+    pub admin: tokio::sync::Mutex<()>,
 }
 
 impl Snapshots {
+    /// Drops the views opened so far (what they read through changed: flatten).
+    pub fn forget_views(&self) {
+        self.views.lock().clear();
+    }
+
     pub fn new(records: Vec<SnapshotRecord>) -> Self {
         Self {
             records: parking_lot::Mutex::new(records),
@@ -172,6 +161,13 @@ impl BlockStore {
         let Some(at) = m.snapshots.iter().position(|s| s.name == name) else {
             return Err(StoreError::Refused(format!("no snapshot {name:?}")));
         };
+        let clones = self.live_clones(&mut m, name).await?;
+        if !clones.is_empty() {
+            return Err(StoreError::Refused(format!(
+                "snapshot {name:?} has clones based on it: {} (flatten them first)",
+                clones.join(", ")
+            )));
+        }
         m.snapshots.remove(at);
         manifest::write(store, prefix, &m, tag.as_deref()).await?;
         crash_point("snapshot-delete-written");
@@ -221,6 +217,50 @@ impl BlockStore {
             m
         };
         self.collect(&m).await
+    }
+
+    /// The clones registered on snapshot `name` that still depend on it. Registrations whose
+    /// clone manifest is missing (a crash between the two writes of a clone's creation) or no
+    /// longer names this base (flattened) are dropped from `m`.
+    async fn live_clones(
+        &self,
+        m: &mut manifest::Manifest,
+        name: &str,
+    ) -> Result<Vec<String>, StoreError> {
+        let prefix = self.inner.objects.prefix();
+        let mut live = Vec::new();
+        let mut keep = Vec::new();
+        for c in std::mem::take(&mut m.clones) {
+            if c.snapshot != name {
+                keep.push(c);
+                continue;
+            }
+            let store = self.buckets.bucket(&c.bucket)?;
+            let depends = match manifest::read(&store, &c.prefix).await {
+                Ok((cm, _)) => cm
+                    .base
+                    .is_some_and(|b| b.prefix == prefix && b.snapshot == name),
+                Err(StoreError::BadManifest(_)) => false,
+                Err(e) => return Err(e),
+            };
+            if depends {
+                live.push(c.export.clone());
+                keep.push(c);
+            }
+        }
+        m.clones = keep;
+        Ok(live)
+    }
+
+    /// Names of the clones registered on each snapshot (one manifest read).
+    pub async fn clones(&self) -> Result<BTreeMap<String, Vec<String>>, StoreError> {
+        let (m, _) =
+            manifest::read(self.inner.objects.store(), self.inner.objects.prefix()).await?;
+        let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for c in m.clones {
+            out.entry(c.snapshot).or_default().push(c.export);
+        }
+        Ok(out)
     }
 
     /// Deletes the objects nothing needs (left by a crash, or by a delete that was cut
@@ -312,16 +352,15 @@ impl BlockStore {
             // Only a new export's manifest reads it; the view decodes through its export's
             // codec (`with_codec_of`).
             codec: Default::default(),
+            base: None,
         };
         let bs = self.block_size() as usize;
         let view_objects = BlockObjects::new(Arc::clone(objects), prefix, bs, layers)
             .with_codec_of(&self.inner.objects);
-        let view = Self::assemble(
-            view_objects,
-            &cfg,
-            Arc::clone(&self.inner.budget),
-            Vec::new(),
-        );
+        view_objects.set_base(self.inner.objects.base());
+        let budget = Arc::clone(&self.inner.budget);
+        let buckets = Arc::clone(&self.buckets);
+        let view = Self::assemble(view_objects, &cfg, budget, Vec::new(), buckets);
         let mut views = self.snaps.views.lock();
         let view = views.entry(name.to_owned()).or_insert(view);
         Some(Arc::clone(view))

@@ -10,6 +10,7 @@ mod architecture;
 mod backend_s3;
 mod cli_config;
 mod clients;
+mod clones;
 mod codec;
 mod control;
 mod crash;

@@ -42,6 +42,7 @@ fn export_config(name: &str, read_only: bool) -> ExportConfig {
         allow: None,
         lease: crate::config::LeaseMode::Off,
         codec: Default::default(),
+        base: None,
     }
 }
 
@@ -55,6 +56,7 @@ async fn open(cfg: &ExportConfig, objects: Arc<MemoryStore>) -> Arc<Export> {
             read_only: false,
             flush_timeout: Duration::from_secs(10),
             codec: Default::default(),
+            base: None,
         },
         CacheBudget::new(64 << 20, 32 << 20),
     )

@@ -25,6 +25,7 @@ pub(super) fn config(bs: u32, size: u64) -> BlockStoreConfig {
         read_only: false,
         flush_timeout: Duration::from_secs(20),
         codec: Default::default(),
+        base: None,
     }
 }
 
