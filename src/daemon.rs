@@ -165,6 +165,7 @@ impl Daemon {
                 budget,
                 flush_timeout: config.cache.flush_timeout,
                 leases: LeaseManager::new(),
+                manifest_turn: Default::default(),
             },
             server,
             reopener: parking_lot::Mutex::new(None),

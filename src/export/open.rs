@@ -33,6 +33,22 @@ impl BucketSource for crate::backend::StoreFactory {
     }
 }
 
+/// Every bucket, and the daemon's turn for writing another export's manifest.
+#[derive(Debug)]
+struct DaemonBuckets {
+    buckets: Arc<dyn Buckets>,
+    turn: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Buckets for DaemonBuckets {
+    fn bucket(&self, bucket: &str) -> Result<DynObjectStore, BackendError> {
+        self.buckets.bucket(bucket)
+    }
+    fn manifest_turn(&self) -> Option<&tokio::sync::Mutex<()>> {
+        Some(&self.turn)
+    }
+}
+
 /// The daemon's buckets, held by the stores that need other buckets.
 #[derive(Debug)]
 struct FactoryBuckets(crate::backend::StoreFactory);
@@ -52,6 +68,8 @@ pub struct OpenContext {
     pub flush_timeout: Duration,
     /// This daemon's export leases.
     pub leases: Arc<LeaseManager>,
+    /// Taken by stores writing another export's manifest (clones registering).
+    pub manifest_turn: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Opens an export's store. Never fails: a store that cannot be opened (block-size mismatch,
@@ -118,7 +136,10 @@ async fn open_store<F: BucketSource + ?Sized>(
             bucket: cfg.bucket.clone(),
         }),
     };
-    let buckets = factory.buckets();
+    let buckets = Arc::new(DaemonBuckets {
+        buckets: factory.buckets(),
+        turn: Arc::clone(&ctx.manifest_turn),
+    });
     let store = BlockStore::open_with(objects, store_cfg, Arc::clone(&ctx.budget), buckets).await?;
     if let Some(lease) = &lease {
         store.set_write_gate(Arc::clone(lease) as Arc<dyn crate::store::WriteGate>);

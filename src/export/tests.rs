@@ -43,6 +43,7 @@ async fn removed_export_is_kept_until_s3_takes_its_data() {
         budget,
         flush_timeout: Duration::from_millis(50),
         leases: LeaseManager::new(),
+        manifest_turn: Default::default(),
     };
     let export = open_export(&cfg(), &One(Arc::clone(&mem)), &ctx).await;
     let store = Arc::clone(export.store().expect("store opens"));
@@ -82,6 +83,7 @@ fn ctx() -> OpenContext {
         budget: CacheBudget::new(64 << 20, 32 << 20),
         flush_timeout: Duration::from_millis(200),
         leases: LeaseManager::new(),
+        manifest_turn: Default::default(),
     }
 }
 

@@ -208,6 +208,7 @@ fn ctx(budget: &Arc<crate::store::CacheBudget>, flush_timeout: Duration) -> Open
         budget: Arc::clone(budget),
         flush_timeout,
         leases: crate::lease::LeaseManager::new(),
+        manifest_turn: Default::default(),
     }
 }
 

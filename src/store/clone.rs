@@ -17,9 +17,6 @@ use crate::backend::{BackendError, DynObjectStore};
 use futures_util::stream::{self, StreamExt};
 use std::sync::Arc;
 
-/// One registration at a time in this process.
-static REGISTERING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
 /// Attempts at registering a clone while other writers change the base's manifest.
 const REGISTER_ATTEMPTS: usize = 5;
 
@@ -55,8 +52,12 @@ pub(super) async fn create(
     let base_store = buckets.bucket(bucket)?;
     let record = {
         // Clones of one base opening together take turns: each is one read-modify-write of
-        // the base's manifest (conditional anyway; this spares retries).
-        let _turn = REGISTERING.lock().await;
+        // the base's manifest. Conditional anyway, but some S3-compatible servers check the
+        // condition and write in two steps, so concurrent writers could still lose one.
+        let _turn = match buckets.manifest_turn() {
+            Some(turn) => Some(turn.lock().await),
+            None => None,
+        };
         register(&base_store, bucket, prefix, spec, cfg).await?
     };
     crash_point("clone-registered");

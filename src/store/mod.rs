@@ -79,6 +79,11 @@ pub struct BlockStoreConfig {
 /// Hands out the object store of another bucket of the same object store (a clone's base).
 pub trait Buckets: Send + Sync + std::fmt::Debug {
     fn bucket(&self, bucket: &str) -> Result<DynObjectStore, crate::backend::BackendError>;
+    /// Taken around a read-modify-write of another export's manifest (a clone registering
+    /// with its base), so the daemon's own writers take turns.
+    fn manifest_turn(&self) -> Option<&tokio::sync::Mutex<()>> {
+        None
+    }
 }
 
 /// For stores that are never clones (tests, tools): no other bucket is reachable.
