@@ -26,6 +26,7 @@ mod outage;
 mod reload;
 mod secrets;
 mod service;
+mod snapshot_costs;
 mod snapshots;
 mod store;
 mod store_layout;
