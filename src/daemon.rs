@@ -6,10 +6,12 @@ use crate::backend::{BackendError, StoreFactory};
 use crate::config::{Config, ConfigError, ListenAddr};
 use crate::export::{Export, OpenContext, Registry};
 use crate::lease::LeaseManager;
+use crate::server::handover::ParkedConnection;
 use crate::server::{Listener, ListenerHandle, Server};
 use crate::store::CacheBudget;
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -66,6 +68,15 @@ pub struct ShutdownReport {
     pub failed: Vec<FlushFailure>,
 }
 
+/// What a takeover passes to the next process: the listening sockets, by address as
+/// configured (`show_addr`), and the parked client connections. Every export was flushed
+/// and its lease released before, so the next process opens them fresh.
+#[derive(Debug, Default)]
+pub struct Handover {
+    pub listeners: Vec<(String, OwnedFd)>,
+    pub connections: Vec<ParkedConnection>,
+}
+
 /// The daemon's parts an observer reads (the metrics endpoint), shared, never copied. Handed to
 /// the hook of `Daemon::start_observed` before the exports open, so the observer sees a slow
 /// start too; the daemon itself knows nothing about who observes it.
@@ -99,6 +110,8 @@ pub struct Daemon {
     reload_lock: tokio::sync::Mutex<()>,
     /// Outcomes of `reload`.
     reloads: Arc<Reloads>,
+    /// Set once a takeover passed everything on: `Some(true)` delivered, `Some(false)` lost.
+    handed_over: tokio::sync::watch::Sender<Option<bool>>,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -131,15 +144,41 @@ impl Daemon {
         F: FnOnce(&Config, Observed) -> Fut,
         Fut: std::future::Future,
     {
+        Self::start_inheriting(config, config_path, observe, Handover::default()).await
+    }
+
+    /// `start_observed` with what a previous process handed over: its listening sockets are
+    /// used instead of binding again (clients waiting in their backlog stay), and its client
+    /// connections are served once the exports are open.
+    pub async fn start_inheriting<F, Fut>(
+        config: Config,
+        config_path: Option<PathBuf>,
+        observe: F,
+        inherited: Handover,
+    ) -> Result<Arc<Daemon>, StartError>
+    where
+        F: FnOnce(&Config, Observed) -> Fut,
+        Fut: std::future::Future,
+    {
+        let Handover {
+            listeners: mut sockets,
+            connections,
+        } = inherited;
         let mut bound = Vec::with_capacity(config.server.listen.len());
         for addr in &config.server.listen {
-            let listener = Listener::bind(addr)
-                .await
-                .map_err(|source| StartError::Bind {
-                    addr: show_addr(addr),
-                    source,
-                })?;
+            let shown = show_addr(addr);
+            let listener = match sockets.iter().position(|(a, _)| *a == shown) {
+                Some(i) => Listener::from_fd(addr, sockets.swap_remove(i).1),
+                None => Listener::bind(addr).await,
+            };
+            let listener = listener.map_err(|source| StartError::Bind {
+                addr: shown,
+                source,
+            })?;
             bound.push((addr.clone(), listener));
+        }
+        for (addr, _) in &sockets {
+            warn!("handed-over listener {addr} is not configured here: closed");
         }
         let factory = StoreFactory::new(&config.s3).await?;
         let budget = CacheBudget::new(config.cache.memory, config.cache.dirty);
@@ -172,6 +211,7 @@ impl Daemon {
             listeners: tokio::sync::Mutex::new(HashMap::new()),
             reload_lock: tokio::sync::Mutex::new(()),
             reloads,
+            handed_over: tokio::sync::watch::channel(None).0,
         });
         daemon.open_all(&config).await;
         let reopener = tokio::spawn(reopen::run(Arc::downgrade(&daemon)));
@@ -182,6 +222,10 @@ impl Daemon {
             listeners.insert(addr, daemon.server.spawn_listener(listener));
         }
         drop(listeners);
+        if !connections.is_empty() {
+            info!("taking over {} client connection(s)", connections.len());
+            daemon.server.adopt(connections);
+        }
         Ok(daemon)
     }
 
@@ -347,6 +391,73 @@ impl Daemon {
         live
     }
 
+    /// Prepares a takeover: stops accepting and reading, lets in-flight requests finish within
+    /// `grace`, flushes every export and releases its lease, and returns the sockets to pass
+    /// on. When an export cannot be flushed nothing is passed on: this daemon serves on (its
+    /// listeners and connections resume) and the error is returned.
+    pub async fn hand_over(self: &Arc<Self>, grace: Duration) -> Result<Handover, String> {
+        if let Some(reopener) = self.reopener.lock().take() {
+            // It would take leases the next process needs.
+            reopener.abort();
+        }
+        let mut handles = self.listeners.lock().await;
+        let connections = self.server.hand_over(grace).await;
+        let mut listeners = Vec::new();
+        for (addr, handle) in handles.drain() {
+            if let Some(l) = handle.into_listener().await {
+                listeners.push((addr, l));
+            }
+        }
+        let failed = self.flush_all(false).await;
+        if !failed.is_empty() {
+            let names: Vec<&str> = failed.iter().map(|f| f.export.as_str()).collect();
+            let error = format!("not flushed: {}; serving on", names.join(", "));
+            warn!("takeover refused: {error}");
+            self.server.resume();
+            for (addr, l) in listeners {
+                handles.insert(addr, self.server.spawn_listener(l));
+            }
+            self.server.adopt(connections);
+            let reopener = tokio::spawn(reopen::run(Arc::downgrade(self)));
+            *self.reopener.lock() = Some(reopener);
+            return Err(error);
+        }
+        for export in self.live_exports() {
+            if let Some(lease) = export.lease() {
+                lease.release().await;
+            }
+        }
+        let mut out = Handover {
+            connections,
+            ..Handover::default()
+        };
+        for (addr, l) in listeners {
+            match l.into_fd() {
+                Ok(fd) => out.listeners.push((show_addr(&addr), fd)),
+                Err(e) => warn!("listener {} not handed over: {e}", show_addr(&addr)),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Records how the takeover ended (`delivered`: the next process has the sockets).
+    pub fn handed_over(&self, delivered: bool) {
+        self.handed_over.send_replace(Some(delivered));
+    }
+
+    /// Resolves once a takeover ended, with whether the sockets were delivered.
+    pub async fn wait_handed_over(&self) -> bool {
+        let mut rx = self.handed_over.subscribe();
+        let outcome = rx
+            .wait_for(Option::is_some)
+            .await
+            .map(|v| v.unwrap_or(false));
+        match outcome {
+            Ok(delivered) => delivered,
+            Err(_) => std::future::pending().await,
+        }
+    }
+
     /// Stops accepting, lets in-flight requests finish within `grace` (then ESHUTDOWN), and
     /// flushes every export (removed ones still draining too). An export's flush keeps going
     /// while its dirty data shrinks; one `[cache] flush_timeout` without progress fails it.
@@ -359,28 +470,36 @@ impl Daemon {
             handle.close();
         }
         self.server.shutdown(grace).await;
+        ShutdownReport {
+            failed: self.flush_all(true).await,
+        }
+    }
+
+    /// Flushes every live export at once (releasing each lease once flushed, if `release`);
+    /// returns the exports that kept dirty data, by name.
+    async fn flush_all(&self, release: bool) -> Vec<FlushFailure> {
         let step = self.config().cache.flush_timeout;
         let mut tasks = tokio::task::JoinSet::new();
         for export in self.live_exports() {
-            tasks.spawn(flush_export(export, step));
+            tasks.spawn(flush_export(export, step, release));
         }
-        let mut report = ShutdownReport::default();
+        let mut failed = Vec::new();
         while let Some(done) = tasks.join_next().await {
             match done {
-                Ok(Some(failure)) => report.failed.push(failure),
+                Ok(Some(failure)) => failed.push(failure),
                 Ok(None) => {}
                 Err(e) => error!("flush task failed: {e}"),
             }
         }
-        report.failed.sort_by(|a, b| a.export.cmp(&b.export));
-        report
+        failed.sort_by(|a, b| a.export.cmp(&b.export));
+        failed
     }
 }
 
 /// Flushes one export until it is clean. Each attempt may take `step`; the flush goes on as
 /// long as attempts make progress (dirty data shrinks), so a slow S3 is waited for and a dead
 /// one is reported, with the blocks it refused, instead of hanging until systemd's SIGKILL.
-async fn flush_export(export: Arc<Export>, step: Duration) -> Option<FlushFailure> {
+async fn flush_export(export: Arc<Export>, step: Duration, release: bool) -> Option<FlushFailure> {
     let store = export.store()?;
     let mut before = store.dirty_bytes();
     loop {
@@ -388,7 +507,7 @@ async fn flush_export(export: Arc<Export>, step: Duration) -> Option<FlushFailur
             Ok(()) => {
                 info!(export = export.name(), "flushed");
                 // Everything is in S3: hand the export over to any other daemon at once.
-                if let Some(lease) = export.lease() {
+                if let Some(lease) = export.lease().filter(|_| release) {
                     lease.release().await;
                 }
                 return None;

@@ -129,6 +129,11 @@ struct ServeArgs {
     /// Log level or filter (error, warn, info, debug, trace; RUST_LOG syntax wins if set).
     #[arg(long, env = "NBD_LOG_LEVEL", value_name = "LEVEL")]
     log_level: Option<String>,
+    /// Take listeners and client connections over from the daemon answering on the control
+    /// socket ([server] control), which flushes, hands over and exits; clients see a pause,
+    /// not a reset. Starts normally when no daemon answers there.
+    #[arg(long)]
+    takeover: bool,
     #[command(flatten)]
     adhoc: AdHocArgs,
 }
@@ -331,6 +336,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         // Read by service::logging (RUST_LOG still wins); set before any thread exists.
         std::env::set_var("NBD_LOG_LEVEL", level);
     }
+    let takeover = args.takeover;
     let (config, path) = match choose_config(args) {
         Ok(chosen) => chosen,
         Err(e) => {
@@ -338,12 +344,12 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    run_daemon(config, path)
+    run_daemon(config, path, takeover)
 }
 
 /// Runs the daemon (service developer's `service::run`: logging, signals, sd-notify).
-fn run_daemon(config: Config, path: Option<PathBuf>) -> ExitCode {
-    nbd_s3::service::run(config, path)
+fn run_daemon(config: Config, path: Option<PathBuf>, takeover: bool) -> ExitCode {
+    nbd_s3::service::run(config, path, takeover)
 }
 
 /// Ad-hoc flags, else the named file, else the default file, else the embedded example.

@@ -5,9 +5,11 @@
 //!
 //! - [`protocol`]: the request and reply documents both sides share;
 //! - [`server`]: the daemon side (bound by `service`, answered from the `Daemon`);
-//! - [`client`]: the command-line side (finds the socket, prints tables or JSON, exit codes).
+//! - [`client`]: the command-line side (finds the socket, prints tables or JSON, exit codes);
+//! - [`handover`]: a takeover's sockets and connection states, passed with SCM_RIGHTS.
 
 pub mod client;
+pub mod handover;
 pub mod protocol;
 pub mod server;
 

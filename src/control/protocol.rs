@@ -28,6 +28,9 @@ pub enum Request {
     Flatten { export: String },
     /// Deletes objects of an export nothing needs.
     Gc { export: String },
+    /// Hand listeners and client connections to the process asking (`handover`); answered
+    /// with handover records instead of a `Reply`.
+    Takeover,
 }
 
 /// The answer to one request.

@@ -21,20 +21,36 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 pub struct ControlHandle {
     path: PathBuf,
+    /// Inode of the socket file we bound: after a takeover the path belongs to the next
+    /// process, whose file must stay.
+    inode: Option<u64>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for ControlHandle {
     fn drop(&mut self) {
         self.task.abort();
-        let _ = std::fs::remove_file(&self.path);
+        if inode(&self.path) == self.inode {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
+}
+
+fn inode(path: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path).ok().map(|m| m.ino())
 }
 
 /// Binds `path` and answers admin commands from `daemon`. A socket that cannot be bound is
 /// logged and skipped: the daemon serves its exports without admin commands rather than not
 /// at all (the commands then say the daemon cannot be reached).
-pub fn spawn(path: &Path, daemon: Arc<Daemon>) -> Option<ControlHandle> {
+///
+/// `replace`: the daemon answering there is handing over to us (a takeover) and leaves;
+/// its socket file is replaced instead of kept.
+pub fn spawn(path: &Path, daemon: Arc<Daemon>, replace: bool) -> Option<ControlHandle> {
+    if replace {
+        let _ = std::fs::remove_file(path);
+    }
     let listener = match bind(path) {
         Ok(l) => l,
         Err(e) => {
@@ -49,6 +65,7 @@ pub fn spawn(path: &Path, daemon: Arc<Daemon>) -> Option<ControlHandle> {
     let task = tokio::spawn(accept_loop(listener, daemon));
     Some(ControlHandle {
         path: path.to_path_buf(),
+        inode: inode(path),
         task,
     })
 }
@@ -87,13 +104,20 @@ async fn accept_loop(listener: UnixListener, daemon: Arc<Daemon>) {
 }
 
 /// Reads one request line (bounded in size and time), answers it, closes.
-async fn serve(stream: UnixStream, daemon: &Daemon) {
+async fn serve(stream: UnixStream, daemon: &Arc<Daemon>) {
     let (read, mut write) = stream.into_split();
     let mut line = Vec::new();
     let mut limited = BufReader::new(tokio::io::AsyncReadExt::take(read, MAX_REQUEST as u64));
     let read = tokio::time::timeout(REQUEST_TIMEOUT, limited.read_until(b'\n', &mut line)).await;
     let reply = match read {
         Ok(Ok(_)) if line.ends_with(b"\n") => match serde_json::from_slice::<Request>(&line) {
+            Ok(Request::Takeover) => {
+                let read = limited.into_inner().into_inner();
+                return match read.reunite(write) {
+                    Ok(stream) => takeover(stream, daemon).await,
+                    Err(e) => warn!("takeover: cannot use the control connection: {e}"),
+                };
+            }
             Ok(request) => {
                 debug!(?request, "control request");
                 answer(daemon, request).await
@@ -112,10 +136,64 @@ async fn serve(stream: UnixStream, daemon: &Daemon) {
     let _ = write.shutdown().await;
 }
 
+/// How long connections may finish their in-flight requests before a takeover answers the
+/// rest with ESHUTDOWN (as a stop would).
+const TAKEOVER_GRACE: Duration = Duration::from_secs(10);
+
+/// Hands everything over to the process on `stream`; the daemon then exits (`Daemon::
+/// wait_handed_over`). When an export cannot be flushed, the takeover is refused and this
+/// daemon serves on.
+async fn takeover(stream: UnixStream, daemon: &Arc<Daemon>) {
+    info!("takeover requested: parking connections and flushing");
+    let started = std::time::Instant::now();
+    let std = match stream
+        .into_std()
+        .and_then(|s| s.set_nonblocking(false).map(|()| s))
+    {
+        Ok(s) => s,
+        Err(e) => return warn!("takeover: cannot use the control connection: {e}"),
+    };
+    let prepared = daemon.hand_over(TAKEOVER_GRACE).await;
+    let parked = match &prepared {
+        Ok(h) => format!(
+            "{} listener(s), {} connection(s)",
+            h.listeners.len(),
+            h.connections.len()
+        ),
+        Err(_) => String::new(),
+    };
+    let sent = tokio::task::spawn_blocking(move || match prepared {
+        Ok(handover) => super::handover::send(&std, handover).map(|()| true),
+        Err(error) => super::handover::refuse(&std, error).map(|()| false),
+    })
+    .await;
+    match sent {
+        Ok(Ok(true)) => {
+            info!(
+                "handed over {parked} after {} ms; exiting",
+                started.elapsed().as_millis()
+            );
+            daemon.handed_over(true);
+        }
+        Ok(Ok(false)) => {}
+        Ok(Err(e)) => {
+            warn!("takeover: sending the sockets failed ({e}); clients were disconnected");
+            daemon.handed_over(false);
+        }
+        Err(e) => {
+            warn!("takeover: sending task failed ({e})");
+            daemon.handed_over(false);
+        }
+    }
+}
+
 /// Runs one command.
 pub async fn answer(daemon: &Daemon, request: Request) -> Reply {
     let result =
         match request {
+            Request::Takeover => {
+                Err("a takeover is its own conversation (nbd-s3 serve --takeover)".to_owned())
+            }
             Request::Status => encode(status(daemon)),
             Request::SnapshotCreate { export, snapshot } => daemon
                 .snapshot_create(&export, &snapshot)

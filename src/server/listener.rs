@@ -5,6 +5,7 @@
 use crate::config::{AllowRule, ListenAddr};
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -48,6 +49,11 @@ pub(crate) type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
 pub(crate) trait Duplex: AsyncRead + AsyncWrite + Send + Unpin {
     /// Splits the stream for the reader loop and the writer task.
     fn into_halves(self: Box<Self>) -> (BoxRead, BoxWrite);
+    /// A second descriptor of the socket, so a takeover can pass the live connection to
+    /// another process; `None` for streams that are not one plain socket.
+    fn socket_fd(&self) -> Option<OwnedFd> {
+        None
+    }
 }
 
 impl Duplex for TcpStream {
@@ -55,12 +61,18 @@ impl Duplex for TcpStream {
         let (r, w) = self.into_split();
         (Box::new(r), Box::new(w))
     }
+    fn socket_fd(&self) -> Option<OwnedFd> {
+        self.as_fd().try_clone_to_owned().ok()
+    }
 }
 
 impl Duplex for UnixStream {
     fn into_halves(self: Box<Self>) -> (BoxRead, BoxWrite) {
         let (r, w) = self.into_split();
         (Box::new(r), Box::new(w))
+    }
+    fn socket_fd(&self) -> Option<OwnedFd> {
+        self.as_fd().try_clone_to_owned().ok()
     }
 }
 
@@ -133,6 +145,47 @@ impl Listener {
                     ),
                     display,
                 })
+            }
+        }
+    }
+
+    /// A listening socket passed on by the process that served before us (a takeover): the
+    /// same socket, so clients queued in its backlog are accepted here.
+    pub fn from_fd(addr: &ListenAddr, fd: OwnedFd) -> io::Result<Listener> {
+        match addr {
+            ListenAddr::Tcp(_) => {
+                let std = std::net::TcpListener::from(fd);
+                std.set_nonblocking(true)?;
+                let l = TcpListener::from_std(std)?;
+                let display = l.local_addr()?.to_string();
+                Ok(Listener {
+                    kind: Kind::Tcp(l),
+                    display,
+                })
+            }
+            ListenAddr::Unix(path) => {
+                let std = std::os::unix::net::UnixListener::from(fd);
+                std.set_nonblocking(true)?;
+                let l = UnixListener::from_std(std)?;
+                let display = format!("unix:{}", path.display());
+                let shown = Arc::from(display.as_str());
+                let path = path.clone();
+                Ok(Listener {
+                    kind: Kind::Unix(l, UnixPath { path, shown }),
+                    display,
+                })
+            }
+        }
+    }
+
+    /// The listening socket, to pass to the process taking over. A Unix socket's file stays:
+    /// the same socket goes on listening there in the other process.
+    pub fn into_fd(self) -> io::Result<OwnedFd> {
+        match self.kind {
+            Kind::Tcp(l) => Ok(OwnedFd::from(l.into_std()?)),
+            Kind::Unix(l, path) => {
+                std::mem::forget(path);
+                Ok(OwnedFd::from(l.into_std()?))
             }
         }
     }

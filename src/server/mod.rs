@@ -7,6 +7,7 @@
 
 mod command;
 mod connection;
+pub mod handover;
 mod handshake;
 mod listener;
 pub mod tls;
@@ -42,6 +43,16 @@ pub(crate) enum State {
     Draining,
     /// Grace time over: answer whatever still runs with ESHUTDOWN and close.
     Expired,
+    /// Another process takes over: stop reading between requests, finish what is in flight,
+    /// park each connection (socket and negotiated state) for it. Nothing is refused.
+    HandingOver,
+}
+
+impl State {
+    /// Draining or expired: new requests are answered with ESHUTDOWN.
+    fn stopping(self) -> bool {
+        matches!(self, State::Draining | State::Expired)
+    }
 }
 
 pub(crate) struct Inner {
@@ -50,6 +61,8 @@ pub(crate) struct Inner {
     tls: TlsAcceptorSource,
     state: watch::Sender<State>,
     connections: watch::Sender<usize>,
+    /// Connections parked by a handover, waiting to be passed on.
+    parked: parking_lot::Mutex<Vec<handover::ParkedConnection>>,
 }
 
 /// The NBD server; clones share listeners, connections and shutdown state.
@@ -69,7 +82,7 @@ impl std::fmt::Debug for Server {
 /// Stops one listener when closed; connections it accepted keep running.
 #[derive(Debug)]
 pub struct ListenerHandle {
-    task: JoinHandle<()>,
+    task: JoinHandle<Option<Listener>>,
     addr: String,
 }
 
@@ -77,6 +90,10 @@ impl ListenerHandle {
     /// Stops accepting on this listener (a Unix socket file is removed).
     pub fn close(self) {
         self.task.abort();
+    }
+    /// The listener itself once a handover stopped its accept loop (`Server::hand_over`).
+    pub async fn into_listener(self) -> Option<Listener> {
+        self.task.await.ok().flatten()
     }
     /// The address this listener serves, as `Listener::local_addr()` gave it.
     pub fn addr(&self) -> &str {
@@ -109,6 +126,7 @@ impl Server {
                 tls: TlsAcceptorSource::default(),
                 state: watch::channel(State::Running).0,
                 connections: watch::channel(0).0,
+                parked: parking_lot::Mutex::new(Vec::new()),
             }),
         }
     }
@@ -164,12 +182,19 @@ async fn no_connections(conns: &mut watch::Receiver<usize>) {
     let _ = conns.wait_for(|c| *c == 0).await;
 }
 
-async fn accept_loop(inner: Arc<Inner>, listener: Listener) {
+/// Accepts until shutdown or a handover; returns the listener to a handover.
+async fn accept_loop(inner: Arc<Inner>, listener: Listener) -> Option<Listener> {
     let mut state = inner.state.subscribe();
     let addr = listener.local_addr();
     loop {
         let accepted = tokio::select! {
-            _ = state.wait_for(|s| *s != State::Running) => break,
+            s = state.wait_for(|s| *s != State::Running) => {
+                if s.is_ok_and(|s| *s == State::HandingOver) {
+                    debug!("handing over the listener on {addr}");
+                    return Some(listener);
+                }
+                break;
+            }
             r = listener.accept() => r,
         };
         let conn = match accepted {
@@ -192,4 +217,5 @@ async fn accept_loop(inner: Arc<Inner>, listener: Listener) {
         });
     }
     debug!("stopped accepting on {addr}");
+    None
 }

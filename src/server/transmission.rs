@@ -5,6 +5,7 @@
 //! (cookies tell them apart).
 
 use super::command::{self, ConnCtx, Payload};
+use super::handover::{self, ConnState, ParkedConnection, Ticket};
 use super::handshake::Negotiated;
 use super::writer::{self, Reply};
 use super::{Inner, State, MAX_IN_FLIGHT};
@@ -14,9 +15,12 @@ use crate::store::pool::{self, BufferPool};
 use bytes::{Bytes, BytesMut};
 use std::future::{pending, Future};
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::Context;
-use tokio::io::{AsyncBufRead, AsyncRead, AsyncReadExt, AsyncWrite, BufReader, BufWriter};
+use tokio::io::{
+    AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, BufReader, BufWriter,
+};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
@@ -61,6 +65,7 @@ pub(crate) async fn serve_negotiated<R, W>(
     peer: &str,
     reader: R,
     writer: W,
+    ticket: Option<Ticket>,
 ) where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
@@ -69,8 +74,9 @@ pub(crate) async fn serve_negotiated<R, W>(
     let writer = BufWriter::with_capacity(WRITE_BUF, writer);
     let export = neg.attachment.export().name().to_owned();
     info!(%peer, %export, structured = neg.structured, "client connected");
-    match transmit(inner, neg, peer, reader, writer).await {
-        Ok(()) => debug!(%peer, %export, "client disconnected"),
+    match transmit(inner, neg, peer, reader, writer, ticket).await {
+        Ok(Ended::Closed) => debug!(%peer, %export, "client disconnected"),
+        Ok(Ended::Parked) => info!(%peer, %export, "connection parked for a handover"),
         Err(ConnError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
             info!(%peer, %export, "client closed the connection without NBD_CMD_DISC")
         }
@@ -78,7 +84,16 @@ pub(crate) async fn serve_negotiated<R, W>(
     }
 }
 
+/// How a connection's transmission phase ended without error.
+enum Ended {
+    Closed,
+    /// Handed over: socket and state wait in `Inner::parked`.
+    Parked,
+}
+
 struct Conn {
+    /// Whether a handover parks this connection (plain socket) or closes it (TLS).
+    movable: bool,
     ctx: Arc<ConnCtx>,
     limits: Limits,
     tx: mpsc::Sender<Reply>,
@@ -93,7 +108,8 @@ async fn transmit<R, W>(
     peer: &str,
     mut reader: BufReader<R>,
     writer: BufWriter<W>,
-) -> Result<(), ConnError>
+    ticket: Option<Ticket>,
+) -> Result<Ended, ConnError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
@@ -107,8 +123,10 @@ where
         block_status,
     } = neg;
     let (tx, rx) = mpsc::channel(REPLY_QUEUE);
-    let writer_task = tokio::spawn(writer::run(writer, rx));
+    let keep_open = Arc::new(AtomicBool::new(false));
+    let writer_task = tokio::spawn(writer::run(writer, rx, Arc::clone(&keep_open)));
     let conn = Conn {
+        movable: ticket.is_some(),
         ctx: Arc::new(ConnCtx {
             store,
             structured,
@@ -128,6 +146,27 @@ where
         state: inner.state.subscribe(),
     };
     let result = read_loop(&conn, &mut reader).await;
+    let parked = match (&result, ticket) {
+        (Ok(Some(pending)), Some(ticket)) => {
+            // Every reply must be out before the socket moves: wait for the requests.
+            let _all = conn.sem.acquire_many(MAX_IN_FLIGHT as u32).await;
+            keep_open.store(true, Ordering::Release);
+            let state = ConnState {
+                export: conn.ctx.export.clone(),
+                size: conn.limits.export_size,
+                read_only: conn.limits.read_only,
+                structured: conn.limits.structured,
+                block_status: conn.limits.block_status,
+                unix: ticket.unix,
+                pending: handover::to_hex(pending),
+            };
+            Some(ParkedConnection {
+                state,
+                fd: ticket.fd,
+            })
+        }
+        _ => None,
+    };
     let Conn {
         tx, ctx, mut state, ..
     } = conn;
@@ -135,7 +174,14 @@ where
     let written = finish_writer(writer_task, result.is_err(), &mut state).await;
     drop((ctx, attachment));
     result?;
-    written.map_err(ConnError::Writer)
+    written.map_err(ConnError::Writer)?;
+    Ok(match parked {
+        Some(p) => {
+            inner.park(p);
+            Ended::Parked
+        }
+        None => Ended::Closed,
+    })
 }
 
 /// Lets the writer deliver the outstanding replies (DISC waits for them), except after a
@@ -167,30 +213,46 @@ async fn finish_writer(
     }
 }
 
+/// Serves requests until the client leaves (`None`) or a handover stops reading between two
+/// requests (`Some(bytes read but not served)`).
 async fn read_loop<R: AsyncRead + Unpin>(
     c: &Conn,
     reader: &mut BufReader<R>,
-) -> Result<(), ConnError> {
+) -> Result<Option<Vec<u8>>, ConnError> {
     let mut payload_buf = BytesMut::new();
     let mut state = c.state.clone();
+    let mut handover = c.state.clone();
     loop {
         let mut hb = [0u8; REQUEST_HEADER_LEN];
-        tokio::select! {
+        // Waiting for data with `fill_buf` consumes nothing, so a handover can stop here
+        // and pass on whatever is buffered, byte-exact.
+        let park = tokio::select! {
             biased;
-            _ = drained(&mut state, &c.sem) => return Ok(()),
-            _ = c.tx.closed() => return Ok(()),
-            r = reader.read_exact(&mut hb) => {
-                if let Err(e) = r {
-                    // EOF between requests: the client simply went away.
-                    return if e.kind() == io::ErrorKind::UnexpectedEof { Ok(()) } else { Err(e.into()) };
+            _ = handing_over(&mut handover, c.movable) => true,
+            _ = drained(&mut state, &c.sem, c.movable) => return Ok(None),
+            _ = c.tx.closed() => return Ok(None),
+            r = reader.fill_buf() => {
+                // EOF between requests: the client simply went away.
+                if r?.is_empty() {
+                    return Ok(None);
                 }
+                false
             }
+        };
+        if park {
+            return Ok(Some(reader.buffer().to_vec()));
+        }
+        match or_expired(&mut state, reader.read_exact(&mut hb)).await {
+            Some(Ok(_)) => {}
+            Some(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+            Some(Err(e)) => return Err(e.into()),
+            None => return Ok(None),
         }
         let header = parse_header(&hb)?;
         let payload_len = header.payload_len()?;
         // A client stalling mid-payload, or not reading replies, must not outlive shutdown.
         let Some(budget) = or_expired(&mut state, acquire_budget(c, &header)).await else {
-            return Ok(());
+            return Ok(None);
         };
         let payload = match payload_len {
             0 => Payload::Bytes(Bytes::new()),
@@ -207,7 +269,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 );
                 match or_expired(&mut state, read).await {
                     Some(r) => r?,
-                    None => return Ok(()),
+                    None => return Ok(None),
                 }
             }
         };
@@ -223,9 +285,9 @@ async fn read_loop<R: AsyncRead + Unpin>(
             }
         };
         if req.command == Command::Disconnect {
-            return Ok(());
+            return Ok(None);
         }
-        if *state.borrow() != State::Running {
+        if state.borrow().stopping() {
             let reply = command::error(
                 &c.ctx,
                 Some(req.command),
@@ -237,7 +299,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
             continue;
         }
         let Ok(permit) = Arc::clone(&c.sem).acquire_owned().await else {
-            return Ok(());
+            return Ok(None);
         };
         let task = RequestTask {
             ctx: Arc::clone(&c.ctx),
@@ -263,12 +325,21 @@ async fn send(c: &Conn, reply: Reply) {
     let _ = c.tx.send(reply).await;
 }
 
-/// Resolves once shutdown began and nothing is in flight: the connection may close.
-async fn drained(state: &mut watch::Receiver<State>, sem: &Semaphore) {
-    if state.wait_for(|s| *s != State::Running).await.is_err() {
+/// Resolves once shutdown (or a handover, for a connection that cannot move) began and
+/// nothing is in flight: the connection may close.
+async fn drained(state: &mut watch::Receiver<State>, sem: &Semaphore, movable: bool) {
+    let ends = |s: &State| s.stopping() || (*s == State::HandingOver && !movable);
+    if state.wait_for(ends).await.is_err() {
         pending::<()>().await;
     }
     let _all = sem.acquire_many(MAX_IN_FLIGHT as u32).await;
+}
+
+/// Resolves when a handover began, for a connection that can move.
+async fn handing_over(state: &mut watch::Receiver<State>, movable: bool) {
+    if !movable || state.wait_for(|s| *s == State::HandingOver).await.is_err() {
+        pending::<()>().await;
+    }
 }
 
 /// Runs `f` unless shutdown's grace time ends first (`None`).

@@ -5,6 +5,8 @@
 
 use bytes::Bytes;
 use std::io::{self, IoSlice};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
@@ -164,6 +166,7 @@ async fn write_batch<W: AsyncWrite + Unpin>(
 pub(crate) async fn run<W: AsyncWrite + Unpin>(
     mut w: BufWriter<W>,
     mut rx: mpsc::Receiver<Reply>,
+    keep_open: Arc<AtomicBool>,
 ) -> io::Result<()> {
     let mut batch = Vec::with_capacity(BATCH_REPLIES);
     while rx.recv_many(&mut batch, BATCH_REPLIES).await > 0 {
@@ -173,5 +176,11 @@ pub(crate) async fn run<W: AsyncWrite + Unpin>(
         }
     }
     w.flush().await?;
+    if keep_open.load(Ordering::Acquire) {
+        // The socket moves to another process: dropping a write half would shut it down
+        // (the client would see EOF), so this half is never dropped.
+        std::mem::forget(w);
+        return Ok(());
+    }
     w.shutdown().await
 }

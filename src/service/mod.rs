@@ -22,9 +22,11 @@ use tracing::{error, info, warn};
 /// How often `STATUS=` is refreshed for `systemctl status`.
 const STATUS_EVERY: Duration = Duration::from_secs(10);
 
-/// Runs `nbd-s3 serve` to completion. Exit codes: 0 = stopped with everything flushed,
-/// 1 = could not start, or data could not be flushed, 2 = a second signal aborted the flush.
-pub fn run(config: Config, config_path: Option<PathBuf>) -> ExitCode {
+/// Runs `nbd-s3 serve` to completion. Exit codes: 0 = stopped with everything flushed (or
+/// handed over to a process that took over), 1 = could not start, or data could not be
+/// flushed, 2 = a second signal aborted the flush. `takeover`: take listeners and clients
+/// over from a daemon answering on the control socket, if one does.
+pub fn run(config: Config, config_path: Option<PathBuf>, takeover: bool) -> ExitCode {
     let output = logging::init();
     allocator::tune();
     tracing::debug!("log output: {output:?}");
@@ -39,14 +41,26 @@ pub fn run(config: Config, config_path: Option<PathBuf>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let code = runtime.block_on(serve(config, config_path));
+    let code = runtime.block_on(serve(config, config_path, takeover));
     // Tasks still running (an aborted flush, stuck connections) must not delay exit.
     runtime.shutdown_timeout(Duration::from_secs(1));
     code
 }
 
-async fn serve(config: Config, config_path: Option<PathBuf>) -> ExitCode {
+async fn serve(config: Config, config_path: Option<PathBuf>, takeover: bool) -> ExitCode {
     let notifier = Notifier::from_env();
+    let inherited = if takeover {
+        match take_over(&config).await {
+            Ok(h) => h,
+            Err(e) => {
+                error!("takeover failed: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        None
+    };
+    let took_over = inherited.is_some();
     let mut signals = match Signals::install() {
         Ok(s) => s,
         Err(e) => {
@@ -60,9 +74,9 @@ async fn serve(config: Config, config_path: Option<PathBuf>) -> ExitCode {
     // A SIGTERM while exports are still opening ends the process at once: no client has
     // written anything yet, so there is nothing to flush.
     let daemon = tokio::select! {
-        started = Daemon::start_observed(config, config_path.clone(), |config, observed| {
+        started = Daemon::start_inheriting(config, config_path.clone(), |config, observed| {
             crate::metrics::spawn(config.server.metrics, observed)
-        }) => match started {
+        }, inherited.unwrap_or_default()) => match started {
             Ok(d) => d,
             Err(e) => {
                 error!("startup failed: {e}");
@@ -81,7 +95,7 @@ async fn serve(config: Config, config_path: Option<PathBuf>) -> ExitCode {
         .server
         .control
         .as_deref()
-        .and_then(|path| crate::control::server::spawn(path, Arc::clone(&daemon)));
+        .and_then(|path| crate::control::server::spawn(path, Arc::clone(&daemon), took_over));
     let status = daemon.status();
     info!("ready: {status}");
     notifier.ready(&status);
@@ -119,6 +133,16 @@ async fn serve(config: Config, config_path: Option<PathBuf>) -> ExitCode {
             _ = status_tick.tick() => {
                 notifier.status(&status_line(&daemon, reload_error.as_deref()));
             }
+            delivered = daemon.wait_handed_over() => {
+                background.abort_all();
+                // Exports were flushed and leases released before anything was passed on.
+                return if delivered {
+                    notifier.status("handed over to a new process");
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                };
+            }
         }
     };
     info!("{stop}: shutting down");
@@ -126,6 +150,32 @@ async fn serve(config: Config, config_path: Option<PathBuf>) -> ExitCode {
     let code = shutdown::run(Arc::clone(&daemon), &notifier, &mut signals).await;
     background.abort_all();
     code
+}
+
+/// Asks the daemon on the control socket to hand over; `None` when none answers there.
+async fn take_over(config: &Config) -> Result<Option<crate::daemon::Handover>, String> {
+    let Some(path) = config.server.control.clone() else {
+        return Err("--takeover needs [server] control (the socket it asks on)".to_owned());
+    };
+    let received =
+        tokio::task::spawn_blocking(move || crate::control::handover::receive(&path)).await;
+    match received {
+        Ok(Ok(None)) => {
+            info!("takeover: no daemon answers on the control socket; starting afresh");
+            Ok(None)
+        }
+        Ok(Ok(Some((handover, waited)))) => {
+            info!(
+                "takeover: received {} listener(s) and {} connection(s) after {} ms",
+                handover.listeners.len(),
+                handover.connections.len(),
+                waited.as_millis()
+            );
+            Ok(Some(handover))
+        }
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// A reload that a SIGTERM/SIGINT cancels: opening exports may wait on a slow S3, and the

@@ -427,6 +427,42 @@ impl NbdS3 {
         }
     }
 
+    /// A new process started with `serve --takeover` while this one still runs: it takes the
+    /// listeners and client connections over, and the old one exits. Returns the old process
+    /// once it exited (panics with both logs if it does not within `DAEMON_TIMEOUT`).
+    pub fn take_over(&mut self) -> Process {
+        let mut old = self.proc.take().expect("a running daemon");
+        let usual = self.args.clone();
+        let mut args = usual.clone().unwrap_or_else(|| {
+            vec![
+                "serve".into(),
+                "--config".into(),
+                self.config_path.to_string_lossy().into_owned(),
+            ]
+        });
+        args.push("--takeover".into());
+        self.args = Some(args);
+        let launched = self.launch();
+        self.args = usual;
+        if let Err(f) = launched {
+            panic!(
+                "takeover did not start (exit: {:?}):\n{}\n--- old process ---\n{}",
+                f.status,
+                f.logs,
+                old.logs.text()
+            );
+        }
+        if old.wait_exit(DAEMON_TIMEOUT).is_none() {
+            panic!(
+                "the old process did not exit after a takeover:\n{}\n--- new process ---\n{}",
+                old.logs.text(),
+                self.logs()
+            );
+        }
+        old.logs.wait_closed(Duration::from_secs(2));
+        old
+    }
+
     /// A new process with the same config and S3 (SIGTERM + wait first if still running).
     /// With `listen = 127.0.0.1:0` the port changes: use `uri()` again afterwards.
     pub fn restart(&mut self) {

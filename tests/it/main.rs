@@ -31,4 +31,5 @@ mod snapshots;
 mod store;
 mod store_layout;
 mod store_load;
+mod takeover;
 mod tls;
