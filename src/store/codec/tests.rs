@@ -130,3 +130,61 @@ fn truncated_foreign_and_wrong_sized_objects_are_malformed() {
     let err = other_size.decode("id", 0, &enc.object).expect_err("size");
     assert!(err.to_string().contains("expected 32768"), "{err}");
 }
+
+/// What one 128 KiB block costs the thread that encodes or decodes it (run with
+/// `cargo test --release --lib -- --ignored --nocapture codec_cost`): the figure behind
+/// running codec work on the blocking pool rather than on the async threads.
+#[test]
+#[ignore]
+fn codec_cost_per_block() {
+    const BLOCK: usize = 128 * 1024;
+    let mut random = vec![0u8; BLOCK];
+    rand::thread_rng().fill_bytes(&mut random);
+    let mut half = random.clone();
+    for chunk in half.chunks_mut(4096) {
+        chunk[2048..].fill(0);
+    }
+    let cfg = |zstd: bool, key: bool| CodecConfig {
+        compression: if zstd {
+            Compression::Zstd { level: 3 }
+        } else {
+            Compression::Off
+        },
+        encryption: key.then(|| EncryptionKey::from_bytes("/k", [7; 32])),
+    };
+    for (name, zstd, key) in [
+        ("zstd", true, false),
+        ("encrypted", false, true),
+        ("both", true, true),
+    ] {
+        for (kind, data) in [("random", &random), ("half", &half)] {
+            // A fresh codec per kind (on random data it soon skips most attempts).
+            let c = Codec::new(&cfg(zstd, key), BLOCK).expect("codec");
+            let n = 2000u32;
+            let t = std::time::Instant::now();
+            let mut last = None;
+            for i in 0..n {
+                last = Some(c.encode("id", u64::from(i), data).expect("encode"));
+            }
+            let enc = t.elapsed() / n;
+            let obj = last.expect("encoded").object;
+            let t = std::time::Instant::now();
+            for _ in 0..n {
+                c.decode("id", u64::from(n - 1), &obj).expect("decode");
+            }
+            let dec = t.elapsed() / n;
+            eprintln!(
+                "{name:<10}{kind:<7} encode {enc:>9.1?}  decode {dec:>9.1?}  stored {} bytes",
+                obj.len()
+            );
+        }
+    }
+    for (kind, data) in [("random", &random), ("half", &half)] {
+        let t = std::time::Instant::now();
+        for _ in 0..2000 {
+            let mut out = Vec::new();
+            compress::compress_into(3, data, &mut out);
+        }
+        eprintln!("one zstd:3 attempt on {kind}: {:.1?}", t.elapsed() / 2000);
+    }
+}

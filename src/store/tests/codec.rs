@@ -169,3 +169,38 @@ async fn moved_damaged_or_planted_objects_read_as_eio_and_are_counted() {
     );
     assert_eq!(stats.get_retries, 0, "{stats:?}");
 }
+
+#[tokio::test]
+async fn snapshots_of_a_coded_export_decode_with_its_codec() {
+    let mem = Arc::new(MemoryStore::new());
+    let cfg = || coded(codec(true, Some(3)));
+    let store = open_with(&mem, cfg(), big_budget()).await;
+    let (old, new) = (text(BS as usize), pattern(BS as usize, 9));
+    store
+        .write(0, Bytes::from(old.clone()), false)
+        .await
+        .unwrap();
+    store.create_snapshot("s1").await.expect("snapshot");
+    store
+        .write(0, Bytes::from(new.clone()), false)
+        .await
+        .unwrap();
+    store.flush().await.unwrap();
+    let view = store.snapshot_view("s1").expect("view");
+    assert_eq!(read_bytes(&view, 0, BS).await, old);
+    drop((view, store));
+    // After a restart every block is a GET through the codec, in both layers.
+    let store = open_with(&mem, cfg(), big_budget()).await;
+    assert_eq!(read_bytes(&store, 0, BS).await, new);
+    let view = store.snapshot_view("s1").expect("view");
+    assert_eq!(read_bytes(&view, 0, BS).await, old);
+    for (key, object) in mem
+        .keys()
+        .iter()
+        .filter_map(|k| Some((k.clone(), mem.peek(k)?)))
+    {
+        if !key.ends_with(".json") {
+            assert_eq!(&object[..4], b"NBS3", "{key} is an encoded block");
+        }
+    }
+}
