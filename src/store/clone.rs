@@ -63,6 +63,7 @@ pub(super) async fn create(
     crash_point("clone-registered");
     let mut m = Manifest::new(cfg);
     m.make_layered();
+    m.inherit_identity(record.id.clone());
     m.base = Some(record);
     let key = manifest::key(&cfg.prefix);
     let body = manifest::encode(&m)?;
@@ -146,7 +147,7 @@ async fn register(
         bm.check_codec(&cfg.codec)
             .map_err(|e| refused(e.to_string()))?;
         let record = BaseRecord {
-            id: bm.id.clone(),
+            id: bm.data_id(),
             export: spec.export.clone(),
             snapshot: spec.snapshot.clone(),
             bucket: bucket.to_owned(),

@@ -72,6 +72,11 @@ pub(crate) struct Manifest {
 pub(crate) struct Encryption {
     pub algorithm: String,
     pub key_fingerprint: String,
+    /// The identity bound into this export's blocks when it is not its own `id`: a clone
+    /// seals with its base's, so the base's blocks it reads, and the copies flatten makes of
+    /// them, open like its own writes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
 }
 
 /// One layer of a format-2 manifest.
@@ -126,6 +131,7 @@ impl Manifest {
         let encryption = codec.encryption.as_ref().map(|k| Encryption {
             algorithm: codec::ALGORITHM.to_string(),
             key_fingerprint: codec::fingerprint(k.expose()),
+            identity: None,
         });
         Manifest {
             format: if codec.is_plain() {
@@ -146,6 +152,20 @@ impl Manifest {
             base: None,
             clones: Vec::new(),
             other: serde_json::Map::new(),
+        }
+    }
+
+    /// The identity encrypted blocks are bound to (see [`Encryption::identity`]).
+    pub fn data_id(&self) -> Option<String> {
+        let inherited = self.encryption.as_ref().and_then(|e| e.identity.clone());
+        inherited.or_else(|| self.id.clone())
+    }
+
+    /// Makes this (new clone's) manifest seal blocks like its base, whose data identity is
+    /// `base_id`.
+    pub fn inherit_identity(&mut self, base_id: Option<String>) {
+        if let Some(e) = self.encryption.as_mut() {
+            e.identity = base_id;
         }
     }
 

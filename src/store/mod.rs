@@ -260,7 +260,7 @@ impl BlockStore {
             });
         }
         let bs = cfg.block_size as usize;
-        let id = manifest.and_then(|m| m.id).unwrap_or_default();
+        let id = manifest.and_then(|m| m.data_id()).unwrap_or_default();
         let objects = objects::BlockObjects::new(objects, cfg.prefix.clone(), bs, layers)
             .with_codec(codec::Codec::new(&cfg.codec, bs), id);
         objects.set_base(base);

@@ -393,3 +393,36 @@ fn check_config_checks_the_key_file() {
         );
     }
 }
+
+#[test]
+fn an_encrypted_clone_reads_its_base_and_its_flattened_copies() {
+    let keys = tempfile::tempdir().unwrap();
+    let key = key_file(keys.path(), "k.key", 0x33);
+    let mut bed = Bed::start(vec![spec("gold", true, Some(&key))]);
+    let bs = 64 * KIB;
+    let base = [
+        (0, text(3 * bs as usize)),
+        (5 * bs, pattern(bs as usize, 3)),
+    ];
+    nbd_write(&bed.uri("gold"), &base, true);
+    bed.nbd.admin_ok(&["snapshot", "create", "gold", "v1"]);
+    let clone = spec("kid", true, Some(&key)).line("base = \"gold@v1\"");
+    bed.nbd.rewrite_config(|c| c.exports.push(clone));
+    bed.stop_and_restart();
+    let mine = (bs, pattern(100, 4));
+    nbd_write(&bed.uri("kid"), &[mine.clone()], true);
+    let mut want = text(3 * bs as usize);
+    want.extend(vec![0; 2 * bs as usize]);
+    want.extend(pattern(bs as usize, 3));
+    want[bs as usize..bs as usize + 100].copy_from_slice(&mine.1);
+    let len = want.len() as u64;
+    assert_eq!(nbd_read(&bed.uri("kid"), 0, len), want, "through the base");
+    bed.nbd.admin_ok(&["flatten", "kid"]);
+    bed.stop_and_restart();
+    assert_eq!(
+        nbd_read(&bed.uri("kid"), 0, len),
+        want,
+        "flattened, after a restart"
+    );
+    assert!(!on_disk(&bed.s3, SEALED, NEEDLE), "plaintext on disk");
+}
