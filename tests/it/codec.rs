@@ -410,7 +410,7 @@ fn an_encrypted_clone_reads_its_base_and_its_flattened_copies() {
     bed.nbd.rewrite_config(|c| c.exports.push(clone));
     bed.stop_and_restart();
     let mine = (bs, pattern(100, 4));
-    nbd_write(&bed.uri("kid"), &[mine.clone()], true);
+    nbd_write(&bed.uri("kid"), std::slice::from_ref(&mine), true);
     let mut want = text(3 * bs as usize);
     want.extend(vec![0; 2 * bs as usize]);
     want.extend(pattern(bs as usize, 3));
