@@ -109,6 +109,17 @@ impl Policy {
         retry_corrupt: false,
     };
 
+    /// Binding a port the process we took over from still holds until it exits (a second
+    /// or so after the handover).
+    pub const PORT_TAKEOVER: Policy = Policy {
+        first: Duration::from_millis(50),
+        cap: Duration::from_millis(500),
+        jitter: Jitter::None,
+        max_attempts: u32::MAX,
+        max_elapsed: Duration::from_secs(30),
+        retry_corrupt: false,
+    };
+
     /// Reading the lease object while taking it. Its holder rewrites it in place every few
     /// seconds, so a read can catch it half-written and fail its checksum: that is retried
     /// at once, not treated as a lasting fault.

@@ -34,6 +34,29 @@ pub async fn spawn(addr: Option<SocketAddr>, observed: Observed) -> Option<Socke
     }
 }
 
+/// `spawn` for a process that took over from a daemon still holding the port until it
+/// exits: binding is retried in the background (`Policy::PORT_TAKEOVER`).
+pub fn spawn_after_takeover(addr: Option<SocketAddr>, observed: Observed) {
+    let Some(addr) = addr else { return };
+    tokio::spawn(async move {
+        let mut backoff = crate::retry::Policy::PORT_TAKEOVER.backoff();
+        loop {
+            let e = match serve(addr, observed.clone()).await {
+                Ok(_) => return,
+                Err(e) => e,
+            };
+            match backoff.next_delay() {
+                Some(d) if e.kind() == std::io::ErrorKind::AddrInUse => tokio::time::sleep(d).await,
+                _ => {
+                    return error!(
+                        "cannot serve metrics on {addr}: {e}; continuing without metrics"
+                    )
+                }
+            }
+        }
+    });
+}
+
 /// Binds `addr` and serves the metrics of `observed` there until the runtime stops.
 pub async fn serve(addr: SocketAddr, observed: Observed) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await?;

@@ -75,7 +75,14 @@ async fn serve(config: Config, config_path: Option<PathBuf>, takeover: bool) -> 
     // written anything yet, so there is nothing to flush.
     let daemon = tokio::select! {
         started = Daemon::start_inheriting(config, config_path.clone(), |config, observed| {
-            crate::metrics::spawn(config.server.metrics, observed)
+            let addr = config.server.metrics;
+            async move {
+                if took_over {
+                    crate::metrics::spawn_after_takeover(addr, observed);
+                } else {
+                    crate::metrics::spawn(addr, observed).await;
+                }
+            }
         }, inherited.unwrap_or_default()) => match started {
             Ok(d) => d,
             Err(e) => {

@@ -335,6 +335,11 @@ impl Guest {
         format!("/tmp/work/{name}")
     }
 
+    /// Where the host sees a file the guest writes to `/tmp/work/NAME`.
+    pub fn share_path(&self, name: &str) -> PathBuf {
+        self.work.path().join("share").join(name)
+    }
+
     /// Everything the guest printed on its console.
     pub fn console(&self) -> String {
         self.console.text()

@@ -212,6 +212,65 @@ fn large_requests(guest: &mut Guest, nbd: &NbdS3, dev: &str) {
     );
 }
 
+/// A restart the filesystem does not notice: fio writes and verifies (crc32c, checked while it
+/// writes) a file on a mounted ext4 while the daemon is replaced three times by
+/// `serve --takeover`; fio sees no error, the kernel logs none, and `e2fsck -fn` is clean.
+fn takeovers_under_fio(guest: &mut Guest, nbd: &mut NbdS3, dev: &str) {
+    let mnt = "/tmp/mnt-takeover";
+    let fio = format!(
+        "fio --name=takeover --filename={mnt}/fio.dat --size=24M --ioengine=libaio \
+         --direct=1 --rw=randwrite --bsrange=4k-64k --iodepth=8 --fsync=32 \
+         --verify=crc32c --verify_backlog=64 --verify_fatal=1 --time_based --runtime=40"
+    );
+    let log = "/tmp/work/fio-takeover.out";
+    guest.run(
+        "takeover: connect, mkfs, mount, start fio",
+        &format!(
+            "{connect}mkfs.ext4 -q {dev}\nmkdir -p {mnt}\nmount {dev} {mnt}\n\
+             ({fio} > {log} 2>&1; echo \"fio exit $?\" >> {log}) </dev/null >/dev/null 2>&1 &\n",
+            connect = connect(nbd, "takeover", dev, "")
+        ),
+        STEP,
+    );
+    let fio_log = guest.share_path("fio-takeover.out");
+    let started = Instant::now();
+    wait_until("fio writing", Duration::from_secs(60), || {
+        std::fs::read_to_string(&fio_log).is_ok_and(|s| s.contains("Starting"))
+    });
+    let mut pauses = Vec::new();
+    for round in 0..3 {
+        // Let fio write (and leave dirty data) between takeovers.
+        let until = started + Duration::from_secs(8 * (round + 1));
+        wait_until("fio's next stretch", Duration::from_secs(60), || {
+            Instant::now() >= until
+        });
+        let t = Instant::now();
+        let mut old = nbd.take_over();
+        pauses.push(t.elapsed());
+        let status = old.wait_exit(DAEMON_TIMEOUT).expect("old daemon exited");
+        assert!(
+            status.success(),
+            "old daemon: {status}\n{}",
+            old.logs.text()
+        );
+        nbd.wait_for_log("connection taken over", Duration::from_secs(10));
+    }
+    eprintln!("takeovers under fio (whole takeover, incl. flush and start): {pauses:.1?}");
+    let out = guest.run(
+        "takeover: wait for fio, unmount, check",
+        &format!(
+            "for i in $(seq 120); do grep -q 'fio exit' {log} && break; sleep 1; done\n\
+             cat {log}\numount {mnt}\ne2fsck -fn {dev}\nnbd-client -d {dev}\n"
+        ),
+        STEP,
+    );
+    // The slowest completion fio saw is the pause a takeover cost this client.
+    let latency: Vec<&str> = out.lines().filter(|l| l.contains("lat (")).collect();
+    eprintln!("fio across takeovers:\n{}", latency.join("\n"));
+    assert!(out.contains("fio exit 0"), "fio failed:\n{out}");
+    assert!(out.contains("err= 0"), "fio reported errors:\n{out}");
+}
+
 /// Every kernel-client case in one guest boot; prints the boot time and each case's time.
 #[test]
 fn kernel_client_in_a_guest() {
@@ -226,6 +285,7 @@ fn kernel_client_in_a_guest() {
         .export(ExportSpec::new("fio").size("64MiB"))
         .export(ExportSpec::new("trim").size("64MiB"))
         .export(ExportSpec::new("big").size("128MiB"))
+        .export(ExportSpec::new("takeover").size("128MiB"))
         .start();
     let mut guest = Guest::boot(&tools);
     eprintln!("guest boot: {:.1?}", guest.boot_time());
@@ -253,6 +313,9 @@ fn kernel_client_in_a_guest() {
     });
     case("32 MiB requests", &mut guest, &mut |g| {
         large_requests(g, &nbd, "/dev/nbd4")
+    });
+    case("fio on ext4 across three takeovers", &mut guest, &mut |g| {
+        takeovers_under_fio(g, &mut nbd, "/dev/nbd5")
     });
     eprintln!("kernel client guest timings: {times:.1?}");
 }

@@ -177,3 +177,26 @@ fn without_a_running_daemon_takeover_starts_afresh() {
     );
     nbdsh(&d.uri("tk"), &["assert h.get_size() == 16 * 1024 * 1024"]);
 }
+
+#[test]
+fn a_fixed_metrics_port_moves_to_the_new_process() {
+    let s3 = S3Server::start();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let metrics = format!("127.0.0.1:{port}");
+    let mut d = NbdS3::builder(&s3)
+        .export(ExportSpec::new("tk").size("16MiB"))
+        .config(|c| c.metrics = Some(metrics.clone()))
+        .start();
+    d.wait_for_log(&format!("metrics on {metrics}"), Duration::from_secs(10));
+    take_over(&mut d, 0);
+    // The old process held the port until it exited; the new one binds it then.
+    d.wait_for_log(&format!("metrics on {metrics}"), Duration::from_secs(30));
+    assert!(
+        !d.logs().contains("continuing without metrics"),
+        "{}",
+        d.logs()
+    );
+}
