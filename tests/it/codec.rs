@@ -211,11 +211,17 @@ fn swapped_truncated_flipped_and_foreign_objects_read_as_eio_never_as_data() {
     // Untouched neighbours and the other export still read right.
     assert_eq!(nbd_read(&uri, 5 * bs, 100), text(100));
     assert_eq!(nbd_read(&bed.uri("w"), 4 * bs, 100), text(100));
-    let logged = bed.nbd.log_lines(&key.display().to_string());
-    assert!(
-        logged.iter().any(|l| l.contains(&k(0))),
-        "a log line names the key file and the object:\n{}",
-        bed.nbd.logs()
+    // The daemon's stderr reaches the test through a reader thread: wait for the line.
+    let key_path = key.display().to_string();
+    wait_until(
+        "a log line naming the key file and the object",
+        Duration::from_secs(20),
+        || {
+            bed.nbd
+                .log_lines(&key_path)
+                .iter()
+                .any(|l| l.contains(&k(0)))
+        },
     );
     let samples = Metrics::of(&bed.nbd).scrape();
     let count = |m: &str| get(&samples, m, &[("export", "v")]);
@@ -311,8 +317,18 @@ fn a_reload_that_changes_the_codec_refuses_the_export_and_keeps_the_others() {
     bed.nbd.sighup();
     bed.nbd
         .wait_for_log_after(mark, "compression changed", Duration::from_secs(30));
-    let mut r = Raw::connect(&format!("127.0.0.1:{}", bed.nbd.port()));
-    let err = r.go("r").expect_err("GO on the refused export");
+    // The log line comes from opening the new store; the registry swaps right after.
+    let mut refused = None;
+    wait_until(
+        "GO refused after the reload",
+        Duration::from_secs(30),
+        || {
+            let mut r = Raw::connect(&format!("127.0.0.1:{}", bed.nbd.port()));
+            refused = r.go("r").err();
+            refused.is_some()
+        },
+    );
+    let err = refused.expect("refused");
     let msg = String::from_utf8_lossy(&err.data).into_owned();
     assert!(
         msg.contains("\"zstd:3\"") && msg.contains("\"off\""),
