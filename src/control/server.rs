@@ -6,7 +6,7 @@ use super::protocol::{Copied, Deleted, ExportStatus, Reply, Request, SnapshotEnt
 use super::protocol::{Status, MAX_REQUEST};
 use crate::daemon::{Daemon, ExportSnapshot};
 use crate::export::{ExportState, Refusal};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -72,15 +72,27 @@ pub fn spawn(path: &Path, daemon: Arc<Daemon>, replace: bool) -> Option<ControlH
 
 /// Binds the socket with mode 0660. A socket file nobody answers on is a leftover of a
 /// crashed daemon and is replaced; one that answers belongs to a running daemon and is kept.
+/// Anything that is not a socket (a mistyped path naming the config file, a directory, a
+/// symlink) is never removed: the bind is refused instead.
 fn bind(path: &Path) -> std::io::Result<UnixListener> {
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => {
             return Err(std::io::Error::new(
-                std::io::ErrorKind::AddrInUse,
-                "another daemon answers on it",
+                std::io::ErrorKind::AlreadyExists,
+                "the path exists and is not a socket; refusing to replace it",
             ));
         }
-        std::fs::remove_file(path)?;
+        Ok(_) => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    "another daemon answers on it",
+                ));
+            }
+            std::fs::remove_file(path)?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
     }
     let listener = UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;

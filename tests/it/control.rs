@@ -155,3 +155,33 @@ fn a_stale_socket_file_is_replaced_and_removed_at_exit() {
     assert!(d.wait_exit(crate::common::DAEMON_TIMEOUT).success());
     assert!(!socket.exists(), "socket file removed at exit");
 }
+
+#[test]
+fn a_control_path_that_is_not_a_socket_is_never_removed() {
+    let s3 = S3Server::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A mistaken `control = "exports.toml"`: a regular file the daemon must not delete.
+    let file = dir.path().join("exports.toml");
+    std::fs::write(&file, b"precious").expect("write");
+    let mut d = NbdS3::builder(&s3)
+        .export(ExportSpec::new("vm1"))
+        .config(|c| c.control = Some(file.to_string_lossy().into_owned()))
+        .start();
+    // The daemon serves its exports without the control socket and says why.
+    crate::common::wait_until("refusal logged", crate::common::DAEMON_TIMEOUT, || {
+        d.logs().contains("not a socket")
+    });
+    assert_eq!(
+        std::fs::read(&file).expect("file kept"),
+        b"precious",
+        "{}",
+        d.logs()
+    );
+    assert_eq!(d.admin(&["status"]).status.code(), Some(3), "{}", d.logs());
+    d.sigterm();
+    assert!(d.wait_exit(crate::common::DAEMON_TIMEOUT).success());
+    assert_eq!(
+        std::fs::read(&file).expect("file kept at exit"),
+        b"precious"
+    );
+}
