@@ -153,6 +153,11 @@ impl BlockStore {
     /// Deletes snapshot `name`, then the objects nothing reads any more; returns how many
     /// objects were deleted.
     pub async fn delete_snapshot(&self, name: &str) -> Result<u64, StoreError> {
+        // A read-only export holds no lease and has no write gate: refuse before the
+        // manifest write, or it would change the snapshots of the daemon that does.
+        if self.inner.read_only {
+            return Err(StoreError::ReadOnly);
+        }
         let _one_at_a_time = self.snaps.admin.lock().await;
         self.gate()?;
         let store = self.inner.objects.store();
@@ -266,6 +271,9 @@ impl BlockStore {
     /// Deletes the objects nothing needs (left by a crash, or by a delete that was cut
     /// short); returns how many.
     pub async fn gc(&self) -> Result<u64, StoreError> {
+        if self.inner.read_only {
+            return Err(StoreError::ReadOnly);
+        }
         let _one_at_a_time = self.snaps.admin.lock().await;
         self.gate()?;
         let (m, _) =

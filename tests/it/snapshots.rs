@@ -340,3 +340,35 @@ fn kill_during_rollback_leaves_the_rolled_back_export_and_garbage_for_gc() {
     assert_eq!(bed.nbd.admin_ok(&["gc", "vm1"]).trim(), "0");
     bed.assert_reads("vm1", &image, BS, "after gc");
 }
+
+#[test]
+fn a_read_only_daemon_refuses_snapshot_delete_and_gc_without_touching_the_manifest() {
+    let bed = Bed::start(vec![spec()]);
+    bed.nbd.admin_ok(&["snapshot", "create", "vm1", "keep"]);
+    let manifest = || {
+        bed.s3
+            .read_object(BUCKET, "vm1/nbd-s3.json")
+            .expect("manifest")
+    };
+    let before = manifest();
+    // A second daemon serves the same prefix read-only: it holds no lease.
+    let reader = crate::common::NbdS3::builder(&bed.s3)
+        .export(spec().read_only(true))
+        .start();
+    for args in [
+        &["snapshot", "delete", "vm1", "keep"][..],
+        &["gc", "vm1"][..],
+    ] {
+        let out = reader.admin(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains("read-only"), "{args:?}: {stderr}");
+    }
+    assert_eq!(
+        manifest(),
+        before,
+        "the read-only daemon wrote the manifest"
+    );
+    let names = snapshot_list(&bed);
+    assert!(names.to_string().contains("\"keep\""), "{names}");
+}
