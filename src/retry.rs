@@ -120,6 +120,18 @@ impl Policy {
         retry_corrupt: false,
     };
 
+    /// Reading the manifest back after a write whose outcome is unknown: never gives up
+    /// (memory must follow what S3 holds, or flushed writes land on a layer nothing reads),
+    /// backing off to 10 s.
+    pub const MANIFEST_SETTLE: Policy = Policy {
+        first: Duration::from_millis(100),
+        cap: Duration::from_secs(10),
+        jitter: Jitter::Equal,
+        max_attempts: u32::MAX,
+        max_elapsed: FOREVER,
+        retry_corrupt: false,
+    };
+
     /// Reading the lease object while taking it. Its holder rewrites it in place every few
     /// seconds, so a read can catch it half-written and fail its checksum: that is retried
     /// at once, not treated as a lasting fault.

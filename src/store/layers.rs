@@ -212,6 +212,12 @@ impl Layers {
         Ok(())
     }
 
+    /// Whether the export has layers (snapshots, rollbacks, a clone's base), not just its
+    /// plain one.
+    pub fn is_layered(&self) -> bool {
+        self.parents.len() > 1
+    }
+
     /// The layer writes go to.
     pub fn head(&self) -> u64 {
         self.chain[0]

@@ -260,9 +260,12 @@ impl Manifest {
 
     /// Takes a fresh layer number.
     pub fn take_layer(&mut self) -> u64 {
+        // `check` keeps every number below `layers::BASE`; saturating, the worst a manifest
+        // near the limit can do is fail its next `check` (refused), never wrap and reuse a
+        // layer.
         let max = self.layers.iter().map(|l| l.id).max().unwrap_or(0);
-        let next = self.next_layer.unwrap_or(1).max(max + 1);
-        self.next_layer = Some(next + 1);
+        let next = self.next_layer.unwrap_or(1).max(max.saturating_add(1));
+        self.next_layer = Some(next.saturating_add(1));
         next
     }
 
@@ -283,11 +286,27 @@ impl Manifest {
             FORMAT_PLAIN => Ok(()),
             FORMAT_LAYERED => {
                 let parents = self.parents();
-                super::layers::chain_of(&self.all_parents(), self.head()).map_err(bad)?;
+                // Own layer numbers stay below the bit that marks a clone's base layers, so
+                // taking the next one can neither wrap nor collide with them.
+                let mut numbers = self.layers.iter().map(|l| l.id).chain(self.next_layer);
+                if numbers.any(|n| n & super::layers::BASE != 0) {
+                    return Err(bad("layer number out of range".into()));
+                }
+                let all = self.all_parents();
+                every_chain_resolves(&all).map_err(bad)?;
+                super::layers::chain_of(&all, self.head()).map_err(bad)?;
+                let mut names = std::collections::BTreeSet::new();
                 for s in &self.snapshots {
                     if !parents.contains_key(&s.layer) {
                         let msg = format!("snapshot {:?} names unknown layer {}", s.name, s.layer);
                         return Err(bad(msg));
+                    }
+                    if s.layer == self.head() {
+                        let msg = format!("snapshot {:?} names the head layer", s.name);
+                        return Err(bad(msg));
+                    }
+                    if !names.insert(&s.name) {
+                        return Err(bad(format!("snapshot {:?} named twice", s.name)));
                     }
                 }
                 Ok(())
@@ -295,6 +314,31 @@ impl Manifest {
             other => Err(bad(format!("unsupported format {other}"))),
         }
     }
+}
+
+/// Every layer's chain ends at a root: no unknown parent, no cycle. Linear in the number of
+/// layers (a layer whose chain was walked once is not walked again).
+fn every_chain_resolves(parents: &BTreeMap<u64, Option<u64>>) -> Result<(), String> {
+    let mut good = std::collections::BTreeSet::new();
+    for &layer in parents.keys() {
+        let mut path = Vec::new();
+        let mut at = Some(layer);
+        while let Some(l) = at {
+            if good.contains(&l) {
+                break;
+            }
+            if path.len() > parents.len() {
+                return Err(format!("layer {l} is part of a cycle"));
+            }
+            let parent = parents
+                .get(&l)
+                .ok_or_else(|| format!("layer {l} is not listed"))?;
+            path.push(l);
+            at = *parent;
+        }
+        good.extend(path);
+    }
+    Ok(())
 }
 
 /// 32 random lowercase hex digits.
@@ -379,7 +423,10 @@ pub(crate) async fn read(
 
 /// Replaces the manifest if it is still the version `tag` read. A reply lost on the way is
 /// retried by the backend, and the retry then meets our own write: a refusal is checked by
-/// reading the manifest back.
+/// reading the manifest back. Any other failure leaves it unknown whether the write landed
+/// (the first PUT may have been applied and only its reply lost); callers change their
+/// in-memory state only on `Ok`, so the outcome is settled by reading the manifest back:
+/// `Ok` exactly when S3 holds what we wrote.
 pub(crate) async fn write(
     objects: &DynObjectStore,
     prefix: &str,
@@ -388,14 +435,51 @@ pub(crate) async fn write(
 ) -> Result<(), StoreError> {
     let key = key(prefix);
     let body = encode(m)?;
+    match put(objects, &key, &body, tag).await {
+        Ok(()) => Ok(()),
+        Err(StoreError::Conflict(why)) => Err(StoreError::Conflict(why)),
+        Err(unknown) => settle(objects, &key, &body, unknown).await,
+    }
+}
+
+/// Reads the manifest back after a write whose outcome is unknown, until it can be read:
+/// giving up would leave memory and S3 disagreeing about the head layer, which loses
+/// flushed writes. `Ok` if S3 holds `body`, else the write's own error.
+async fn settle(
+    objects: &DynObjectStore,
+    key: &str,
+    body: &Bytes,
+    unknown: StoreError,
+) -> Result<(), StoreError> {
+    tracing::warn!(key, error = %unknown, "manifest write failed; reading it back to see whether it landed");
+    let warn = |e: &BackendError, _, _| {
+        tracing::warn!(key, error = %e, "cannot read the manifest back yet; retrying");
+    };
+    let now = Policy::MANIFEST_SETTLE
+        .run_observed(|| objects.get(key), warn)
+        .await?;
+    if now.as_deref() == Some(&body[..]) {
+        tracing::info!(key, "the manifest write landed");
+        return Ok(());
+    }
+    Err(unknown)
+}
+
+/// One conditional (or, on a store without conditions, plain) manifest PUT.
+async fn put(
+    objects: &DynObjectStore,
+    key: &str,
+    body: &Bytes,
+    tag: Option<&str>,
+) -> Result<(), StoreError> {
     let Some(tag) = tag else {
-        retry(|| objects.put(&key, body.clone())).await?;
+        retry(|| objects.put(key, body.clone())).await?;
         return Ok(());
     };
-    match retry(|| objects.put_if_match(&key, body.clone(), tag)).await {
+    match retry(|| objects.put_if_match(key, body.clone(), tag)).await {
         Ok(Some(_)) => Ok(()),
         Ok(None) => {
-            let now = retry(|| objects.get(&key)).await?;
+            let now = retry(|| objects.get(key)).await?;
             if now.as_deref() == Some(&body[..]) {
                 return Ok(());
             }
@@ -404,7 +488,7 @@ pub(crate) async fn write(
             )))
         }
         Err(BackendError::Unsupported(_)) => {
-            retry(|| objects.put(&key, body.clone())).await?;
+            retry(|| objects.put(key, body.clone())).await?;
             Ok(())
         }
         Err(e) => Err(e.into()),
@@ -451,6 +535,22 @@ mod tests {
             r#"{"format":2,"block_size":4096,"size":8192,"head":5,"layers":[{"id":0}]}"#,
             r#"{"format":2,"block_size":4096,"size":8192,"head":0,"layers":[{"id":0}],
                 "snapshots":[{"name":"a","layer":9,"created":"x","size":1}]}"#,
+            // A number that would wrap when the next layer is taken.
+            r#"{"format":2,"block_size":4096,"size":8192,"head":0,"layers":[{"id":0}],
+                "next_layer":18446744073709551615}"#,
+            r#"{"format":2,"block_size":4096,"size":8192,"head":0,
+                "layers":[{"id":0},{"id":18446744073709551615,"parent":0}]}"#,
+            // A snapshot on the head layer would change with every write.
+            r#"{"format":2,"block_size":4096,"size":8192,"head":0,"layers":[{"id":0}],
+                "snapshots":[{"name":"a","layer":0,"created":"x","size":1}]}"#,
+            // Two snapshots of one name.
+            r#"{"format":2,"block_size":4096,"size":8192,"head":2,
+                "layers":[{"id":0},{"id":1,"parent":0},{"id":2,"parent":1}],
+                "snapshots":[{"name":"a","layer":0,"created":"x","size":1},
+                             {"name":"a","layer":1,"created":"x","size":1}]}"#,
+            // A layer off the head chain whose parent is unknown.
+            r#"{"format":2,"block_size":4096,"size":8192,"head":0,
+                "layers":[{"id":0},{"id":3,"parent":7}]}"#,
         ] {
             let err = parse("k", raw.as_bytes()).expect_err(raw);
             assert!(matches!(err, StoreError::BadManifest(_)), "{err}");

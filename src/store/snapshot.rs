@@ -111,6 +111,9 @@ impl BlockStore {
                 "snapshot {name:?} already exists"
             )));
         }
+        // Flushed once before the barrier, so the flush under it holds only what arrived
+        // meanwhile: writes wait for that, not for everything that was dirty.
+        self.inner.flush().await?;
         let _no_changes = self.barrier.write().await;
         self.inner.flush().await?;
         crash_point("snapshot-create-flushed");
@@ -122,6 +125,7 @@ impl BlockStore {
                 "snapshot {name:?} already exists"
             )));
         }
+        self.check_served(&m)?;
         m.make_layered();
         let frozen = m.head();
         let head = m.take_layer();
@@ -201,6 +205,7 @@ impl BlockStore {
             let Some(target) = m.snapshot(name).map(|s| s.layer) else {
                 return Err(StoreError::Refused(format!("no snapshot {name:?}")));
             };
+            self.check_served(&m)?;
             let head = m.take_layer();
             m.layers.push(LayerRecord {
                 id: head,
@@ -266,6 +271,20 @@ impl BlockStore {
             out.entry(c.snapshot).or_default().push(c.export);
         }
         Ok(out)
+    }
+
+    /// Refuses unless the manifest read from S3 is the state this store serves: the new
+    /// head is stacked on the in-memory head, so building it on any other layer would put
+    /// writes where no reader looks.
+    fn check_served(&self, m: &manifest::Manifest) -> Result<(), StoreError> {
+        let head = self.inner.objects.layers().head();
+        if m.head() != head || *self.snaps.records.lock() != m.snapshots {
+            return Err(StoreError::Conflict(format!(
+                "the manifest in the bucket (head layer {}) is not what this daemon serves (head layer {head}); nothing was done",
+                m.head()
+            )));
+        }
+        Ok(())
     }
 
     /// Deletes the objects nothing needs (left by a crash, or by a delete that was cut

@@ -63,17 +63,34 @@ impl Inner {
         let (tx, rx) = watch::channel(None);
         shard.slots.insert(block, Slot::loading(rx.clone()));
         let inner = Arc::clone(self);
-        tokio::spawn(async move { inner.load(block, tx).await });
+        let own = rx.clone();
+        tokio::spawn(async move { inner.load(block, tx, own).await });
         rx
     }
 
-    async fn load(self: Arc<Self>, block: u64, tx: watch::Sender<LoadResult>) {
+    /// `own` is the receiver of the slot this load was started for.
+    async fn load(
+        self: Arc<Self>,
+        block: u64,
+        tx: watch::Sender<LoadResult>,
+        own: watch::Receiver<LoadResult>,
+    ) {
         let permit = Arc::clone(&self.rd.get_slots).acquire_owned().await;
         let charge = self.budget.reserve_memory(self.geo.block_size).await;
         let fetched = self.get_block(block).await;
         drop(permit);
         let outcome = {
             let mut shard = self.cache.lock(block);
+            let ours = matches!(shard.slots.get(&block),
+                Some(Slot { content: Content::Loading(r), .. }) if r.same_channel(&own));
+            if !ours {
+                // The slot was dropped meanwhile (a rollback reset the cache): what this GET
+                // found belongs to the old state and must neither fill a newer slot nor
+                // change presence. Waiters look again and see the new state.
+                drop(shard);
+                tx.send_replace(Some(Ok(())));
+                return;
+            }
             match fetched {
                 Ok(Some(data)) => {
                     let buf = BlockBuf {
@@ -111,6 +128,15 @@ impl Inner {
         loop {
             Counters::bump(&self.counters.gets);
             match self.objects.get(&key).await {
+                // The layer map says this layer holds the block: an object gone under a
+                // snapshot or its export is lost data (EIO), never zeros.
+                Ok(None) if self.objects.layers().is_layered() => {
+                    tracing::error!(key = %key, "block object missing though the layer map lists it; returning EIO");
+                    return Err(BackendError::Corrupt {
+                        key: key.to_string(),
+                        reason: "missing, though the layer map says its layer holds it".into(),
+                    });
+                }
                 Ok(v) => return Ok(v),
                 Err(e) => {
                     let delay = match e {

@@ -8,6 +8,7 @@ mod change;
 mod codec;
 mod durability;
 mod model;
+mod snapshots;
 mod sparse;
 
 use super::*;
