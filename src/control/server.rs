@@ -48,7 +48,10 @@ fn inode(path: &Path) -> Option<u64> {
 /// `replace`: the daemon answering there is handing over to us (a takeover) and leaves;
 /// its socket file is replaced instead of kept.
 pub fn spawn(path: &Path, daemon: Arc<Daemon>, replace: bool) -> Option<ControlHandle> {
-    if replace {
+    let is_socket =
+        |p: &Path| std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_socket());
+    // Only ever a socket: anything else at the path is refused by `bind`, never deleted.
+    if replace && is_socket(path) {
         let _ = std::fs::remove_file(path);
     }
     let listener = match bind(path) {
