@@ -45,6 +45,7 @@ async fn serve(port: u16, size: u64) -> Result<(), Box<dyn std::error::Error>> {
         lease: LeaseMode::Off,
         codec: Default::default(),
         base: None,
+        auto_snapshots: None,
     };
     let store = BlockStore::open(
         Arc::new(MemoryStore::new()),

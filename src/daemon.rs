@@ -18,6 +18,7 @@ use std::time::Duration;
 use tracing::{error, info, warn};
 
 mod admin;
+mod auto;
 mod reloads;
 mod reopen;
 
@@ -105,6 +106,8 @@ pub struct Daemon {
     server: Server,
     /// Reopens refused exports in the background; stopped at shutdown.
     reopener: parking_lot::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Takes automatic snapshots; stopped at shutdown.
+    auto_snapshots: parking_lot::Mutex<Option<tokio::task::JoinHandle<()>>>,
     listeners: tokio::sync::Mutex<HashMap<ListenAddr, ListenerHandle>>,
     /// Serialises reloads: SIGHUP and the file watcher may fire together.
     reload_lock: tokio::sync::Mutex<()>,
@@ -208,6 +211,7 @@ impl Daemon {
             },
             server,
             reopener: parking_lot::Mutex::new(None),
+            auto_snapshots: parking_lot::Mutex::new(None),
             listeners: tokio::sync::Mutex::new(HashMap::new()),
             reload_lock: tokio::sync::Mutex::new(()),
             reloads,
@@ -216,6 +220,8 @@ impl Daemon {
         daemon.open_all(&config).await;
         let reopener = tokio::spawn(reopen::run(Arc::downgrade(&daemon)));
         *daemon.reopener.lock() = Some(reopener);
+        let auto = tokio::spawn(auto::run(Arc::downgrade(&daemon)));
+        *daemon.auto_snapshots.lock() = Some(auto);
         let mut listeners = daemon.listeners.lock().await;
         for (addr, listener) in bound {
             // `Server::spawn_listener` logs `listening on <addr>` with the real port.
@@ -464,6 +470,9 @@ impl Daemon {
     pub async fn shutdown(&self, grace: Duration) -> ShutdownReport {
         if let Some(reopener) = self.reopener.lock().take() {
             reopener.abort();
+        }
+        if let Some(auto) = self.auto_snapshots.lock().take() {
+            auto.abort();
         }
         for (_, handle) in self.listeners.lock().await.drain() {
             info!("closed listener {}", handle.addr());

@@ -98,15 +98,17 @@ impl Policy {
         retry_corrupt: false,
     };
 
-    /// The calls made while opening an export (manifest, listing): a blip at start-up should
-    /// not refuse the export, a persistent failure should, within a few seconds.
+    /// The calls made while opening an export (manifest, listing) and changing its snapshots:
+    /// a blip at start-up should not refuse the export, a persistent failure should, within a
+    /// few seconds. The manifest is rewritten in place (snapshots), so a read may catch it
+    /// half-written on stores that replace objects in two steps: a torn read, gone next try.
     pub const MANIFEST: Policy = Policy {
         first: Duration::from_millis(100),
         cap: Duration::from_secs(2),
         jitter: Jitter::Equal,
         max_attempts: 6,
         max_elapsed: FOREVER,
-        retry_corrupt: false,
+        retry_corrupt: true,
     };
 
     /// Binding a port the process we took over from still holds until it exits (a second

@@ -110,6 +110,7 @@ impl AdHoc {
                 },
                 codec: super::CodecConfig::default(),
                 base: None,
+                auto_snapshots: None,
             }],
         })
     }

@@ -231,6 +231,16 @@ pub struct ExportConfig {
     pub codec: CodecConfig,
     /// `base = "EXPORT@SNAP"`: a clone starts as that snapshot's content.
     pub base: Option<BaseRef>,
+    /// `snapshot_every` / `snapshot_keep`: automatic snapshots.
+    pub auto_snapshots: Option<AutoSnapshots>,
+}
+
+/// `snapshot_every` (at least 10 s) and `snapshot_keep` (how many automatic snapshots stay;
+/// `None`: all).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AutoSnapshots {
+    pub every: Duration,
+    pub keep: Option<u32>,
 }
 
 /// A clone's `base`: a snapshot of another export of the same file.

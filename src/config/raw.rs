@@ -74,6 +74,8 @@ pub struct RawExport {
     pub compression: Option<Spanned<String>>,
     pub encryption_key_file: Option<Spanned<String>>,
     pub base: Option<Spanned<String>>,
+    pub snapshot_every: Option<Spanned<String>>,
+    pub snapshot_keep: Option<Spanned<i64>>,
 }
 
 /// A size as written: a string with a unit, or a plain integer number of bytes.

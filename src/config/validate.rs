@@ -395,6 +395,7 @@ impl<'a> Checker<'a> {
             }
             parsed.ok()
         });
+        let auto_snapshots = self.auto_snapshots(raw, &label);
         if self.errors.len() != before {
             return None;
         }
@@ -410,6 +411,7 @@ impl<'a> Checker<'a> {
             lease,
             codec,
             base,
+            auto_snapshots,
         })
     }
 
@@ -430,6 +432,46 @@ impl<'a> Checker<'a> {
             }
         }
         codec
+    }
+}
+
+impl Checker<'_> {
+    /// `snapshot_every` (at least 10 s) and `snapshot_keep` (at least 1; only with
+    /// `snapshot_every`).
+    fn auto_snapshots(&mut self, raw: &RawExport, label: &str) -> Option<super::AutoSnapshots> {
+        let keep = raw
+            .snapshot_keep
+            .as_ref()
+            .and_then(|k| match u32::try_from(*k.get_ref()) {
+                Ok(n) if n >= 1 => Some(n),
+                _ => {
+                    self.err(&k.span(), label, "snapshot_keep: a count of at least 1");
+                    None
+                }
+            });
+        let Some(every) = &raw.snapshot_every else {
+            if let Some(k) = &raw.snapshot_keep {
+                self.err(&k.span(), label, "snapshot_keep needs snapshot_every");
+            }
+            return None;
+        };
+        match humantime::parse_duration(every.get_ref()) {
+            Ok(d) if d >= std::time::Duration::from_secs(10) => {
+                Some(super::AutoSnapshots { every: d, keep })
+            }
+            Ok(_) => {
+                self.err(&every.span(), label, "snapshot_every: at least \"10s\"");
+                None
+            }
+            Err(e) => {
+                let msg = format!(
+                    "snapshot_every: {:?} is not a duration like \"1h\" ({e})",
+                    every.get_ref()
+                );
+                self.err(&every.span(), label, msg);
+                None
+            }
+        }
     }
 }
 

@@ -32,6 +32,7 @@ fn cfg() -> ExportConfig {
         lease: crate::config::LeaseMode::Off,
         codec: Default::default(),
         base: None,
+        auto_snapshots: None,
     }
 }
 
@@ -74,6 +75,7 @@ fn leased(ttl: Duration) -> ExportConfig {
     ExportConfig {
         lease: LeaseMode::On { ttl },
         base: None,
+        auto_snapshots: None,
         ..cfg()
     }
 }

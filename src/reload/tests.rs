@@ -22,6 +22,7 @@ fn export(name: &str) -> ExportConfig {
         lease: crate::config::LeaseMode::Off,
         codec: Default::default(),
         base: None,
+        auto_snapshots: None,
     }
 }
 

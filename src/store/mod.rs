@@ -199,6 +199,8 @@ pub struct BlockStore {
     snaps: snapshot::Snapshots,
     /// Other buckets of the object store (a clone's base, clones of this export).
     buckets: Arc<dyn Buckets>,
+    /// Changes applied so far (automatic snapshots skip an export that did not change).
+    changes: AtomicU64,
 }
 
 /// Whether this daemon may change an export's objects now. The export lease closes it when
@@ -304,6 +306,7 @@ impl BlockStore {
             barrier: tokio::sync::RwLock::new(()),
             snaps: snapshot::Snapshots::new(snapshots),
             buckets,
+            changes: AtomicU64::new(0),
         })
     }
     /// Installs the lease fence (once; later calls are ignored).
@@ -346,6 +349,9 @@ impl BlockStore {
     pub async fn change(&self, change: Change) -> Result<(), StoreError> {
         self.gate()?;
         let _not_during_a_snapshot = self.barrier.read().await;
+        if !matches!(change, Change::Flush) {
+            self.changes.fetch_add(1, SeqCst);
+        }
         let inner = &self.inner;
         if inner.read_only && !matches!(change, Change::Flush) {
             return Err(StoreError::ReadOnly);
@@ -408,6 +414,10 @@ impl BlockStore {
     /// extent.
     pub fn block_status(&self, offset: u64, len: u32) -> Vec<StatusExtent> {
         self.inner.block_status(offset, len)
+    }
+    /// How many changes (writes, trims, zeroes) were applied since the store opened.
+    pub fn changes(&self) -> u64 {
+        self.changes.load(SeqCst)
     }
     /// Dirty bytes not yet in the object store (status line, metrics).
     pub fn dirty_bytes(&self) -> u64 {

@@ -372,3 +372,56 @@ fn a_read_only_daemon_refuses_snapshot_delete_and_gc_without_touching_the_manife
     let names = snapshot_list(&bed);
     assert!(names.to_string().contains("\"keep\""), "{names}");
 }
+
+fn auto_names(bed: &Bed) -> Vec<String> {
+    snapshot_list(bed)["snapshots"]
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|s| s["snapshot"].as_str().map(str::to_owned))
+        .filter(|n| n.starts_with("auto-"))
+        .collect()
+}
+
+#[test]
+fn automatic_snapshots_follow_changes_and_keep_only_the_newest() {
+    let spec = spec()
+        .line("snapshot_every = \"10s\"")
+        .line("snapshot_keep = 1");
+    let bed = Bed::start(vec![spec]);
+    nbd_write(&bed.uri("vm1"), &[(0, vec![1; 4096])], false);
+    let slow = std::time::Duration::from_secs(40);
+    crate::common::wait_until("a first automatic snapshot", slow, || {
+        auto_names(&bed).len() == 1
+    });
+    let first = auto_names(&bed);
+    let name = &first[0];
+    assert!(
+        name.len() == 21 && name[5..].contains('T') && name.ends_with('Z'),
+        "auto-YYYYMMDDTHHMMSSZ: {name}"
+    );
+    assert_eq!(
+        nbd_read(&bed.uri(&format!("vm1@{name}")), 0, 4096),
+        vec![1; 4096]
+    );
+
+    nbd_write(&bed.uri("vm1"), &[(0, vec![2; 4096])], false);
+    crate::common::wait_until("the next automatic snapshot", slow, || {
+        let now = auto_names(&bed);
+        now.len() == 1 && now != first
+    });
+    let second = auto_names(&bed);
+    assert_eq!(
+        nbd_read(&bed.uri(&format!("vm1@{}", second[0])), 0, 4096),
+        vec![2; 4096]
+    );
+    // Unchanged since: no new snapshot however long it waits.
+    let quiet = crate::common::poll_until(std::time::Duration::from_secs(15), || {
+        auto_names(&bed) != second
+    });
+    assert!(
+        !quiet,
+        "a snapshot of an unchanged export: {:?}",
+        auto_names(&bed)
+    );
+}

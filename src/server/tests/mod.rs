@@ -43,6 +43,7 @@ fn export_config(name: &str, read_only: bool) -> ExportConfig {
         lease: crate::config::LeaseMode::Off,
         codec: Default::default(),
         base: None,
+        auto_snapshots: None,
     }
 }
 
