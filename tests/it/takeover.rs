@@ -33,6 +33,10 @@ fn take_over(d: &mut NbdS3, clients: usize) {
     assert_ne!(d.pid(), old_pid, "a new process serves");
     let want = format!("received 1 listener(s) and {clients} connection(s)");
     d.wait_for_log(&want, Duration::from_secs(10));
+    // Adoption is logged per connection once its export is found, just after the receipt.
+    crate::common::wait_until("connections taken over", Duration::from_secs(10), || {
+        d.log_lines("connection taken over").len() >= clients
+    });
     assert_eq!(
         d.log_lines("connection taken over").len(),
         clients,
