@@ -250,8 +250,12 @@ impl BlockObjects {
         if compressed {
             c.compressed_blocks.fetch_add(1, Relaxed);
         }
-        let tomb = self.layers.read().has(key.layer, key.block).1;
-        self.layers.read().set(key.layer, key.block, true, tomb);
+        let tomb = {
+            let layers = self.layers.read();
+            let tomb = layers.has(key.layer, key.block).1;
+            layers.set(key.layer, key.block, true, tomb);
+            tomb
+        };
         if tomb {
             let tomb_key = tomb_key(&self.prefix, key.layer, key.block);
             self.store.delete(&tomb_key).await?;
