@@ -516,8 +516,9 @@ async fn flush_export(export: Arc<Export>, step: Duration, release: bool) -> Opt
             Ok(()) => {
                 info!(export = export.name(), "flushed");
                 // Everything is in S3: hand the export over to any other daemon at once.
-                if let Some(lease) = export.lease().filter(|_| release) {
-                    lease.release().await;
+                // (Waits for an idle release already under way, so it is done before exit.)
+                if let Some(slot) = export.lease_slot().filter(|_| release) {
+                    slot.release_if(|| true).await;
                 }
                 return None;
             }

@@ -10,6 +10,7 @@
 //! - [`schedule`]: when a refused export is opened again by itself;
 //! - `retire`: the final flush of a removed export.
 
+mod idle;
 pub mod open;
 pub mod refusal;
 pub mod registry;
@@ -25,6 +26,7 @@ pub use retire::spawn_flush;
 pub use schedule::Schedule;
 
 use crate::config::{ExportConfig, LeaseMode};
+use crate::lease::slot::LeaseSlot;
 use crate::lease::Lease;
 use crate::store::BlockStore;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -36,6 +38,9 @@ use std::sync::Arc;
 #[derive(Debug, Default)]
 struct Shared {
     attached: AtomicUsize,
+    /// Admin commands under way that hold the export lease (not clients: a rollback, which
+    /// needs no client attached, still needs the lease).
+    admin: AtomicUsize,
     removed: AtomicBool,
     requests: Arc<ExportRequests>,
 }
@@ -43,11 +48,12 @@ struct Shared {
 /// Where an export is in its life.
 #[derive(Debug, Clone)]
 pub enum ExportState {
-    /// Served by `store`; `lease` is the export lease this daemon holds (writable exports with
-    /// `lease` on), which fences the store.
+    /// Served by `store`; `lease` is the slot of the export lease (writable exports with
+    /// `lease` on), which fences the store: the lease is held while clients are attached or
+    /// data is dirty, and given up when the export is idle.
     Serving {
         store: Arc<BlockStore>,
-        lease: Option<Arc<Lease>>,
+        lease: Option<Arc<LeaseSlot>>,
     },
     /// Not served; clients asking for it get ERR_UNKNOWN with the reason.
     Refused { reason: Refusal },
@@ -62,11 +68,11 @@ pub struct Export {
 }
 
 impl Export {
-    /// An export served by `store` (and fenced by `lease`, if it has one).
+    /// An export served by `store` (and fenced by the lease of `lease`, if it has one).
     pub fn serving(
         config: ExportConfig,
         store: Arc<BlockStore>,
-        lease: Option<Arc<Lease>>,
+        lease: Option<Arc<LeaseSlot>>,
     ) -> Arc<Self> {
         Self::with_state(config, ExportState::Serving { store, lease })
     }
@@ -119,12 +125,26 @@ impl Export {
             ExportState::Refused { .. } => None,
         }
     }
-    /// The export lease this daemon holds, if the export is served with one.
-    pub fn lease(&self) -> Option<&Arc<Lease>> {
+    /// The export lease this daemon holds now, if the export is served with one and it is
+    /// not idle.
+    pub fn lease(&self) -> Option<Arc<Lease>> {
+        self.lease_slot().and_then(|s| s.current())
+    }
+    /// The slot of the export lease, if the export is served with one.
+    pub fn lease_slot(&self) -> Option<&Arc<LeaseSlot>> {
         match &self.state {
             ExportState::Serving { lease, .. } => lease.as_ref(),
             ExportState::Refused { .. } => None,
         }
+    }
+    /// Gives the export lease up now if nothing needs it (no client, nothing dirty): idle
+    /// exports and shutdown. Returns whether it is no longer held.
+    pub async fn release_lease(&self) -> bool {
+        let Some(slot) = self.lease_slot() else {
+            return true;
+        };
+        let dirty = || self.store().map_or(0, |s| s.dirty_bytes());
+        slot.release_if(|| self.unused() && dirty() == 0).await
     }
     /// Why the export is refused, if it is.
     pub fn refusal(&self) -> Option<&Refusal> {
@@ -148,7 +168,7 @@ impl Export {
                 let LeaseMode::On { ttl } = self.config.lease else {
                     return None; // no lease, nothing to lose
                 };
-                let lost = lease.as_ref().is_some_and(|l| l.is_lost());
+                let lost = lease.as_ref().is_some_and(|s| s.lost_reason().is_some());
                 (lost && self.attached() == 0).then(|| Retry::lease_held(ttl))
             }
         }
@@ -177,8 +197,53 @@ impl Export {
     pub fn block_size(&self) -> u32 {
         self.config.block_size
     }
-    /// Marks a client as attached; the export is released (flushed) after the last guard of a
-    /// removed export drops.
+    /// Attaches a client for transmission: takes the export lease (writable exports with a
+    /// lease) unless this daemon holds it already; refused, naming the holder, when another
+    /// daemon does.
+    pub async fn attach_client(self: &Arc<Self>) -> Result<Attachment, Refusal> {
+        let attachment = self.attach();
+        self.take_lease().await?;
+        Ok(attachment)
+    }
+    /// Holds the export lease for an admin command (snapshots, gc) until the guard drops,
+    /// without counting as an attached client.
+    pub async fn hold_lease(self: &Arc<Self>) -> Result<LeaseHold, Refusal> {
+        self.shared.admin.fetch_add(1, Ordering::SeqCst);
+        let hold = LeaseHold {
+            export: Arc::clone(self),
+        };
+        self.take_lease().await?;
+        Ok(hold)
+    }
+    /// Takes the lease if the export has one. When it was taken after another daemon may
+    /// have held it, the store's view (manifest, presence map, cached blocks) is rebuilt from
+    /// S3 first.
+    pub async fn take_lease(&self) -> Result<(), Refusal> {
+        let ExportState::Serving {
+            store,
+            lease: Some(slot),
+        } = &self.state
+        else {
+            return Ok(());
+        };
+        let refresh = || async {
+            store.reload_from_store().await.map_err(|e| match e {
+                crate::store::StoreError::Backend(b) => b,
+                other => crate::backend::BackendError::Permanent(other.to_string()),
+            })
+        };
+        crate::retry::Policy::LEASE_ATTACH
+            .run(|| slot.take(refresh))
+            .await
+            .map_err(|e| Refusal::lease(e, slot.ttl()))
+    }
+    /// Whether nothing but dirty data may need the lease: no client, no admin command.
+    fn unused(&self) -> bool {
+        self.attached() == 0 && self.shared.admin.load(Ordering::SeqCst) == 0
+    }
+    /// Counts a client as attached (without taking the lease: [`Export::attach_client`] does);
+    /// when the last one goes, the lease is given up once nothing is dirty, and a removed
+    /// export is flushed.
     pub fn attach(self: &Arc<Self>) -> Attachment {
         self.shared.attached.fetch_add(1, Ordering::SeqCst);
         Attachment {
@@ -220,6 +285,24 @@ impl Drop for Attachment {
                 Arc::clone(&self.export),
                 "last client detached from removed export",
             );
+        }
+        if before == 1 {
+            idle::spawn_release(Arc::clone(&self.export));
+        }
+    }
+}
+
+/// Held by an admin command for as long as it needs the export lease.
+#[derive(Debug)]
+pub struct LeaseHold {
+    export: Arc<Export>,
+}
+
+impl Drop for LeaseHold {
+    fn drop(&mut self) {
+        let before = self.export.shared.admin.fetch_sub(1, Ordering::SeqCst);
+        if before == 1 {
+            idle::spawn_release(Arc::clone(&self.export));
         }
     }
 }

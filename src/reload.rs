@@ -362,7 +362,7 @@ pub async fn apply_exports<F: BucketSource + ?Sized>(
 /// second store on its objects now would read stale blocks.
 async fn quiesce(old: &Export) -> Result<(), String> {
     match old.store() {
-        Some(store) => store.flush().await.map_err(|e| e.to_string()),
+        Some(store) => store.flush_dirty().await.map_err(|e| e.to_string()),
         None => Ok(()),
     }
 }

@@ -146,6 +146,18 @@ impl Policy {
         retry_corrupt: true,
     };
 
+    /// Taking the export lease for a client attaching (and re-reading the export when
+    /// another daemon held it): a client waits, so a few attempts over a few seconds, enough
+    /// to ride out flaky replies; a store that stays away refuses the client.
+    pub const LEASE_ATTACH: Policy = Policy {
+        first: Duration::from_millis(100),
+        cap: Duration::from_secs(1),
+        jitter: Jitter::Equal,
+        max_attempts: 8,
+        max_elapsed: Duration::from_secs(15),
+        retry_corrupt: true,
+    };
+
     /// Reopening an export refused because the store could not be reached: soon at first,
     /// then once a minute while the outage lasts.
     pub const REOPEN: Policy = Policy {
@@ -167,6 +179,10 @@ impl Policy {
         max_elapsed: FOREVER,
         retry_corrupt: false,
     };
+
+    /// Storing what the last client of an export left dirty, so its lease can be given up:
+    /// the same rule as a removed export's final flush (the data exists nowhere else).
+    pub const IDLE_FLUSH: Policy = Policy::RETIRED_FLUSH;
 
     /// Renewing a lease of `ttl` after a failed renewal: every tenth of the ttl (between
     /// 0.1 s and 2 s), without backing off, because the lease runs out at a fixed time and

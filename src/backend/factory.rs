@@ -43,6 +43,9 @@ pub struct StoreFactory {
     stats: Arc<BackendStats>,
     /// Each bucket's own counters (they also count into `stats`), for per-bucket metrics.
     buckets: Arc<Mutex<BTreeMap<String, Arc<BackendStats>>>>,
+    /// Each export's own counters (they also count into their bucket's), by export name: an
+    /// export reopened by a reload keeps counting where it left off.
+    exports: Arc<Mutex<BTreeMap<String, Arc<BackendStats>>>>,
 }
 
 impl StoreFactory {
@@ -58,6 +61,7 @@ impl StoreFactory {
             policy: Policy::OBJECT_CALL,
             stats: Arc::new(BackendStats::default()),
             buckets: Arc::default(),
+            exports: Arc::default(),
         })
     }
 
@@ -71,6 +75,33 @@ impl StoreFactory {
     /// whose every call fails permanently with the reason (config validation normally stops
     /// such names earlier).
     pub fn bucket(&self, name: &str) -> DynObjectStore {
+        let stats = self.bucket_counters(name);
+        self.store(name, stats)
+    }
+
+    /// The object store `export` uses in `bucket`: like [`StoreFactory::bucket`], with its
+    /// requests also counted for the export alone.
+    pub fn export_bucket(&self, bucket: &str, export: &str) -> DynObjectStore {
+        let parent = self.bucket_counters(bucket);
+        let stats = Arc::clone(
+            self.exports
+                .lock()
+                .entry(export.to_owned())
+                .or_insert_with(|| Arc::new(BackendStats::with_parent(parent))),
+        );
+        self.store(bucket, stats)
+    }
+
+    fn bucket_counters(&self, name: &str) -> Arc<BackendStats> {
+        Arc::clone(
+            self.buckets
+                .lock()
+                .entry(name.to_owned())
+                .or_insert_with(|| Arc::new(BackendStats::with_parent(Arc::clone(&self.stats)))),
+        )
+    }
+
+    fn store(&self, name: &str, stats: Arc<BackendStats>) -> DynObjectStore {
         let inner: DynObjectStore = match &self.target {
             Target::S3(client) => Arc::new(S3Store::new(client.clone(), name)),
             Target::Dir(root) => match DirStore::new(root.clone(), name) {
@@ -78,12 +109,6 @@ impl StoreFactory {
                 Err(e) => Arc::new(Refused(e.to_string())),
             },
         };
-        let stats = Arc::clone(
-            self.buckets
-                .lock()
-                .entry(name.to_owned())
-                .or_insert_with(|| Arc::new(BackendStats::with_parent(Arc::clone(&self.stats)))),
-        );
         Arc::new(Retrying::new(inner, self.policy, stats))
     }
 
@@ -94,17 +119,26 @@ impl StoreFactory {
 
     /// Counters of each bucket a store was made for, by bucket name (metrics).
     pub fn bucket_stats(&self) -> Vec<(String, Arc<BackendStats>)> {
-        let buckets = self.buckets.lock();
-        buckets
-            .iter()
-            .map(|(name, stats)| (name.clone(), Arc::clone(stats)))
-            .collect()
+        named(&self.buckets)
+    }
+
+    /// Counters of each export a store was made for, by export name (metrics).
+    pub fn export_stats(&self) -> Vec<(String, Arc<BackendStats>)> {
+        named(&self.exports)
     }
 
     /// `true` for the `file://` directory store.
     pub fn is_local(&self) -> bool {
         matches!(self.target, Target::Dir(_))
     }
+}
+
+/// A snapshot of a name → counters map.
+fn named(map: &Mutex<BTreeMap<String, Arc<BackendStats>>>) -> Vec<(String, Arc<BackendStats>)> {
+    let map = map.lock();
+    map.iter()
+        .map(|(name, stats)| (name.clone(), Arc::clone(stats)))
+        .collect()
 }
 
 /// `Some(root)` for a `file://` endpoint; the root must be an absolute path.

@@ -270,8 +270,10 @@ fn status(daemon: &Daemon) -> Status {
                 ExportState::Serving { .. } => ("serving", None),
                 ExportState::Refused { reason } => ("refused", Some(reason.to_string())),
             };
+            // An idle export holds no lease: nobody (`None`) until a client attaches.
+            let held = e.lease().is_some_and(|l| !l.is_lost() && !l.is_released());
             let lease_holder = match e.state() {
-                ExportState::Serving { lease: Some(l), .. } if !l.is_lost() => {
+                ExportState::Serving { .. } if held => {
                     Some(format!("this daemon (pid {})", std::process::id()))
                 }
                 ExportState::Refused {

@@ -3,7 +3,7 @@
 //! the way (an unknown export or snapshot, a refused export, clients attached, the lease).
 
 use super::Daemon;
-use crate::export::Export;
+use crate::export::{Export, LeaseHold};
 use crate::store::{check_snapshot_name, BlockStore, Snapshot, StoreError};
 use std::sync::Arc;
 
@@ -33,6 +33,20 @@ impl Daemon {
         Ok((export, store))
     }
 
+    /// Like `served`, with the export lease held until the returned guard drops: an idle
+    /// export holds none, and every change to snapshots needs it.
+    async fn leased(
+        &self,
+        name: &str,
+    ) -> Result<(Arc<Export>, Arc<BlockStore>, LeaseHold), String> {
+        let (export, store) = self.served(name)?;
+        let hold = export
+            .hold_lease()
+            .await
+            .map_err(|reason| format!("export {name:?}: {reason}"))?;
+        Ok((export, store, hold))
+    }
+
     /// `snapshot create EXPORT SNAP`.
     pub async fn snapshot_create(
         &self,
@@ -40,7 +54,7 @@ impl Daemon {
         snapshot: &str,
     ) -> Result<ExportSnapshot, String> {
         check_snapshot_name(snapshot)?;
-        let (_, store) = self.served(export)?;
+        let (_, store, _lease) = self.leased(export).await?;
         let snapshot = store
             .create_snapshot(snapshot)
             .await
@@ -84,7 +98,7 @@ impl Daemon {
     /// `snapshot delete EXPORT SNAP`: refused while clients read the snapshot's export.
     /// Returns how many objects were deleted.
     pub async fn snapshot_delete(&self, export: &str, snapshot: &str) -> Result<u64, String> {
-        let (_, store) = self.served(export)?;
+        let (_, store, _lease) = self.leased(export).await?;
         let clients = self.registry.snapshot_clients(export, snapshot);
         if clients > 0 {
             return Err(format!(
@@ -100,7 +114,7 @@ impl Daemon {
     /// `snapshot rollback EXPORT SNAP`: refused while clients are attached to EXPORT.
     /// Returns how many objects were deleted.
     pub async fn snapshot_rollback(&self, export: &str, snapshot: &str) -> Result<u64, String> {
-        let (served, store) = self.served(export)?;
+        let (served, store, _lease) = self.leased(export).await?;
         let clients = served.attached();
         if clients > 0 {
             return Err(format!(
@@ -116,13 +130,13 @@ impl Daemon {
     /// `flatten EXPORT`: a clone copies what it reads from its base, then needs it no more.
     /// Returns how many blocks were copied.
     pub async fn flatten(&self, export: &str) -> Result<u64, String> {
-        let (_, store) = self.served(export)?;
+        let (_, store, _lease) = self.leased(export).await?;
         store.flatten().await.map_err(|e| refused(export, e))
     }
 
     /// `gc EXPORT`: deletes objects nothing needs; returns how many.
     pub async fn gc(&self, export: &str) -> Result<u64, String> {
-        let (_, store) = self.served(export)?;
+        let (_, store, _lease) = self.leased(export).await?;
         store.gc().await.map_err(|e| refused(export, e))
     }
 }

@@ -106,7 +106,13 @@ async fn attempt(d: &Daemon, old: Arc<Export>) -> (String, Option<Arc<Export>>) 
         return (name, Some(old)); // lost lease, but a client attached meanwhile: not now
     }
     let up = fresh.is_serving();
+    let lost = old.lease_slot().and_then(|s| s.lost_reason());
     match (old.refusal(), fresh.refusal()) {
+        (None, None) => warn!(
+            export = name.as_str(),
+            "export lease lost ({}): reopened with nothing cached; new clients are refused while the other daemon holds it",
+            lost.as_deref().unwrap_or("taken over")
+        ),
         (_, None) => info!(
             export = name.as_str(),
             "export is up (refused before: opened again by itself)"

@@ -1,12 +1,13 @@
-//! Opening an export: bind the bucket, take the lease (writable exports), open the block store
-//! behind the lease's fence. Never fails: what cannot be opened becomes a refused export that
+//! Opening an export: bind the bucket, set up its lease slot (writable exports; the lease is
+//! taken when a client attaches), open the block store behind the slot's fence. Never fails: what cannot be opened becomes a refused export that
 //! carries a typed [`Refusal`].
 
 use super::{Export, Refusal, Step};
 use crate::backend::{BackendError, DynObjectStore};
 use crate::config::{ExportConfig, LeaseMode};
 use crate::lease::fence::FencedStore;
-use crate::lease::{Lease, LeaseManager};
+use crate::lease::slot::LeaseSlot;
+use crate::lease::LeaseManager;
 use crate::store::{BaseSpec, BlockStore, BlockStoreConfig, Buckets, CacheBudget, NoBuckets};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -22,11 +23,21 @@ pub trait BucketSource: Send + Sync {
     fn buckets(&self) -> Arc<dyn Buckets> {
         Arc::new(NoBuckets)
     }
+    /// The object store `export` uses in `bucket`; its requests may be counted per export.
+    fn export_bucket(&self, bucket: &str, export: &str) -> Result<DynObjectStore, BackendError> {
+        let _ = export;
+        self.bucket(bucket)
+    }
 }
 
 impl BucketSource for crate::backend::StoreFactory {
     fn bucket(&self, bucket: &str) -> Result<DynObjectStore, BackendError> {
         Ok(crate::backend::StoreFactory::bucket(self, bucket))
+    }
+    fn export_bucket(&self, bucket: &str, export: &str) -> Result<DynObjectStore, BackendError> {
+        Ok(crate::backend::StoreFactory::export_bucket(
+            self, bucket, export,
+        ))
     }
     fn buckets(&self) -> Arc<dyn Buckets> {
         Arc::new(FactoryBuckets(self.clone()))
@@ -99,25 +110,29 @@ pub async fn try_open<F: BucketSource + ?Sized>(
     }
 }
 
-/// Takes the lease (writable exports), then opens the block store behind the lease's fence,
-/// so not even the manifest is written without it.
+/// Opens the block store of an export behind the fence of its lease slot (writable exports
+/// with a lease). The lease itself is taken when a client attaches, not here: an export
+/// without clients holds no lease and makes no request.
 async fn open_store<F: BucketSource + ?Sized>(
     cfg: &ExportConfig,
     factory: &F,
     ctx: &OpenContext,
-) -> Result<(Arc<BlockStore>, Option<Arc<Lease>>), Refusal> {
+) -> Result<(Arc<BlockStore>, Option<Arc<LeaseSlot>>), Refusal> {
     let objects = factory
-        .bucket(&cfg.bucket)
+        .export_bucket(&cfg.bucket, &cfg.name)
         .map_err(|e| Refusal::backend(Step::Bucket, e))?;
-    let (objects, lease) = match cfg.lease {
+    let (objects, slot) = match cfg.lease {
         LeaseMode::On { ttl } if !cfg.read_only => {
-            let lease = ctx
-                .leases
-                .acquire(&objects, &cfg.bucket, &cfg.prefix, ttl)
-                .await
-                .map_err(|e| Refusal::lease(e, ttl))?;
-            let fenced = FencedStore::new(objects, Arc::clone(&lease));
-            (Arc::new(fenced) as DynObjectStore, Some(lease))
+            let slot = Arc::new(LeaseSlot::new(
+                Arc::clone(&ctx.leases),
+                Arc::clone(&objects),
+                &cfg.bucket,
+                &cfg.prefix,
+                ttl,
+            ));
+            slot.observe().await.map_err(|e| Refusal::lease(e, ttl))?;
+            let fenced = FencedStore::new(objects, Arc::clone(&slot));
+            (Arc::new(fenced) as DynObjectStore, Some(slot))
         }
         _ => (objects, None),
     };
@@ -141,10 +156,10 @@ async fn open_store<F: BucketSource + ?Sized>(
         turn: Arc::clone(&ctx.manifest_turn),
     });
     let store = BlockStore::open_with(objects, store_cfg, Arc::clone(&ctx.budget), buckets).await?;
-    if let Some(lease) = &lease {
-        store.set_write_gate(Arc::clone(lease) as Arc<dyn crate::store::WriteGate>);
+    if let Some(slot) = &slot {
+        store.set_write_gate(Arc::clone(slot) as Arc<dyn crate::store::WriteGate>);
     }
-    Ok((store, lease))
+    Ok((store, slot))
 }
 
 /// Opens every export of a configuration (concurrently: each open lists a prefix in S3).

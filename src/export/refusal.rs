@@ -122,6 +122,7 @@ impl Refusal {
             },
             LeaseError::Unsupported { bucket } => Refusal::NoConditionalWrites { bucket },
             LeaseError::Backend(b) => Refusal::backend(Step::Lease, b),
+            LeaseError::Lost(why) => Refusal::Other(why),
         }
     }
 

@@ -19,7 +19,7 @@ pub fn spawn_flush(export: Arc<Export>, why: &'static str) {
         let Some(store) = export.store() else { return };
         let mut backoff = Policy::RETIRED_FLUSH.backoff();
         loop {
-            let Err(e) = store.flush().await else {
+            let Err(e) = store.flush_dirty().await else {
                 info!(export = export.name(), "{why}: flushed");
                 break;
             };

@@ -1,5 +1,6 @@
 //! Export life cycle on in-memory stores: removal keeps dirty data until S3 takes it,
-//! attachments across versions, leases at open (plain stores, loss, release on removal).
+//! attachments across versions, leases (plain stores, taken on attach, loss, release when
+//! idle and on removal, the cache re-read after another daemon held the export).
 
 use super::*;
 use crate::backend::memory::MemoryStore;
@@ -144,40 +145,70 @@ async fn store_without_conditional_writes_needs_lease_off() {
     assert!(ro.is_serving(), "read-only exports need no lease");
 }
 
+async fn bytes_at(store: &crate::store::BlockStore, offset: u64, len: u32) -> Vec<u8> {
+    let mut out = Vec::new();
+    for e in store.read(offset, len).await.expect("read") {
+        match e {
+            crate::store::Extent::Data(b) => out.extend_from_slice(&b),
+            crate::store::Extent::Zero(n) => out.resize(out.len() + n as usize, 0),
+        }
+    }
+    out
+}
+
+fn lock_record(mem: &MemoryStore) -> Option<crate::lease::record::LeaseRecord> {
+    crate::lease::record::LeaseRecord::parse(&mem.peek("a/nbd-s3.lock")?)
+}
+
+fn other_daemon() -> crate::lease::record::Identity {
+    crate::lease::record::Identity {
+        owner: "other".into(),
+        host: "elsewhere".into(),
+        pid: 1,
+        boot_id: None,
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
 #[tokio::test]
 async fn lease_lost_to_another_daemon_fails_writes_and_removal_releases_it() {
     let mem = Arc::new(MemoryStore::new());
     let src = One(Arc::clone(&mem));
     let ttl = Duration::from_secs(3);
     let export = open_export(&leased(ttl), &src, &ctx()).await;
+    assert!(
+        lock_record(&mem).is_none(),
+        "an export without clients took its lease"
+    );
     let store = Arc::clone(export.store().expect("leased export opens"));
+    let client = export.attach_client().await.expect("lease free");
     store
         .write(0, bytes::Bytes::from(vec![1u8; 4096]), false)
         .await
         .unwrap();
     store.flush().await.unwrap();
-    assert!(mem.peek("a/nbd-s3.lock").is_some());
+    assert!(lock_record(&mem).is_some_and(|r| !r.released));
 
     // Another daemon takes the lease (as after a partition): the next renewal sees it.
-    let other = crate::lease::record::Identity {
-        owner: "other".into(),
-        host: "elsewhere".into(),
-        pid: 1,
-        boot_id: None,
-    };
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
-    let theirs = crate::lease::record::LeaseRecord::new(&other, now, ttl);
+    let theirs = crate::lease::record::LeaseRecord::new(&other_daemon(), now_ms(), ttl);
     mem.insert("a/nbd-s3.lock", theirs.to_bytes());
     wait_until("the lease to be lost", || {
         export.lease().is_some_and(|l| l.is_lost())
     })
     .await;
     // Lost: reopened (so new clients hear who holds it) only once nobody uses this store.
-    let client = export.attach();
     assert_eq!(export.reopen_rule(), None, "a client still uses the store");
+    let refused = export
+        .attach_client()
+        .await
+        .expect_err("attach to a lost lease");
+    assert!(refused.to_string().contains("elsewhere"), "{refused}");
     drop(client);
     assert_eq!(export.reopen_rule(), Some(Retry::lease_held(ttl)));
     let err = store
@@ -191,9 +222,74 @@ async fn lease_lost_to_another_daemon_fails_writes_and_removal_releases_it() {
     // Removal of an export we still hold releases the lease once its store is gone.
     let mem = Arc::new(MemoryStore::new());
     let export = open_export(&leased(ttl), &One(Arc::clone(&mem)), &ctx()).await;
-    assert!(mem.peek("a/nbd-s3.lock").is_some());
+    let client = export.attach_client().await.expect("lease free");
+    assert!(lock_record(&mem).is_some_and(|r| !r.released));
     Registry::new().retire(export);
-    wait_until("the lease released", || mem.peek("a/nbd-s3.lock").is_none()).await;
+    drop(client);
+    wait_until("the lease released", || {
+        lock_record(&mem).is_some_and(|r| r.released)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn idle_export_stores_its_data_then_gives_the_lease_up_and_rereads_after_others() {
+    let mem = Arc::new(MemoryStore::new());
+    let ttl = Duration::from_secs(3);
+    let export = open_export(&leased(ttl), &One(Arc::clone(&mem)), &ctx()).await;
+    let store = Arc::clone(export.store().expect("opens"));
+    store.set_write_back_age(Duration::from_secs(3600));
+    let client = export.attach_client().await.expect("lease free");
+    store
+        .write(0, bytes::Bytes::from(vec![3u8; 100]), false)
+        .await
+        .unwrap();
+    assert!(store.dirty_bytes() > 0);
+    // The last client leaves without a FLUSH: the data is stored, then the lease given up.
+    drop(client);
+    wait_until("the idle export to release its lease", || {
+        lock_record(&mem).is_some_and(|r| r.released)
+    })
+    .await;
+    assert_eq!(store.dirty_bytes(), 0);
+    assert_eq!(
+        &mem.peek("a/0000000000000000").unwrap()[..100],
+        &[3u8; 100][..]
+    );
+    assert!(export.lease().is_none());
+    // Idle: no request at all while nothing happens.
+    let quiet = mem.counts();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(mem.counts(), quiet, "an idle export made requests");
+
+    // Back, with nobody in between: the cache is kept (no GET for the cached block).
+    let client = export.attach_client().await.expect("lease free");
+    let gets = mem.gets();
+    assert_eq!(&bytes_at(&store, 0, 100).await[..], &[3u8; 100][..]);
+    assert_eq!(
+        mem.gets(),
+        gets,
+        "cache dropped although nobody else held the export"
+    );
+    drop(client);
+    wait_until("released again", || {
+        lock_record(&mem).is_some_and(|r| r.released)
+    })
+    .await;
+
+    // Another daemon held it and wrote block 0 (and 1): the view is rebuilt from S3.
+    let theirs = crate::lease::record::LeaseRecord::new(&other_daemon(), now_ms(), ttl);
+    mem.insert("a/nbd-s3.lock", theirs.to_bytes());
+    mem.insert("a/0000000000000000", bytes::Bytes::from(vec![9u8; 4096]));
+    mem.insert("a/0000000000000001", bytes::Bytes::from(vec![8u8; 4096]));
+    let released = crate::lease::record::LeaseRecord::released(&other_daemon(), now_ms());
+    mem.insert("a/nbd-s3.lock", released.to_bytes());
+    let _client = export
+        .attach_client()
+        .await
+        .expect("released by the other daemon");
+    assert_eq!(&bytes_at(&store, 0, 8).await[..], &[9u8; 8][..]);
+    assert_eq!(&bytes_at(&store, 4096, 8).await[..], &[8u8; 8][..]);
 }
 
 #[tokio::test]

@@ -14,6 +14,7 @@
 //! an export, wherever it falls between renewals; exports that must ride out longer outages
 //! take a longer `lease` (or `lease = "off"` on a single daemon).
 
+use super::slot::LeaseSlot;
 use super::Lease;
 use crate::backend::{BackendError, DynObjectStore, ETag, ObjectStore};
 use async_trait::async_trait;
@@ -25,14 +26,13 @@ use std::sync::Arc;
 #[derive(Debug)]
 pub struct FencedStore {
     inner: DynObjectStore,
-    lease: Arc<Lease>,
+    slot: Arc<LeaseSlot>,
 }
 
 impl FencedStore {
-    /// Wraps `inner`; the wrapper keeps the lease alive (and renewed) for as long as anything
-    /// can write through it, i.e. until the block store's write-back has finished.
-    pub fn new(inner: DynObjectStore, lease: Arc<Lease>) -> Self {
-        Self { inner, lease }
+    /// Wraps `inner`: writes go through only while `slot` holds a valid lease.
+    pub fn new(inner: DynObjectStore, slot: Arc<LeaseSlot>) -> Self {
+        Self { inner, slot }
     }
 
     /// Runs a mutating call only while the lease is valid, and gives up on it if the lease
@@ -43,7 +43,11 @@ impl FencedStore {
     ) -> Result<T, BackendError> {
         let mut call = std::pin::pin!(call);
         loop {
-            let deadline = self.lease.write_deadline().map_err(|reason| {
+            // Writes accepted while the lease could not be taken: take it before storing them.
+            if self.slot.is_pending() {
+                self.slot.resume().await?;
+            }
+            let deadline = self.slot.write_deadline().map_err(|reason| {
                 BackendError::Transient(format!("export lease not held: {reason}"))
             })?;
             if let Ok(done) = tokio::time::timeout_at(deadline, &mut call).await {
@@ -80,8 +84,10 @@ impl ObjectStore for FencedStore {
     async fn get_with_etag(&self, key: &str) -> Result<Option<(Bytes, ETag)>, BackendError> {
         self.inner.get_with_etag(key).await
     }
+    /// Not fenced: a create-only write cannot overwrite anything another daemon wrote, and
+    /// an export must be able to write its manifest at open, before any client holds the lease.
     async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<Option<ETag>, BackendError> {
-        self.guarded(self.inner.put_if_absent(key, data)).await
+        self.inner.put_if_absent(key, data).await
     }
     async fn put_if_match(
         &self,

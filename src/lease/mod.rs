@@ -7,13 +7,15 @@
 //!
 //! - [`record`]: the lease JSON and the pure "may we take it?" decision;
 //! - [`fence`]: the write gate and the fenced object store;
-//! - `renew`: the renewal task and release;
+//! - `renew`: the renewal task and release (a released record, not a deletion);
+//! - [`slot`]: an export's lease, held only while clients or dirty data need it;
 //! - this file: [`LeaseManager`] (one per daemon: identity, the leases it holds, which buckets
 //!   honour conditional writes) and [`Lease`] (one held lease).
 
 pub mod fence;
 pub mod record;
 mod renew;
+pub mod slot;
 
 #[cfg(test)]
 mod tests;
@@ -53,6 +55,20 @@ pub enum LeaseError {
     /// The store could not be asked (unreachable, denied): retry with backoff.
     #[error("cannot take the export lease: {0}")]
     Backend(#[from] BackendError),
+    /// Another daemon took the lease from us: this export version never writes again (it is
+    /// reopened once no client uses it).
+    #[error("{0}")]
+    Lost(String),
+}
+
+impl crate::retry::Classify for LeaseError {
+    /// Only the store's own trouble is worth another try; a holder or a lost lease is not.
+    fn kind(&self) -> crate::retry::Kind {
+        match self {
+            LeaseError::Backend(b) => b.kind(),
+            _ => crate::retry::Kind::Permanent,
+        }
+    }
 }
 
 impl LeaseError {
@@ -89,6 +105,21 @@ impl Clock {
 }
 
 type Key = (String, String);
+
+/// What the lease object was when this daemon took it: tells whether another daemon may have
+/// changed the export since we last looked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Prior {
+    /// No lease object (never leased, or deleted by hand or by an older daemon).
+    Absent,
+    /// A released record with this version.
+    Released(ETag),
+    /// Our own live record: a write of ours whose reply was lost (or that was given up on),
+    /// made conditionally on the version we knew, so nobody held the export in between.
+    Ours,
+    /// Another daemon's record that was still held (taken over).
+    Held,
+}
 
 /// One per daemon: who we are, the leases we hold (an export reopened by a reload shares its
 /// predecessor's lease instead of fighting it), and which buckets passed the conditional-write
@@ -132,17 +163,29 @@ impl LeaseManager {
         prefix: &str,
         ttl: Duration,
     ) -> Result<Arc<Lease>, LeaseError> {
+        Ok(self.acquire_noting(objects, bucket, prefix, ttl).await?.0)
+    }
+
+    /// [`LeaseManager::acquire`], also saying what the lease object was when it was taken
+    /// (`None`: this process already held it, nobody else can have changed the export).
+    pub async fn acquire_noting(
+        &self,
+        objects: &DynObjectStore,
+        bucket: &str,
+        prefix: &str,
+        ttl: Duration,
+    ) -> Result<(Arc<Lease>, Option<Prior>), LeaseError> {
         let id: Key = (bucket.to_string(), format!("{prefix}{LEASE_NAME}"));
         if let Some(lease) = self.held_lease(&id) {
-            return Ok(lease);
+            return Ok((lease, None));
         }
         let lock = Arc::clone(self.locks.lock().entry(id.clone()).or_default());
         let _one_at_a_time = lock.lock().await;
         if let Some(lease) = self.held_lease(&id) {
-            return Ok(lease);
+            return Ok((lease, None));
         }
         self.check_conditional(objects, bucket, prefix).await?;
-        let (etag, sent) = self.take(objects, &id, ttl).await?;
+        let (etag, sent, prior) = self.take(objects, &id, ttl).await?;
         let lease = Arc::new(Lease {
             objects: Arc::clone(objects),
             bucket: id.0.clone(),
@@ -168,7 +211,7 @@ impl LeaseManager {
             Arc::downgrade(&lease),
             Arc::clone(&lease.wake),
         ));
-        Ok(lease)
+        Ok((lease, Some(prior)))
     }
 
     fn held_lease(&self, id: &Key) -> Option<Arc<Lease>> {
@@ -177,12 +220,16 @@ impl LeaseManager {
         if lease.is_none() {
             held.remove(id);
         }
-        lease.filter(|l| l.state.lock().lost.is_none())
+        // A released lease is not shared: it is taken afresh (and re-read from S3).
+        lease.filter(|l| {
+            let st = l.state.lock();
+            st.lost.is_none() && !st.released
+        })
     }
 
     /// Probes the bucket once (verdict cached for the daemon's life; an unreachable store is
     /// not a verdict and is asked again next time).
-    async fn check_conditional(
+    pub async fn check_conditional(
         &self,
         objects: &DynObjectStore,
         bucket: &str,
@@ -208,14 +255,15 @@ impl LeaseManager {
         }
     }
 
-    /// Creates, renews or takes over the lease object; returns its new ETag and when the
-    /// winning write was sent (validity counts from then, never from the reply).
+    /// Creates, renews or takes over the lease object; returns its new ETag, when the
+    /// winning write was sent (validity counts from then, never from the reply) and what the
+    /// object was before.
     async fn take(
         &self,
         objects: &DynObjectStore,
         id: &Key,
         ttl: Duration,
-    ) -> Result<(ETag, Instant), LeaseError> {
+    ) -> Result<(ETag, Instant, Prior), LeaseError> {
         let key = id.1.as_str();
         // Each lost race means someone else wrote the object; a few rounds settle it.
         for _ in 0..4 {
@@ -224,16 +272,23 @@ impl LeaseManager {
             // The holder rewrites the object in place: a read that catches it half-written
             // fails its checksum and is simply read again (`Policy::LEASE`).
             let current = Policy::LEASE.run(|| objects.get_with_etag(key)).await?;
-            let won = match current {
-                None => objects.put_if_absent(key, body).await?,
+            let (won, prior) = match current {
+                None => (objects.put_if_absent(key, body).await?, Prior::Absent),
                 Some((raw, etag)) => {
                     let record = LeaseRecord::parse(&raw);
-                    match self.judge(id, record.as_ref(), &etag) {
+                    let prior = match &record {
+                        Some(r) if r.released => Prior::Released(etag.clone()),
+                        Some(r) if r.owner == self.me.owner => Prior::Ours,
+                        _ => Prior::Held,
+                    };
+                    let won = match self.judge(id, record.as_ref(), &etag) {
                         Verdict::Ours => objects.put_if_match(key, body, &etag).await?,
                         Verdict::Free { why } => {
                             let won = objects.put_if_match(key, body, &etag).await?;
-                            if won.is_some() {
+                            if won.is_some() && prior == Prior::Held {
                                 tracing::warn!(lease = key, "took over export lease: {why}");
+                            } else if won.is_some() {
+                                tracing::debug!(lease = key, "took export lease: {why}");
                             }
                             won
                         }
@@ -244,12 +299,13 @@ impl LeaseManager {
                                 key: key.to_string(),
                             })
                         }
-                    }
+                    };
+                    (won, prior)
                 }
             };
             if let Some(etag) = won {
                 self.seen.lock().remove(id);
-                return Ok((etag, sent));
+                return Ok((etag, sent, prior));
             }
         }
         Err(LeaseError::Backend(BackendError::Transient(format!(
@@ -296,8 +352,8 @@ struct State {
 }
 
 /// A lease this daemon holds on one export. Renewed in the background for as long as any
-/// `Arc` of it lives (the export and its fenced object store hold them); deleted when the last
-/// one goes, or earlier by [`Lease::release`].
+/// `Arc` of it lives (the export's lease slot holds it); released when the last one goes, or
+/// earlier by [`Lease::release`].
 #[derive(Debug)]
 pub struct Lease {
     objects: DynObjectStore,
@@ -372,5 +428,15 @@ impl Lease {
     /// Whether another daemon took the lease (this export can no longer write).
     pub fn is_lost(&self) -> bool {
         self.state.lock().lost.is_some()
+    }
+
+    /// Why the lease was lost (names the daemon that took it), if it was.
+    pub fn lost_reason(&self) -> Option<String> {
+        self.state.lock().lost.clone()
+    }
+
+    /// Whether this daemon gave the lease up.
+    pub fn is_released(&self) -> bool {
+        self.state.lock().released
     }
 }

@@ -61,6 +61,11 @@ pub struct LeaseRecord {
     pub expires_unix_ms: u64,
     /// How long each renewal is valid.
     pub ttl_ms: u64,
+    /// The holder gave the export up (no client left, nothing dirty, or shutdown): free for
+    /// anyone. The record stays rather than being deleted, so the next holder can tell that
+    /// nobody held the export in between (its version is unchanged) and keep its cache.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub released: bool,
 }
 
 impl LeaseRecord {
@@ -78,6 +83,16 @@ impl LeaseRecord {
             expires: humantime::format_rfc3339_millis(at).to_string(),
             expires_unix_ms,
             ttl_ms,
+            released: false,
+        }
+    }
+
+    /// The record `me` leaves when giving the lease up at `now_ms`: already expired, so a
+    /// daemon that predates the `released` field takes it over at once too.
+    pub fn released(me: &Identity, now_ms: u64) -> Self {
+        Self {
+            released: true,
+            ..Self::new(me, now_ms, Duration::ZERO)
         }
     }
 
@@ -143,6 +158,11 @@ pub fn judge(record: Option<&LeaseRecord>, ctx: &Context<'_>) -> Verdict {
     };
     if rec.owner == ctx.me.owner {
         return Verdict::Ours;
+    }
+    if rec.released && rec.format <= FORMAT {
+        return Verdict::Free {
+            why: format!("released by nbd-s3 on host {} (pid {})", rec.host, rec.pid),
+        };
     }
     if rec.format > FORMAT {
         return Verdict::Held {

@@ -40,6 +40,7 @@ pub(super) async fn renew_loop(lease: Weak<Lease>, wake: Arc<tokio::sync::Notify
             return;
         }
         match l.renew_once().await {
+            _ if l.state.lock().released => return,
             Renewal::Renewed => failing = None,
             Renewal::Lost => return,
             Renewal::Failed(e) => {
@@ -63,6 +64,12 @@ impl Lease {
     /// One renewal: a conditional write bounded by a third of the ttl, then sorting out a
     /// failed precondition (our own lost reply, a vanished object, or a takeover).
     async fn renew_once(&self) -> Renewal {
+        // Never races a release: a renewal landing after the released record would make the
+        // lease live again (and its retry would take our own released record for a lost reply).
+        let _one_at_a_time = self.lock.lock().await;
+        if self.state.lock().released {
+            return Renewal::Renewed;
+        }
         let (etag, attempt_timeout) = (self.state.lock().etag.clone(), self.ttl / 3);
         let attempt = tokio::time::timeout(attempt_timeout, self.write(etag.as_deref())).await;
         match attempt {
@@ -124,28 +131,34 @@ impl Lease {
         Renewal::Lost
     }
 
-    /// Gives the lease up now (clean shutdown after the final flush): writes stop, renewal
-    /// stops, and the object is deleted if it is still ours and valid.
-    pub async fn release(&self) {
+    /// Gives the lease up now (no client left and nothing dirty, or clean shutdown after the
+    /// final flush): writes stop, renewal stops, and the object becomes a released record if
+    /// it is still ours and valid. Returns the released record's version (`None` when none
+    /// was written), which tells the next taker whether anybody held the export in between.
+    pub async fn release(&self) -> Option<ETag> {
+        // Taken before the version is read: a renewal in flight finishes first.
+        let one_at_a_time = Arc::clone(&self.lock);
+        let _turn = one_at_a_time.lock().await;
         let snapshot = {
             let mut st = self.state.lock();
             if st.released {
-                return;
+                return None;
             }
             st.released = true;
             self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
             Released::of(self, st.etag.clone(), st.valid_until)
         };
         self.wake.notify_one();
-        snapshot.delete().await;
+        snapshot.write_in_turn().await
     }
 }
 
-/// What deleting a lease needs once the `Lease` itself may be gone.
+/// What releasing a lease needs once the `Lease` itself may be gone.
 struct Released {
     objects: DynObjectStore,
     key: String,
-    owner: String,
+    me: super::record::Identity,
+    clock: super::Clock,
     etag: Option<ETag>,
     valid_until: Instant,
     lock: Arc<tokio::sync::Mutex<()>>,
@@ -156,34 +169,41 @@ impl Released {
         Self {
             objects: Arc::clone(&lease.objects),
             key: lease.key.clone(),
-            owner: lease.me.owner.clone(),
+            me: lease.me.clone(),
+            clock: lease.clock,
             etag,
             valid_until,
             lock: Arc::clone(&lease.lock),
         }
     }
 
-    /// Deletes the object only if it is exactly our last version and still valid: then no
-    /// other daemon can have taken it between our read and our delete.
-    async fn delete(self) {
-        let _one_at_a_time = self.lock.lock().await;
-        let Some(ours) = &self.etag else { return };
-        let current = match self.objects.get_with_etag(&self.key).await {
-            Ok(c) => c,
-            Err(e) => {
-                return warn!(lease = %self.key, "cannot release export lease ({e}); it expires by itself")
-            }
-        };
-        let still_ours = current.is_some_and(|(raw, etag)| {
-            &etag == ours && LeaseRecord::parse(&raw).is_some_and(|r| r.owner == self.owner)
-        });
-        if !still_ours || Instant::now() >= self.valid_until {
-            return;
+    /// Replaces the object by a released record, only if it is exactly our last version and
+    /// still valid (the write is conditional on that version, so no other daemon can have
+    /// taken it in between). The record is kept rather than deleted: a deleted lease would
+    /// not tell the next holder whether another daemon wrote the export meanwhile.
+    async fn write(self) -> Option<ETag> {
+        let lock = Arc::clone(&self.lock);
+        let _one_at_a_time = lock.lock().await;
+        self.write_in_turn().await
+    }
+
+    /// [`Released::write`], the caller holding the lease's lock.
+    async fn write_in_turn(self) -> Option<ETag> {
+        let ours = self.etag.as_ref()?;
+        if Instant::now() >= self.valid_until {
+            return None;
         }
-        match self.objects.delete(&self.key).await {
-            Ok(()) => info!(lease = %self.key, "export lease released"),
+        let body = LeaseRecord::released(&self.me, self.clock.now_ms()).to_bytes();
+        match self.objects.put_if_match(&self.key, body, ours).await {
+            Ok(Some(etag)) => {
+                info!(lease = %self.key, "export lease released");
+                Some(etag)
+            }
+            // Someone else's now, or our own lost reply: either way it is not held by us.
+            Ok(None) => None,
             Err(e) => {
-                warn!(lease = %self.key, "cannot release export lease ({e}); it expires by itself")
+                warn!(lease = %self.key, "cannot release export lease ({e}); it expires by itself");
+                None
             }
         }
     }
@@ -202,7 +222,7 @@ impl Drop for Lease {
         };
         let snapshot = Released::of(self, etag, valid_until);
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(snapshot.delete());
+            rt.spawn(snapshot.write());
         }
     }
 }

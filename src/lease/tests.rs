@@ -204,8 +204,16 @@ async fn failed_renewals_fence_before_expiry_and_recovery_unfences() {
     let mem = Arc::new(MemoryStore::new());
     let link = Link::new(&mem);
     let store: DynObjectStore = link.clone();
-    let lease = take(&manager("alpha", 1), &store).await.unwrap();
-    let fenced = FencedStore::new(Arc::clone(&store), Arc::clone(&lease));
+    let slot = Arc::new(slot::LeaseSlot::new(
+        manager("alpha", 1),
+        Arc::clone(&store),
+        "b",
+        "vm/",
+        TTL,
+    ));
+    slot.take(no_refresh).await.unwrap();
+    let lease = slot.current().expect("held");
+    let fenced = FencedStore::new(Arc::clone(&store), Arc::clone(&slot));
     fenced.put("vm/0", Bytes::from_static(b"x")).await.unwrap();
     link.down.store(true, Ordering::SeqCst);
     let started = Instant::now();
@@ -281,18 +289,145 @@ async fn lease_lost_to_another_daemon_stays_fenced() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn release_deletes_only_our_own_lease() {
+async fn release_leaves_a_released_record_anyone_takes_at_once() {
     let mem = Arc::new(MemoryStore::new());
     let store: DynObjectStore = mem.clone();
     let lease = take(&manager("alpha", 1), &store).await.unwrap();
-    lease.release().await;
-    assert!(mem.peek(KEY).is_none());
+    assert!(lease.release().await.is_some());
+    assert!(stored(&mem).released, "{:?}", stored(&mem));
     assert!(lease.check().is_err(), "released lease still writable");
+    // Another daemon takes a released lease without waiting for it to expire.
+    let beta = take(&manager("beta", 2), &store).await.unwrap();
+    assert_eq!(stored(&mem).host, "beta");
     // Dropping the last handle releases too.
-    let again = take(&manager("alpha", 1), &store).await.unwrap();
-    drop(again);
+    drop(beta);
     tokio::time::sleep(Duration::from_millis(10)).await;
-    assert!(mem.peek(KEY).is_none());
+    let left = stored(&mem);
+    assert!(left.released && left.host == "beta", "{left:?}");
+}
+
+async fn no_refresh() -> Result<(), BackendError> {
+    Ok(())
+}
+
+fn slot_of(m: &Arc<LeaseManager>, store: &DynObjectStore) -> slot::LeaseSlot {
+    slot::LeaseSlot::new(Arc::clone(m), Arc::clone(store), "b", "vm/", TTL)
+}
+
+/// Takes the slot's lease, counting into `refreshes` whether the view had to be rebuilt.
+async fn take_counting(
+    slot: &slot::LeaseSlot,
+    refreshes: &std::sync::atomic::AtomicUsize,
+) -> Result<(), LeaseError> {
+    slot.take(|| async {
+        refreshes.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(start_paused = true)]
+async fn idle_slot_keeps_its_view_unless_another_daemon_held_the_export() {
+    use std::sync::atomic::AtomicUsize;
+    let mem = Arc::new(MemoryStore::new());
+    let store: DynObjectStore = mem.clone();
+    let (alpha, beta) = (manager("alpha", 1), manager("beta", 2));
+    let a = slot_of(&alpha, &store);
+    let refreshes = AtomicUsize::new(0);
+    // No lease object when observed (a new export) and none at the take: nobody held it.
+    a.observe().await.unwrap();
+    take_counting(&a, &refreshes).await.unwrap();
+    assert_eq!(refreshes.load(Ordering::SeqCst), 0);
+    // Held: shared, no request and no rebuild.
+    let before = mem.counts();
+    take_counting(&a, &refreshes).await.unwrap();
+    assert_eq!(mem.counts(), before);
+    // Not idle: kept.
+    assert!(!a.release_if(|| false).await);
+    assert!(a.current().is_some());
+    // Released and taken again with nobody in between: the view is kept.
+    assert!(a.release_if(|| true).await);
+    assert!(a.current().is_none() && stored(&mem).released);
+    take_counting(&a, &refreshes).await.unwrap();
+    assert_eq!(refreshes.load(Ordering::SeqCst), 0);
+    // Another daemon held it in between: rebuilt.
+    assert!(a.release_if(|| true).await);
+    let b = slot_of(&beta, &store);
+    take_counting(&b, &AtomicUsize::new(0)).await.unwrap();
+    let err = take_counting(&a, &refreshes).await.unwrap_err();
+    assert!(err.to_string().contains("host beta"), "{err}");
+    assert!(b.release_if(|| true).await);
+    take_counting(&a, &refreshes).await.unwrap();
+    assert_eq!(refreshes.load(Ordering::SeqCst), 1);
+    // A rebuild that fails refuses the client and is tried again by the next one.
+    assert!(a.release_if(|| true).await);
+    take_counting(&b, &AtomicUsize::new(0)).await.unwrap();
+    assert!(b.release_if(|| true).await);
+    let failed = a
+        .take(|| async { Err(BackendError::Transient("list failed".into())) })
+        .await;
+    assert!(failed.is_err());
+    take_counting(&a, &refreshes).await.unwrap();
+    assert_eq!(refreshes.load(Ordering::SeqCst), 2);
+    // Without a lease held, the slot's fence is closed.
+    assert!(a.release_if(|| true).await);
+    assert!(a.write_deadline().is_err() && a.check().is_err());
+}
+
+#[tokio::test(start_paused = true)]
+async fn client_admitted_during_an_outage_stores_its_writes_once_the_lease_is_taken() {
+    let mem = Arc::new(MemoryStore::new());
+    let link = Link::new(&mem);
+    let store: DynObjectStore = link.clone();
+    let beta = manager("beta", 2); // clocks in step with alpha's
+    let a = slot_of(&manager("alpha", 1), &store);
+    a.observe().await.unwrap();
+    link.down.store(true, Ordering::SeqCst);
+    // S3 away, view current (no lease object when looked): admitted, writes accepted,
+    // nothing stored (no lease), until S3 answers again.
+    a.take(no_refresh)
+        .await
+        .expect("admitted during the outage");
+    assert!(a.is_pending() && a.current().is_none());
+    assert!(
+        a.check().is_ok(),
+        "client writes refused during a short outage"
+    );
+    // (S3 is asked at most once a second.)
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(a.resume().await.is_err());
+    assert!(a.resume().await.is_err(), "asked again at once");
+    link.down.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    a.resume().await.unwrap();
+    assert!(!a.is_pending() && a.current().is_some() && a.write_deadline().is_ok());
+    assert_eq!(stored(&mem).host, "alpha");
+
+    // The same while another daemon takes the export meanwhile: a conflict, never stored.
+    assert!(a.release_if(|| true).await);
+    link.down.store(true, Ordering::SeqCst);
+    a.take(no_refresh)
+        .await
+        .expect("admitted during the outage");
+    let b = slot_of(&beta, &(mem.clone() as DynObjectStore));
+    b.take(no_refresh).await.unwrap();
+    link.down.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let err = a.resume().await.unwrap_err();
+    assert!(!err.is_retryable(), "{err}");
+    assert!(a.lost_reason().is_some() && a.check().is_err() && a.write_deadline().is_err());
+    assert_eq!(
+        stored(&mem).host,
+        "beta",
+        "the conflicting daemon overwrote the lease"
+    );
+    let refused = a.take(no_refresh).await.unwrap_err();
+    assert!(matches!(refused, LeaseError::Lost(_)), "{refused}");
+
+    // With no view known current (never observed), an outage refuses the client.
+    let c = slot_of(&manager("gamma", 3), &store);
+    link.down.store(true, Ordering::SeqCst);
+    assert!(c.take(no_refresh).await.is_err());
 }
 
 #[tokio::test(start_paused = true)]

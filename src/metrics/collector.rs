@@ -29,8 +29,48 @@ impl Collector for DaemonCollector {
         process(&mut enc, &self.0)?;
         exports::encode(&mut enc, &exports)?;
         let buckets: BTreeSet<&str> = exports.iter().map(|e| e.config.bucket.as_str()).collect();
-        backend(&mut enc, &self.0.factory, &buckets)
+        backend(&mut enc, &self.0.factory, &buckets)?;
+        let names: BTreeSet<&str> = exports.iter().map(|e| e.name()).collect();
+        export_requests(&mut enc, &self.0.factory, &names)
     }
+}
+
+/// Each export's own object-store requests by operation (every attempt, whatever the
+/// outcome), and the object bytes it sent: what the export costs, and requests per GiB
+/// written. An idle export's series stand still.
+fn export_requests(
+    enc: &mut DescriptorEncoder,
+    factory: &StoreFactory,
+    names: &BTreeSet<&str>,
+) -> fmt::Result {
+    let stats: Vec<Bucket> = factory
+        .export_stats()
+        .into_iter()
+        .filter(|(e, _)| names.contains(e.as_str()))
+        .collect();
+    let mut requests = Vec::new();
+    for (export, s) in &stats {
+        for op in Op::ALL {
+            let n = Outcome::ALL.iter().map(|o| s.requests(op, *o)).sum();
+            let l = vec![("export", export.clone()), ("op", op.name().into())];
+            requests.push((l, n));
+        }
+    }
+    counters(
+        enc,
+        "nbd_s3_export_s3_requests",
+        "Object-store requests made for the export (each retry counts) by operation",
+        requests,
+    )?;
+    let sent = stats
+        .iter()
+        .map(|(e, s)| (label("export", e), s.bytes_written()));
+    counters(
+        enc,
+        "nbd_s3_export_s3_sent_bytes",
+        "Object bytes the export sent to the object store (PUT bodies)",
+        sent,
+    )
 }
 
 /// Served exports plus removed ones still draining (they may hold dirty data), one per name:

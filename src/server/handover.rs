@@ -158,7 +158,13 @@ impl Server {
         let reader = super::connection::prepend(pending, r);
         let guard = ConnGuard::new(&self.inner);
         info!(%peer, export = %state.export, "connection taken over");
+        let leased = Arc::clone(&export);
         tokio::spawn(async move {
+            // The old process gave the lease up: take it before serving the client's writes.
+            if let Err(reason) = leased.take_lease().await {
+                tracing::warn!(%peer, "connection taken over, but the export lease cannot be taken: {reason}");
+                return;
+            }
             let inner = &guard.0;
             serve_negotiated(inner, neg, &peer.to_string(), reader, w, ticket).await;
         });

@@ -349,7 +349,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
         let (export, store) = self
             .lookup(name)
             .map_err(|r| NegotiateError::UnknownExport(r.message))?;
-        let n = self.negotiated(&export, store);
+        let attachment = attach(&export, self.ctx.peer.to_string())
+            .await
+            .map_err(|r| NegotiateError::UnknownExport(r.message))?;
+        let n = self.negotiated(&export, store, attachment);
         let tflags = transmission_flags(n.read_only, n.structured);
         reply::export_name_reply(&mut self.out, n.size, tflags, self.ctx.flags.no_zeroes);
         self.send().await?;
@@ -365,6 +368,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
         let (export, store) = match self.lookup(&req.name) {
             Ok(found) => found,
             Err(r) => return self.error(option, r.kind, &r.message).await,
+        };
+        // Only GO enters transmission (and so takes the export lease); INFO merely looks.
+        let attachment = if go {
+            match attach(&export, self.ctx.peer.to_string()).await {
+                Ok(a) => Some(a),
+                Err(r) => return self.error(option, r.kind, &r.message).await,
+            }
+        } else {
+            None
         };
         let tflags = transmission_flags(export.read_only(), self.structured);
         reply::info_export(&mut self.out, option, store.size(), tflags);
@@ -383,20 +395,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
         reply::info_block_size(&mut self.out, option, 1, preferred, MAX_PAYLOAD);
         reply::option_reply(&mut self.out, option, REP_ACK, b"");
         self.send().await?;
-        Ok(if go {
-            Step::Done(Outcome::Export(self.negotiated(&export, store)))
-        } else {
-            Step::Continue
+        Ok(match attachment {
+            Some(a) => Step::Done(Outcome::Export(self.negotiated(&export, store, a))),
+            None => Step::Continue,
         })
     }
 
-    /// Attaches the connection to `export` (only GO/EXPORT_NAME do: INFO merely looks).
-    fn negotiated(&self, export: &Arc<Export>, store: Arc<BlockStore>) -> Negotiated {
+    /// What transmission needs about the attached export.
+    fn negotiated(
+        &self,
+        export: &Arc<Export>,
+        store: Arc<BlockStore>,
+        attachment: Attachment,
+    ) -> Negotiated {
         let block_status = self.meta_export.as_deref() == Some(export.name());
         Negotiated {
             size: store.size(),
             read_only: export.read_only(),
-            attachment: export.attach(),
+            attachment,
             store,
             structured: self.structured,
             block_status,
@@ -467,4 +483,18 @@ pub(crate) fn transmission_flags(read_only: bool, structured: bool) -> u16 {
         f |= TFLAG_SEND_DF;
     }
     f
+}
+
+/// Attaches a connection from `peer` to `export` (only GO/EXPORT_NAME do: INFO merely
+/// looks), taking the export lease if this daemon does not hold it; refused, naming the
+/// holder, when another daemon does. (A free function: the handshake's stream is not `Sync`,
+/// so it cannot be borrowed across the lease's S3 calls.)
+async fn attach(export: &Arc<Export>, peer: String) -> Result<Attachment, Refusal> {
+    export.attach_client().await.map_err(|reason| {
+        warn!("refused export {} to {peer}: {reason}", export.name());
+        Refusal {
+            kind: REP_ERR_UNKNOWN,
+            message: format!("export '{}' is unavailable: {reason}", export.name()),
+        }
+    })
 }

@@ -371,9 +371,27 @@ pub(crate) async fn check_or_create(
     buckets: &dyn super::Buckets,
 ) -> Result<Option<Manifest>, StoreError> {
     let key = key(&cfg.prefix);
-    match retry(|| objects.get(&key)).await? {
+    // A second round only when another daemon created the manifest between our GET and PUT.
+    for _ in 0..2 {
+        if let Some(found) = read_or_create(objects, cfg, &key, buckets).await? {
+            return Ok(found);
+        }
+    }
+    Err(StoreError::BadManifest(format!(
+        "{key}: created by someone else but cannot be read back"
+    )))
+}
+
+/// One round of [`check_or_create`]: `None` when another writer created the manifest first.
+async fn read_or_create(
+    objects: &DynObjectStore,
+    cfg: &BlockStoreConfig,
+    key: &str,
+    buckets: &dyn super::Buckets,
+) -> Result<Option<Option<Manifest>>, StoreError> {
+    Ok(Some(match retry(|| objects.get(key)).await? {
         Some(raw) => {
-            let m = parse(&key, &raw)?;
+            let m = parse(key, &raw)?;
             // A clone's block size is its base's; the file may no longer say which.
             let clone = cfg.base.is_some();
             if m.block_size != u64::from(cfg.block_size) && !clone {
@@ -383,18 +401,33 @@ pub(crate) async fn check_or_create(
                 });
             }
             m.check_codec(&cfg.codec)?;
-            Ok(Some(m))
+            Some(m)
         }
-        None if cfg.read_only => Ok(None),
-        None if cfg.base.is_some() => Ok(Some(super::clone::create(objects, cfg, buckets).await?)),
+        None if cfg.read_only => None,
+        None if cfg.base.is_some() => Some(super::clone::create(objects, cfg, buckets).await?),
         None => {
             let m = Manifest::new(cfg);
             let body = encode(&m)?;
-            retry(|| objects.put(&key, body.clone())).await?;
+            // Create-only: written at open, before any client holds the export lease, so
+            // two daemons opening a new export at once must not both write it.
+            let created = retry(|| async {
+                match objects.put_if_absent(key, body.clone()).await {
+                    // Stores without conditional writes (lease = "off"): a plain PUT.
+                    Err(BackendError::Unsupported(_)) => objects
+                        .put(key, body.clone())
+                        .await
+                        .map(|()| Some(String::new())),
+                    other => other,
+                }
+            })
+            .await?;
+            if created.is_none() {
+                return Ok(None);
+            }
             tracing::info!(key = %key, block_size = cfg.block_size, "wrote export manifest");
-            Ok(Some(m))
+            Some(m)
         }
-    }
+    }))
 }
 
 pub(crate) fn encode(m: &Manifest) -> Result<Bytes, StoreError> {

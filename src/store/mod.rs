@@ -9,6 +9,7 @@
 //! - `layers`: copy-on-write layers, tombstones, garbage; `snapshot`: create, delete, gc,
 //!   read-only views; `crash`: the test hook that aborts at a named step
 //! - `manifest`: `<prefix>nbd-s3.json`, block-size pinning
+//! - `listing`: listing the export's objects, and rebuilding the view from a new listing
 //! - `presence`: which blocks hold data (one LIST at open; answers block status)
 //! - `budget`: process-wide memory and dirty limits, eviction across exports
 //! - `cache`: sharded block states and LRU; `dirty`: which pages of a block are dirty
@@ -29,6 +30,7 @@ mod crash;
 mod dirty;
 mod error;
 mod layers;
+mod listing;
 mod manifest;
 mod objects;
 pub(crate) mod pool;
@@ -240,27 +242,18 @@ impl BlockStore {
             // Checked by the manifest: a power of two up to 8 MiB.
             cfg.block_size = u32::try_from(m.block_size).unwrap_or(cfg.block_size);
         }
-        let keys = manifest::retry(|| objects.list(&cfg.prefix)).await?;
-        let (mut layers, snapshots) = match &manifest {
-            Some(m) => (
-                layers::Layers::new(m.all_parents(), m.head()).map_err(StoreError::BadManifest)?,
-                m.snapshots.clone(),
-            ),
-            None => (layers::Layers::plain(), Vec::new()),
+        let (layers, base, snapshots) = match &manifest {
+            Some(m) => {
+                let (layers, base) = listing::layers(&objects, &cfg.prefix, m, &*buckets).await?;
+                (layers, base, m.snapshots.clone())
+            }
+            None => {
+                let mut layers = layers::Layers::plain();
+                let keys = listing::keys(&objects, &cfg.prefix).await?;
+                layers.load(&cfg.prefix, keys.iter().map(String::as_str));
+                (layers, None, Vec::new())
+            }
         };
-        layers.load(&cfg.prefix, keys.iter().map(String::as_str));
-        drop(keys);
-        let mut base = None;
-        if let Some(b) = manifest.as_ref().and_then(|m| m.base.as_ref()) {
-            let store = buckets.bucket(&b.bucket)?;
-            let keys = manifest::retry(|| store.list(&b.prefix)).await?;
-            layers.load_base(&b.prefix, keys.iter().map(String::as_str));
-            base = Some(objects::BaseObjects {
-                store,
-                prefix: b.prefix.clone(),
-                id: Arc::from(b.id.clone().unwrap_or_default()),
-            });
-        }
         let bs = cfg.block_size as usize;
         let id = manifest.and_then(|m| m.data_id()).unwrap_or_default();
         let objects = objects::BlockObjects::new(objects, cfg.prefix.clone(), bs, layers)
@@ -405,6 +398,15 @@ impl BlockStore {
     /// [`Change::Flush`].
     pub async fn flush(&self) -> Result<(), StoreError> {
         self.change(Change::Flush).await
+    }
+    /// Stores what is dirty (reloads and removals, not clients): with nothing dirty, done at
+    /// once, without asking the lease gate — an idle export holds no lease, and needs none
+    /// to have nothing to store.
+    pub async fn flush_dirty(&self) -> Result<(), StoreError> {
+        if self.dirty_bytes() == 0 {
+            return Ok(());
+        }
+        self.flush().await
     }
     /// Starts fetching the range into the cache (a client's hint that it will read it).
     pub async fn prefetch(&self, offset: u64, len: u32) -> Result<(), StoreError> {

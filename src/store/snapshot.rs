@@ -55,6 +55,13 @@ impl Snapshots {
             admin: tokio::sync::Mutex::new(()),
         }
     }
+
+    /// Takes the records of a manifest read again (another daemon may have changed them);
+    /// views opened on the old ones are forgotten.
+    pub fn reset(&self, records: Vec<SnapshotRecord>) {
+        *self.records.lock() = records;
+        self.views.lock().clear();
+    }
 }
 
 impl BlockStore {

@@ -44,12 +44,8 @@ fn status_shows_state_clients_and_lease_as_table_and_json() {
     assert_eq!(vm1["state"], "serving", "{idle}");
     assert_eq!(vm1["clients"], 0, "{idle}");
     assert_eq!(vm1["dirty_bytes"], 0, "{idle}");
-    assert!(
-        vm1["lease_holder"]
-            .as_str()
-            .is_some_and(|h| h.contains("this daemon")),
-        "{idle}"
-    );
+    // Idle: the lease is taken when a client attaches, so nobody holds it now.
+    assert!(vm1["lease_holder"].is_null(), "{idle}");
     let broken = export(&idle, "broken");
     assert_eq!(broken["state"], "refused", "{idle}");
     assert!(
@@ -65,6 +61,12 @@ fn status_shows_state_clients_and_lease_as_table_and_json() {
     let _ = crate::common::nbdinfo(&["--list", &d.uri("")]);
     let busy = json(&d.admin_ok(&["status", "--json"]));
     assert_eq!(export(&busy, "vm1")["clients"], 1, "{busy}");
+    assert!(
+        export(&busy, "vm1")["lease_holder"]
+            .as_str()
+            .is_some_and(|h| h.contains("this daemon")),
+        "{busy}"
+    );
 
     let table = d.admin_ok(&["status"]);
     let mut lines = table.lines();

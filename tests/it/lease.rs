@@ -1,6 +1,8 @@
-//! Export leases and automatic reopening, with real daemons on one s3s-fs bucket:
-//! a second daemon refuses a leased export naming the holder, serves it read-only, takes it
-//! over by itself once the holder is killed; a daemon whose lease renewals fail stops writing
+//! Export leases and automatic reopening, with real daemons on one s3s-fs bucket. The lease
+//! is held while a client is attached (or data is dirty), so each test keeps a client
+//! attached where it needs the lease held:
+//! a second daemon refuses clients of a leased export naming the holder, serves it read-only,
+//! takes it over as soon as the holder is killed; a daemon whose lease renewals fail stops writing
 //! to S3 (FLUSH gets EIO, nothing reaches the bucket) and resumes when renewals work again;
 //! `lease = "off"` opts out; an export refused because S3 was down at start comes up by
 //! itself once S3 is reachable, in the same process.
@@ -39,6 +41,17 @@ fn wait_served(nbd: &NbdS3, export: &str, what: &str) {
     );
 }
 
+/// A client attached to `export` of `nbd` (in transmission) until dropped: the lease stays held.
+fn hold(nbd: &NbdS3, export: &str) -> Raw {
+    Raw::open(&format!("127.0.0.1:{}", nbd.port()), export).0
+}
+
+/// The lease object as text, if there is one.
+fn lock_text(s3: &S3Server) -> Option<String> {
+    let raw = s3.read_object("nbd", "vm/nbd-s3.lock")?;
+    Some(String::from_utf8_lossy(&raw).into_owned())
+}
+
 fn served(uri: &str) -> bool {
     run(tool("nbdinfo").arg(uri)).status.success()
 }
@@ -55,21 +68,22 @@ fn second_daemon_refuses_then_takes_over_after_the_holder_dies() {
     let s3 = S3Server::start();
     let vm = ExportSpec::new("vm").size("8MiB");
     let mut first = start(&s3, None, std::slice::from_ref(&vm), "3s");
-    assert!(served(&first.uri("vm")));
-    let lock = s3
-        .read_object("nbd", "vm/nbd-s3.lock")
-        .expect("lease object");
-    let lock = String::from_utf8_lossy(&lock).into_owned();
+    assert!(
+        lock_text(&s3).is_none(),
+        "lease taken with no client attached"
+    );
+    let _attached = hold(&first, "vm");
+    let lock = lock_text(&s3).expect("lease object");
     assert!(
         lock.contains(&format!("\"pid\": {}", first.pid())),
         "{lock}"
     );
 
     let second = start(&s3, None, std::slice::from_ref(&vm), "3s");
-    let line = second.wait_for_log("export refused", DAEMON_TIMEOUT);
+    assert!(!served(&second.uri("vm")), "two daemons serve one export");
+    let line = second.wait_for_log("refused export vm", DAEMON_TIMEOUT);
     let holder = format!("host {} (pid {}", hostname(), first.pid());
     assert!(line.contains(&holder), "refusal must name {holder}: {line}");
-    assert!(!served(&second.uri("vm")), "two daemons serve one export");
     // Clients get ERR_UNKNOWN carrying the holder (nbdinfo shows only the error type).
     let mut raw = Raw::connect(&format!("127.0.0.1:{}", second.port()));
     let err = raw.go("vm").expect_err("GO on the leased export");
@@ -88,10 +102,8 @@ fn second_daemon_refuses_then_takes_over_after_the_holder_dies() {
     wait_served(&second, "vm", "the second daemon to take over by itself");
     assert_eq!(second.pid(), pid);
     second.wait_for_log("took over export lease", DAEMON_TIMEOUT);
-    let lock = s3
-        .read_object("nbd", "vm/nbd-s3.lock")
-        .expect("lease object");
-    assert!(String::from_utf8_lossy(&lock).contains(&format!("\"pid\": {pid}")));
+    let lock = lock_text(&s3).expect("lease object");
+    assert!(lock.contains(&format!("\"pid\": {pid}")), "{lock}");
 }
 
 /// nbdsh: write 4 KiB of `byte` at `off` (then FLUSH if `flush`); prints `written`,
@@ -127,6 +139,7 @@ fn failed_renewals_fence_the_export_before_expiry_and_recovery_resumes_it() {
     let vm = ExportSpec::new("vm").size("8MiB");
     let bed = start(&s3, Some(proxy.endpoint()), &[vm], "3s");
     let uri = bed.uri("vm");
+    let _attached = hold(&bed, "vm");
     assert_eq!(write_and_flush(&uri, 0, 0x11), "flushed");
     // Dirty, not flushed: a partial block waits in the cache for its FLUSH.
     assert_eq!(write(&uri, BLOCK, 0x22, false), "written");
@@ -206,13 +219,16 @@ fn clean_shutdown_releases_the_lease_for_the_next_daemon() {
     let s3 = S3Server::start();
     let vm = ExportSpec::new("vm").size("8MiB");
     let mut first = start(&s3, None, std::slice::from_ref(&vm), "30s");
+    let attached = hold(&first, "vm");
     assert_eq!(write_and_flush(&first.uri("vm"), 0, 0x44).trim(), "flushed");
-    assert!(s3.read_object("nbd", "vm/nbd-s3.lock").is_some());
+    assert!(lock_text(&s3).is_some_and(|l| !l.contains("released")));
     first.sigterm();
     assert!(first.wait_exit(DAEMON_TIMEOUT).success());
+    drop(attached);
+    let lock = lock_text(&s3).unwrap_or_default();
     assert!(
-        s3.read_object("nbd", "vm/nbd-s3.lock").is_none(),
-        "lease left behind by a clean shutdown"
+        lock.contains("\"released\": true"),
+        "lease not released by a clean shutdown: {lock}"
     );
     // A daemon started right after needs no takeover (a 30 s lease would otherwise block it).
     let next = start(&s3, None, &[vm], "30s");
@@ -226,10 +242,11 @@ fn partitioned_holder_loses_the_lease_and_never_writes_over_the_new_one() {
     let vm = ExportSpec::new("vm").size("8MiB");
     let a = start(&s3, Some(proxy.endpoint()), std::slice::from_ref(&vm), "3s");
     let a_uri = a.uri("vm");
+    let a_client = hold(&a, "vm");
     assert_eq!(write_and_flush(&a_uri, 0, 0x11), "flushed");
     assert_eq!(write(&a_uri, BLOCK, 0x55, false), "written");
     let b = start(&s3, None, std::slice::from_ref(&vm), "3s");
-    b.wait_for_log("export refused", DAEMON_TIMEOUT);
+    assert!(!served(&b.uri("vm")), "B serves an export A holds");
 
     // A cannot reach its lease for a while (B can): A fences itself, B takes over.
     let cut = Rule::new(Fault::InternalError).key_contains("nbd-s3.lock");
@@ -237,10 +254,12 @@ fn partitioned_holder_loses_the_lease_and_never_writes_over_the_new_one() {
     a.wait_for_log("could not be renewed in time", Duration::from_secs(20));
     assert_eq!(write(&a_uri, 2 * BLOCK, 0x56, false), "write EIO");
     wait_served(&b, "vm", "B to take the export over");
+    let _b_client = hold(&b, "vm");
     assert_eq!(write_and_flush(&b.uri("vm"), 2 * BLOCK, 0x66), "flushed");
 
     // A's link heals: it finds B's lease, gives up, and never writes its cached data.
     a.wait_for_log("was taken over by", Duration::from_secs(30));
+    drop(a_client);
     let line = a.wait_for_log("export lease lost", Duration::from_secs(30));
     assert!(line.contains(&format!("pid {}", b.pid())), "{line}");
     assert!(!served(&a_uri), "A still serves an export B holds");
@@ -252,9 +271,7 @@ fn partitioned_holder_loses_the_lease_and_never_writes_over_the_new_one() {
         .read_object("nbd", "vm/0000000000000002")
         .expect("B's block");
     assert!(ours[..4096].iter().all(|b| *b == 0x66));
-    let lock = s3
-        .read_object("nbd", "vm/nbd-s3.lock")
-        .expect("lease object");
+    let lock = lock_text(&s3).expect("lease object");
     let pid = format!("\"pid\": {}", b.pid());
-    assert!(String::from_utf8_lossy(&lock).contains(&pid));
+    assert!(lock.contains(&pid), "{lock}");
 }

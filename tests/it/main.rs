@@ -19,6 +19,7 @@ mod filesystem;
 mod hostile;
 mod hostile_limits;
 mod hostile_requests;
+mod idle;
 mod kernel;
 mod lease;
 mod metrics;
