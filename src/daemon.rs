@@ -428,9 +428,13 @@ impl Daemon {
             *self.reopener.lock() = Some(reopener);
             return Err(error);
         }
+        // Released before the sockets go: the next process takes each lease when it adopts
+        // a connection. A third daemon asking for an export in between (the few ms until the
+        // new process has opened its exports) could take it first; the adopted connections
+        // of that export are then closed, never served without the lease.
         for export in self.live_exports() {
-            if let Some(lease) = export.lease() {
-                lease.release().await;
+            if let Some(slot) = export.lease_slot() {
+                slot.release_now().await;
             }
         }
         let mut out = Handover {
@@ -516,9 +520,8 @@ async fn flush_export(export: Arc<Export>, step: Duration, release: bool) -> Opt
             Ok(()) => {
                 info!(export = export.name(), "flushed");
                 // Everything is in S3: hand the export over to any other daemon at once.
-                // (Waits for an idle release already under way, so it is done before exit.)
                 if let Some(slot) = export.lease_slot().filter(|_| release) {
-                    slot.release_if(|| true).await;
+                    slot.release_now().await;
                 }
                 return None;
             }

@@ -63,6 +63,17 @@ pub(super) async fn run(daemon: Weak<Daemon>) {
             if changes == entry.changes {
                 continue;
             }
+            // An idle export holds no lease: take it for the snapshot (and give it up after).
+            let _lease = match export.hold_lease().await {
+                Ok(hold) => hold,
+                Err(reason) => {
+                    warn!(
+                        export = export.name(),
+                        "automatic snapshot skipped: {reason}"
+                    );
+                    continue;
+                }
+            };
             entry.changes = changes;
             take(export.name(), store, auto.keep).await;
         }

@@ -350,6 +350,28 @@ impl LeaseSlot {
         true
     }
 
+    /// Gives the lease up whoever else uses it (shutdown and takeover, once everything is
+    /// flushed): waits for a release already under way, so the released record is written
+    /// before the process exits or passes its clients on. A lost lease is left alone.
+    pub async fn release_now(&self) {
+        let _turn = self.turn.lock().await;
+        let lease = {
+            let mut st = self.state.lock();
+            if st.current.as_ref().is_some_and(|l| l.is_lost()) {
+                return;
+            }
+            st.pending = None;
+            st.known = Known::Unknown;
+            st.current.take()
+        };
+        if let Some(etag) = match lease {
+            Some(lease) => lease.release().await,
+            None => None,
+        } {
+            self.state.lock().known = Known::AsOf(etag);
+        }
+    }
+
     /// The lease held now, if any (status, metrics, fencing).
     pub fn current(&self) -> Option<Arc<Lease>> {
         self.state.lock().current.clone()

@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
 pub(crate) mod http;
@@ -130,6 +130,9 @@ struct State {
     requests: Mutex<HashMap<Op, u64>>,
     log_heads: AtomicBool,
     heads: Mutex<Vec<String>>,
+    /// Latency mode: no response leaves sooner than this many microseconds after its
+    /// request was received (a distant region's round trip), whatever else happens to it.
+    latency_us: AtomicU64,
 }
 
 impl State {
@@ -189,6 +192,7 @@ impl FaultProxy {
             requests: Mutex::new(HashMap::new()),
             log_heads: AtomicBool::new(false),
             heads: Mutex::new(vec![]),
+            latency_us: AtomicU64::new(0),
         });
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind fault proxy");
         listener.set_nonblocking(true).expect("nonblocking");
@@ -277,6 +281,18 @@ impl FaultProxy {
             .get(&op)
             .copied()
             .unwrap_or(0)
+    }
+
+    /// Latency mode: every response is sent `d` after its request arrived (zero: off). The
+    /// store's own time counts within `d`, so at 20 ms the client sees 20 ms round trips.
+    pub fn set_latency(&self, d: Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        self.state.latency_us.store(us, Ordering::SeqCst);
+    }
+
+    /// The port the proxy listens on (127.0.0.1).
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     /// Starts recording request heads (for finding out what the SDK sends).
@@ -388,9 +404,11 @@ async fn serve(client: TcpStream, st: Arc<State>) -> io::Result<()> {
             return Ok(());
         }
         let body = read_body(&mut client, &req, false).await?;
+        let due = Instant::now() + Duration::from_micros(st.latency_us.load(Ordering::Relaxed));
         let fault = st.pick(&req);
         match fault {
             Some((f @ (Fault::SlowDown | Fault::InternalError), _)) => {
+                tokio::time::sleep_until(due.into()).await;
                 client.get_mut().write_all(&s3_error(f, &req)).await?;
                 if req.close {
                     return Ok(());
@@ -430,6 +448,7 @@ async fn serve(client: TcpStream, st: Arc<State>) -> io::Result<()> {
             return Ok(());
         }
         let close = req.close || resp.close || (resp.content_length.is_none() && !resp.chunked);
+        tokio::time::sleep_until(due.into()).await;
         if !deliver(&mut client, fault, &resp, resp_body).await? || close {
             return Ok(());
         }

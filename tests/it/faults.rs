@@ -304,3 +304,43 @@ fn soak() {
         "RSS grew: early max {early} KiB, late max {late} KiB"
     );
 }
+
+/// Latency mode (what `benches/latency.sh` runs through): every response leaves the proxy
+/// its latency after the request arrived, and none sooner; off again, answers come at once.
+#[test]
+fn latency_mode_holds_every_response_for_its_latency() {
+    use std::io::{Read, Write};
+    let s3 = common::S3Server::start();
+    let proxy = common::fault_proxy::FaultProxy::start(s3.port(), 1);
+    let round_trip = |proxy: &common::fault_proxy::FaultProxy| {
+        let mut sock = std::net::TcpStream::connect(("127.0.0.1", proxy.port())).expect("proxy");
+        let started = Instant::now();
+        sock.write_all(
+            b"GET /nbd?list-type=2 HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+        )
+        .expect("request");
+        let mut reply = Vec::new();
+        sock.read_to_end(&mut reply).expect("reply");
+        assert!(
+            reply.starts_with(b"HTTP/1.1 "),
+            "{}",
+            String::from_utf8_lossy(&reply)
+        );
+        started.elapsed()
+    };
+    proxy.set_latency(Duration::from_millis(150));
+    for _ in 0..3 {
+        let took = round_trip(&proxy);
+        assert!(
+            took >= Duration::from_millis(150),
+            "answered after {took:?}"
+        );
+    }
+    proxy.set_latency(Duration::ZERO);
+    let took = round_trip(&proxy);
+    assert!(
+        took < Duration::from_millis(150),
+        "latency mode still on: {took:?}"
+    );
+    assert_eq!(proxy.requests(Op::List), 4, "{}", proxy.summary());
+}

@@ -275,3 +275,47 @@ fn partitioned_holder_loses_the_lease_and_never_writes_over_the_new_one() {
     let pid = format!("\"pid\": {}", b.pid());
     assert!(lock.contains(&pid), "{lock}");
 }
+
+#[test]
+fn a_takeover_passes_the_lease_to_the_new_process() {
+    use crate::common::raw_nbd::{CMD_FLUSH, CMD_WRITE};
+    let s3 = S3Server::start();
+    let vm = ExportSpec::new("vm").size("8MiB");
+    let mut first = start(&s3, None, std::slice::from_ref(&vm), "30s");
+    let mut attached = hold(&first, "vm");
+    let old_pid = first.pid();
+    assert!(lock_text(&s3).is_some_and(|l| l.contains(&format!("\"pid\": {old_pid}"))));
+    let mut old = first.take_over();
+    assert!(old.wait_exit(DAEMON_TIMEOUT).expect("old exited").success());
+    let new_pid = first.pid();
+    // The old process released the lease before passing the connection on; the new one
+    // takes it when it adopts the connection (no takeover of a live lease, no waiting for
+    // a 30 s lease to run out).
+    assert!(
+        poll_until(DAEMON_TIMEOUT, || lock_text(&s3).is_some_and(|l| l
+            .contains(&format!("\"pid\": {new_pid}"))
+            && !l.contains("released"))),
+        "the new process does not hold the lease: {:?}\n{}",
+        lock_text(&s3),
+        first.logs()
+    );
+    assert!(
+        first.log_lines("took over export lease").is_empty(),
+        "{}",
+        first.logs()
+    );
+    // The adopted client writes through the new process's lease.
+    attached.send_req(0, CMD_WRITE, 1, 0, 4096, &[0x5a; 4096]);
+    assert_eq!(attached.reply_nodata().error, 0, "write after the takeover");
+    assert_eq!(
+        attached.cmd(0, CMD_FLUSH, 2, 0, 0),
+        0,
+        "flush after the takeover"
+    );
+    // A third daemon is refused, naming the new process.
+    let third = start(&s3, None, &[vm], "30s");
+    assert!(!served(&third.uri("vm")), "two daemons serve one export");
+    let line = third.wait_for_log("refused export vm", DAEMON_TIMEOUT);
+    let holder = format!("host {} (pid {new_pid}", hostname());
+    assert!(line.contains(&holder), "refusal must name {holder}: {line}");
+}

@@ -34,9 +34,14 @@ fn take_over(d: &mut NbdS3, clients: usize) {
     let want = format!("received 1 listener(s) and {clients} connection(s)");
     d.wait_for_log(&want, Duration::from_secs(10));
     // Adoption is logged per connection once its export is found, just after the receipt.
-    crate::common::wait_until("connections taken over", Duration::from_secs(10), || {
+    let adopted = crate::common::poll_until(Duration::from_secs(10), || {
         d.log_lines("connection taken over").len() >= clients
     });
+    assert!(
+        adopted,
+        "connections not taken over; new process log:\n{}\nold process log:\n{old_log}",
+        d.logs()
+    );
     assert_eq!(
         d.log_lines("connection taken over").len(),
         clients,
