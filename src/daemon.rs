@@ -19,10 +19,13 @@ use tracing::{error, info, warn};
 
 mod admin;
 mod auto;
+mod handover;
 mod reloads;
 mod reopen;
 
 pub use admin::ExportSnapshot;
+use handover::listener_fds;
+pub use handover::{monotonic_ns, HandoverSnapshot, Handovers};
 pub use reloads::{ReloadSnapshot, Reloads};
 
 /// Why the daemon could not start; the process logs it and exits 1.
@@ -67,6 +70,9 @@ pub struct FlushFailure {
 pub struct ShutdownReport {
     /// Exports that still hold dirty data.
     pub failed: Vec<FlushFailure>,
+    /// What a stop that keeps descriptors (`Daemon::stop_keeping`) parked for the next
+    /// process; empty after a plain `shutdown`.
+    pub kept: Handover,
 }
 
 /// What a takeover passes to the next process: the listening sockets, by address as
@@ -76,6 +82,11 @@ pub struct ShutdownReport {
 pub struct Handover {
     pub listeners: Vec<(String, OwnedFd)>,
     pub connections: Vec<ParkedConnection>,
+    /// When the sending process stopped reading from clients (`monotonic_ns`, one clock for
+    /// every process on the host), so the receiver can tell how long clients waited.
+    pub parked_at_ns: Option<u64>,
+    /// Handovers that happened before this one (the receiver counts on from there).
+    pub handovers: u64,
 }
 
 /// The daemon's parts an observer reads (the metrics endpoint), shared, never copied. Handed to
@@ -93,6 +104,8 @@ pub struct Observed {
     pub budget: Arc<CacheBudget>,
     /// Reload outcomes.
     pub reloads: Arc<Reloads>,
+    /// Handovers received (takeovers and restarts through the service manager's store).
+    pub handovers: Arc<Handovers>,
 }
 
 /// The live daemon. Shared (`Arc`) by the signal loop, the watchdog and status reporting.
@@ -115,6 +128,8 @@ pub struct Daemon {
     reloads: Arc<Reloads>,
     /// Set once a takeover passed everything on: `Some(true)` delivered, `Some(false)` lost.
     handed_over: tokio::sync::watch::Sender<Option<bool>>,
+    /// Handovers this process received, and the pause its clients saw.
+    handovers: Arc<Handovers>,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -166,6 +181,8 @@ impl Daemon {
         let Handover {
             listeners: mut sockets,
             connections,
+            parked_at_ns,
+            handovers: before,
         } = inherited;
         let mut bound = Vec::with_capacity(config.server.listen.len());
         for addr in &config.server.listen {
@@ -190,12 +207,14 @@ impl Daemon {
         // Validation already parsed the files; a failure now (changed since) fails closed.
         let _ = server.set_tls(config.server.tls.as_ref());
         let reloads = Arc::new(Reloads::default());
+        let handovers = Arc::new(Handovers::default());
         let observed = Observed {
             registry: Arc::clone(&registry),
             server: server.clone(),
             factory: factory.clone(),
             budget: Arc::clone(&budget),
             reloads: Arc::clone(&reloads),
+            handovers: Arc::clone(&handovers),
         };
         observe(&config, observed).await;
         let daemon = Arc::new(Daemon {
@@ -216,6 +235,7 @@ impl Daemon {
             reload_lock: tokio::sync::Mutex::new(()),
             reloads,
             handed_over: tokio::sync::watch::channel(None).0,
+            handovers,
         });
         daemon.open_all(&config).await;
         let reopener = tokio::spawn(reopen::run(Arc::downgrade(&daemon)));
@@ -228,9 +248,13 @@ impl Daemon {
             listeners.insert(addr, daemon.server.spawn_listener(listener));
         }
         drop(listeners);
+        let adopted = connections.len();
         if !connections.is_empty() {
             info!("taking over {} client connection(s)", connections.len());
             daemon.server.adopt(connections);
+        }
+        if let Some(at) = parked_at_ns {
+            daemon.handovers.received(before, at, adopted);
         }
         Ok(daemon)
     }
@@ -406,14 +430,9 @@ impl Daemon {
             // It would take leases the next process needs.
             reopener.abort();
         }
+        let parked_at_ns = monotonic_ns();
         let mut handles = self.listeners.lock().await;
-        let connections = self.server.hand_over(grace).await;
-        let mut listeners = Vec::new();
-        for (addr, handle) in handles.drain() {
-            if let Some(l) = handle.into_listener().await {
-                listeners.push((addr, l));
-            }
-        }
+        let (listeners, connections) = self.park(&mut handles, grace).await;
         let failed = self.flush_all(false).await;
         if !failed.is_empty() {
             let names: Vec<&str> = failed.iter().map(|f| f.export.as_str()).collect();
@@ -437,17 +456,12 @@ impl Daemon {
                 slot.release_now().await;
             }
         }
-        let mut out = Handover {
+        Ok(Handover {
+            listeners: listener_fds(listeners),
             connections,
-            ..Handover::default()
-        };
-        for (addr, l) in listeners {
-            match l.into_fd() {
-                Ok(fd) => out.listeners.push((show_addr(&addr), fd)),
-                Err(e) => warn!("listener {} not handed over: {e}", show_addr(&addr)),
-            }
-        }
-        Ok(out)
+            parked_at_ns: Some(parked_at_ns),
+            handovers: self.handovers.snapshot().total,
+        })
     }
 
     /// Records how the takeover ended (`delivered`: the next process has the sockets).
@@ -472,12 +486,7 @@ impl Daemon {
     /// flushes every export (removed ones still draining too). An export's flush keeps going
     /// while its dirty data shrinks; one `[cache] flush_timeout` without progress fails it.
     pub async fn shutdown(&self, grace: Duration) -> ShutdownReport {
-        if let Some(reopener) = self.reopener.lock().take() {
-            reopener.abort();
-        }
-        if let Some(auto) = self.auto_snapshots.lock().take() {
-            auto.abort();
-        }
+        self.stop_background();
         for (_, handle) in self.listeners.lock().await.drain() {
             info!("closed listener {}", handle.addr());
             handle.close();
@@ -485,6 +494,7 @@ impl Daemon {
         self.server.shutdown(grace).await;
         ShutdownReport {
             failed: self.flush_all(true).await,
+            kept: Handover::default(),
         }
     }
 

@@ -32,8 +32,14 @@ enum Record {
     Listener { addr: String },
     /// A client connection in transmission.
     Connection { state: ConnState },
-    /// Nothing more follows.
-    End,
+    /// Nothing more follows. Also says when the sender stopped reading from its clients and
+    /// how many handovers came before (absent from older senders: defaults).
+    End {
+        #[serde(default)]
+        parked_at_ns: Option<u64>,
+        #[serde(default)]
+        handovers: u64,
+    },
     /// The running daemon does not hand over (and keeps serving).
     Refused { error: String },
 }
@@ -47,7 +53,11 @@ pub fn send(stream: &UnixStream, handover: Handover) -> io::Result<()> {
         let record = Record::Connection { state: conn.state };
         send_record(stream, &record, Some(&conn.fd))?;
     }
-    send_record(stream, &Record::End, None)
+    let end = Record::End {
+        parked_at_ns: handover.parked_at_ns,
+        handovers: handover.handovers,
+    };
+    send_record(stream, &end, None)
 }
 
 /// Tells the new process that no takeover happens, and why.
@@ -100,7 +110,17 @@ pub fn receive(socket: &Path) -> io::Result<Option<(Handover, Duration)>> {
             (Record::Connection { state }, Some(fd)) => {
                 out.connections.push(ParkedConnection { state, fd })
             }
-            (Record::End, None) => return Ok(Some((out, started.elapsed()))),
+            (
+                Record::End {
+                    parked_at_ns,
+                    handovers,
+                },
+                None,
+            ) => {
+                out.parked_at_ns = parked_at_ns;
+                out.handovers = handovers;
+                return Ok(Some((out, started.elapsed())));
+            }
             (Record::Refused { error }, None) => {
                 return Err(io::Error::other(format!(
                     "the running daemon refused the takeover: {error}"
@@ -173,4 +193,33 @@ fn recv_record(stream: &UnixStream) -> io::Result<(Record, Option<OwnedFd>)> {
         ));
     }
     Ok((record, fds.pop()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_end_record_without_timing_still_reads() {
+        let old: Record = serde_json::from_str(r#"{"kind":"end"}"#).expect("old end record");
+        assert!(matches!(
+            old,
+            Record::End {
+                parked_at_ns: None,
+                handovers: 0
+            }
+        ));
+        let new = serde_json::to_string(&Record::End {
+            parked_at_ns: Some(7),
+            handovers: 2,
+        })
+        .expect("encode");
+        assert!(matches!(
+            serde_json::from_str(&new).expect("decode"),
+            Record::End {
+                parked_at_ns: Some(7),
+                handovers: 2
+            }
+        ));
+    }
 }

@@ -145,6 +145,35 @@ fn process(enc: &mut DescriptorEncoder, s: &Observed) -> fmt::Result {
         "nbd_s3_last_reload_successful",
         "0 when the last reload was refused (the previous configuration still runs)",
         one(last),
+    )?;
+    handovers(enc, s)
+}
+
+/// Restarts that kept clients connected (takeover or the service manager's fd store).
+fn handovers(enc: &mut DescriptorEncoder, s: &Observed) -> fmt::Result {
+    let h = s.handovers.snapshot();
+    counters(
+        enc,
+        "nbd_s3_handovers",
+        "Restarts that passed listeners and client connections on to the next process, \
+         counted across the chain of processes",
+        [(Labels::new(), h.total)],
+    )?;
+    let Some(pause) = h.last_pause else {
+        return Ok(());
+    };
+    gauges(
+        enc,
+        "nbd_s3_handover_pause_seconds",
+        "Latest handover: from the old process's last read from clients to this process's \
+         first",
+        [(Labels::new(), pause.as_secs_f64())],
+    )?;
+    gauges(
+        enc,
+        "nbd_s3_handover_connections",
+        "Client connections taken over in the latest handover",
+        [(Labels::new(), h.last_connections)],
     )
 }
 

@@ -57,6 +57,7 @@ async fn sources(dir: &std::path::Path, names: &[&str]) -> Observed {
         factory,
         budget,
         reloads: Arc::new(Reloads::default()),
+        handovers: Default::default(),
     }
 }
 

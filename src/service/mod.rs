@@ -3,6 +3,7 @@
 //! and tells systemd and the admin about it.
 
 pub mod allocator;
+pub mod fdstore;
 pub mod logging;
 pub mod notify;
 pub mod shutdown;
@@ -10,7 +11,8 @@ pub mod signals;
 pub mod watchdog;
 
 use crate::config::Config;
-use crate::daemon::Daemon;
+use crate::daemon::{Daemon, Handover};
+use fdstore::FdStore;
 use notify::Notifier;
 use signals::{Request, Signals};
 use std::path::PathBuf;
@@ -25,11 +27,14 @@ const STATUS_EVERY: Duration = Duration::from_secs(10);
 /// Runs `nbd-s3 serve` to completion. Exit codes: 0 = stopped with everything flushed (or
 /// handed over to a process that took over), 1 = could not start, or data could not be
 /// flushed, 2 = a second signal aborted the flush. `takeover`: take listeners and clients
-/// over from a daemon answering on the control socket, if one does.
+/// over from a daemon answering on the control socket, if one does. What the service
+/// manager's fd store passed to this process (a restart under systemd) is taken over first.
 pub fn run(config: Config, config_path: Option<PathBuf>, takeover: bool) -> ExitCode {
     let output = logging::init();
     allocator::tune();
     tracing::debug!("log output: {output:?}");
+    // Before any thread exists: nothing may read these sockets before they leave the store.
+    let stored = fdstore::inherit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("nbd-s3-worker")
@@ -41,26 +46,36 @@ pub fn run(config: Config, config_path: Option<PathBuf>, takeover: bool) -> Exit
             return ExitCode::FAILURE;
         }
     };
-    let code = runtime.block_on(serve(config, config_path, takeover));
+    let code = runtime.block_on(serve(config, config_path, takeover, stored));
     // Tasks still running (an aborted flush, stuck connections) must not delay exit.
     runtime.shutdown_timeout(Duration::from_secs(1));
     code
 }
 
-async fn serve(config: Config, config_path: Option<PathBuf>, takeover: bool) -> ExitCode {
+async fn serve(
+    config: Config,
+    config_path: Option<PathBuf>,
+    takeover: bool,
+    stored: Option<Handover>,
+) -> ExitCode {
     let notifier = Notifier::from_env();
-    let inherited = if takeover {
-        match take_over(&config).await {
+    let store = FdStore::from_env();
+    if let Some(store) = &store {
+        info!("{store}: a stop keeps clients connected for the next process");
+    }
+    let inherited = match stored {
+        Some(h) => Some(h),
+        None if takeover => match take_over(&config).await {
             Ok(h) => h,
             Err(e) => {
                 error!("takeover failed: {e}");
                 return ExitCode::FAILURE;
             }
-        }
-    } else {
-        None
+        },
+        None => None,
     };
-    let took_over = inherited.is_some();
+    // Only a takeover has an old process still holding the control socket and metrics port.
+    let took_over = takeover && inherited.is_some();
     let mut signals = match Signals::install() {
         Ok(s) => s,
         Err(e) => {
@@ -154,7 +169,7 @@ async fn serve(config: Config, config_path: Option<PathBuf>, takeover: bool) -> 
     };
     info!("{stop}: shutting down");
     drop(watcher);
-    let code = shutdown::run(Arc::clone(&daemon), &notifier, &mut signals).await;
+    let code = shutdown::run(Arc::clone(&daemon), &notifier, &mut signals, store.as_ref()).await;
     background.abort_all();
     code
 }

@@ -2,6 +2,7 @@
 //! progress in the log and in systemd's status, and pick the exit code that tells the admin
 //! whether every acknowledged write reached S3.
 
+use super::fdstore::FdStore;
 use super::notify::Notifier;
 use super::signals::Signals;
 use crate::daemon::{format_mib, Daemon, ShutdownReport};
@@ -20,14 +21,27 @@ const EXTEND_BY: Duration = Duration::from_secs(60);
 /// Exit code when a second signal aborted the flush.
 pub const EXIT_ABORTED: u8 = 2;
 
-/// Runs the shutdown; a second SIGTERM/SIGINT aborts it. Exit 0 = everything stored.
-pub async fn run(daemon: Arc<Daemon>, notifier: &Notifier, signals: &mut Signals) -> ExitCode {
+/// Runs the shutdown; a second SIGTERM/SIGINT aborts it. Exit 0 = everything stored. With
+/// a `store`, clients are parked instead of disconnected and their sockets left there.
+pub async fn run(
+    daemon: Arc<Daemon>,
+    notifier: &Notifier,
+    signals: &mut Signals,
+    store: Option<&FdStore>,
+) -> ExitCode {
     let dirty = daemon.dirty_bytes();
     let status = format!("stopping: flushing {} to S3", format_mib(dirty));
     info!("{status}");
     notifier.stopping(&status);
     let d = Arc::clone(&daemon);
-    let mut work = tokio::spawn(async move { d.shutdown(REQUEST_GRACE).await });
+    let keep = store.is_some();
+    let mut work = tokio::spawn(async move {
+        if keep {
+            d.stop_keeping(REQUEST_GRACE).await
+        } else {
+            d.shutdown(REQUEST_GRACE).await
+        }
+    });
     let mut tick = tokio::time::interval(PROGRESS_EVERY);
     tick.tick().await;
     let mut last = dirty;
@@ -35,7 +49,7 @@ pub async fn run(daemon: Arc<Daemon>, notifier: &Notifier, signals: &mut Signals
         tokio::select! {
             done = &mut work => {
                 return match done {
-                    Ok(report) => finish(report, notifier),
+                    Ok(report) => finish(report, notifier, store),
                     Err(e) => {
                         error!("shutdown task failed: {e}");
                         ExitCode::FAILURE
@@ -63,10 +77,28 @@ pub async fn run(daemon: Arc<Daemon>, notifier: &Notifier, signals: &mut Signals
     }
 }
 
-fn finish(report: ShutdownReport, notifier: &Notifier) -> ExitCode {
+fn finish(mut report: ShutdownReport, notifier: &Notifier, store: Option<&FdStore>) -> ExitCode {
+    let kept = std::mem::take(&mut report.kept);
+    let kept = match store {
+        Some(store) => match store.keep(kept) {
+            Ok(k) => {
+                info!(
+                    "kept {} listener(s) and {} client connection(s) in the service manager's \
+                     fd store for the next process",
+                    k.listeners, k.connections
+                );
+                format!("; {} client(s) kept for the next process", k.connections)
+            }
+            Err(e) => {
+                error!("cannot keep the sockets in the fd store ({e}): clients are disconnected");
+                String::new()
+            }
+        },
+        None => String::new(),
+    };
     if report.failed.is_empty() {
         info!("all exports flushed; exiting");
-        notifier.status("stopped: all exports flushed");
+        notifier.status(&format!("stopped: all exports flushed{kept}"));
         return ExitCode::SUCCESS;
     }
     for f in &report.failed {

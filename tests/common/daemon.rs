@@ -5,6 +5,7 @@
 use super::config::{DaemonConfig, ExportSpec};
 use super::proc::{LogBuffer, Process};
 use super::s3::S3Server;
+use super::service_manager::ServiceManager;
 use nix::sys::signal::Signal;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
@@ -33,6 +34,8 @@ const SCRUBBED_ENV: &[&str] = &[
     "NBD_LOG_LEVEL",
     "LISTEN_FDS",
     "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "FDSTORE",
     "WATCHDOG_USEC",
 ];
 
@@ -42,9 +45,20 @@ pub struct NbdS3Builder {
     s3_root: PathBuf,
     env: Vec<(String, String)>,
     args: Option<Vec<String>>,
+    manager: bool,
 }
 
 impl NbdS3Builder {
+    /// Runs the daemon under the fake service manager (`service_manager`): one notify socket
+    /// for every process, and a restart (`systemctl_restart`) passes its fd store on. With
+    /// `fd_store: Some(n)` the daemon is told the store takes `n` entries (`FDSTORE`).
+    pub fn service_manager(mut self, fd_store: Option<usize>) -> Self {
+        self.manager = true;
+        if let Some(n) = fd_store {
+            self.env.push(("FDSTORE".into(), n.to_string()));
+        }
+        self
+    }
     /// Adds an export.
     pub fn export(mut self, e: ExportSpec) -> Self {
         self.config.exports.push(e);
@@ -102,8 +116,10 @@ impl NbdS3Builder {
             let socket = dir.path().join("control.sock");
             config.control = Some(socket.to_string_lossy().into_owned());
         }
+        let manager = self.manager.then(|| ServiceManager::start(dir.path()));
         let mut nbd = NbdS3 {
             config_path: dir.path().join("exports.toml"),
+            manager,
             dir,
             config,
             s3_root: self.s3_root,
@@ -143,6 +159,7 @@ pub struct NbdS3 {
     notify_stop: Arc<AtomicBool>,
     generation: u32,
     addrs: Vec<String>,
+    manager: Option<ServiceManager>,
 }
 
 impl NbdS3 {
@@ -153,6 +170,7 @@ impl NbdS3 {
             s3_root: s3.root(),
             env: vec![],
             args: None,
+            manager: false,
         }
     }
 
@@ -163,14 +181,23 @@ impl NbdS3 {
 
     fn launch(&mut self) -> Result<(), StartFailure> {
         self.generation += 1;
-        let sock_path = self.dir.path().join(format!("notify-{}", self.generation));
-        let sock = UnixDatagram::bind(&sock_path).expect("bind NOTIFY_SOCKET");
         self.notify_stop.store(true, Ordering::SeqCst);
         self.notify = LogBuffer::default();
         self.notify_stop = Arc::new(AtomicBool::new(false));
-        follow_notify(sock, self.notify.clone(), self.notify_stop.clone());
-
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_nbd-s3"));
+        let bin = Path::new(env!("CARGO_BIN_EXE_nbd-s3"));
+        let (sock_path, mut cmd, listen_env) = match &self.manager {
+            Some(m) => {
+                m.follow_into(self.notify.clone());
+                let (cmd, env) = m.command(bin);
+                (m.socket().to_path_buf(), cmd, env)
+            }
+            None => {
+                let path = self.dir.path().join(format!("notify-{}", self.generation));
+                let sock = UnixDatagram::bind(&path).expect("bind NOTIFY_SOCKET");
+                follow_notify(sock, self.notify.clone(), self.notify_stop.clone());
+                (path, Command::new(bin), vec![])
+            }
+        };
         match &self.args {
             Some(a) => cmd.args(a),
             None => cmd.arg("serve").arg("--config").arg(&self.config_path),
@@ -181,7 +208,7 @@ impl NbdS3 {
         cmd.env("NOTIFY_SOCKET", &sock_path)
             .env("NO_COLOR", "1")
             .stdin(Stdio::null());
-        for (k, v) in &self.env {
+        for (k, v) in self.env.iter().chain(&listen_env) {
             cmd.env(k, v);
         }
         self.proc = Some(Process::spawn(&mut cmd, "nbd-s3"));
@@ -431,6 +458,20 @@ impl NbdS3 {
     /// listeners and client connections over, and the old one exits. Returns the old process
     /// once it exited (panics with both logs if it does not within `DAEMON_TIMEOUT`).
     pub fn take_over(&mut self) -> Process {
+        match self.try_take_over() {
+            Ok(old) => old,
+            Err(f) => panic!(
+                "takeover did not start (exit: {:?}):\n{}\n--- old process ---\n{}",
+                f.status,
+                f.logs,
+                self.logs()
+            ),
+        }
+    }
+
+    /// `take_over`, but a new process that fails is returned as the error, and the old one
+    /// (still running then) stays this fixture's process.
+    pub fn try_take_over(&mut self) -> Result<Process, StartFailure> {
         let mut old = self.proc.take().expect("a running daemon");
         let usual = self.args.clone();
         let mut args = usual.clone().unwrap_or_else(|| {
@@ -445,12 +486,8 @@ impl NbdS3 {
         let launched = self.launch();
         self.args = usual;
         if let Err(f) = launched {
-            panic!(
-                "takeover did not start (exit: {:?}):\n{}\n--- old process ---\n{}",
-                f.status,
-                f.logs,
-                old.logs.text()
-            );
+            self.proc = Some(old);
+            return Err(f);
         }
         if old.wait_exit(DAEMON_TIMEOUT).is_none() {
             panic!(
@@ -460,7 +497,37 @@ impl NbdS3 {
             );
         }
         old.logs.wait_closed(Duration::from_secs(2));
-        old
+        Ok(old)
+    }
+
+    /// The fake service manager (`NbdS3Builder::service_manager`).
+    pub fn manager(&self) -> &ServiceManager {
+        self.manager
+            .as_ref()
+            .expect("started under the service manager")
+    }
+
+    /// `systemctl restart` under the fake service manager: SIGTERM, wait for the exit, start
+    /// the next process with the store's descriptors. Returns the old process (exited) and
+    /// when the SIGTERM was sent.
+    pub fn systemctl_restart(&mut self) -> (Process, Instant) {
+        assert!(self.manager.is_some(), "started under the service manager");
+        let mut old = self.proc.take().expect("a running daemon");
+        let sent = Instant::now();
+        old.signal(Signal::SIGTERM);
+        if old.wait_exit(DAEMON_TIMEOUT).is_none() {
+            panic!("still running after SIGTERM:\n{}", old.logs.text());
+        }
+        old.logs.wait_closed(Duration::from_secs(2));
+        if let Err(f) = self.launch() {
+            panic!(
+                "the next process did not start (exit: {:?}):\n{}\n--- old process ---\n{}",
+                f.status,
+                f.logs,
+                old.logs.text()
+            );
+        }
+        (old, sent)
     }
 
     /// A new process with the same config and S3 (SIGTERM + wait first if still running).

@@ -16,6 +16,7 @@
 //! - `nbdsh_session`: one NBD connection held open while a test does other things;
 //! - `s3_store`: the S3 backend on the test server or on a server with canned replies;
 //! - `guest`: a qemu guest running the Linux kernel's NBD client against the daemon;
+//! - `service_manager`: systemd's notify socket and fd store, for restarts that keep clients;
 //! - `wait_until` / `poll_until` below: the one way to wait for a condition.
 #![allow(dead_code, unused_imports)]
 
@@ -36,6 +37,7 @@ pub mod proc;
 pub mod raw_nbd;
 pub mod s3;
 pub mod s3_store;
+pub mod service_manager;
 pub mod store_bed;
 pub mod tls;
 pub mod tls_bed;

@@ -1,8 +1,14 @@
-//! `nbd-s3 serve --takeover`: a new process takes listeners and live client connections over
-//! from the running daemon, which flushes, releases its leases and exits 0. Clients keep their
+//! Restarts that clients do not notice, by both routes: `nbd-s3 serve --takeover` (a new
+//! process takes listeners and live client connections over from the running daemon, which
+//! flushes, releases its leases and exits 0), and `systemctl restart` with the service
+//! manager's fd store (the stopping daemon leaves its sockets there, the next process gets
+//! them back; `common::service_manager` stands in for systemd). Clients keep their
 //! connection (a pause, not a reset), requests sent during the handover are answered by the
 //! new process, and unflushed writes made before it are in S3 afterwards.
 
+use crate::common::fault_bed::FaultBed;
+use crate::common::fault_proxy::{Fault, Op, Rule};
+use crate::common::metrics::{self, Metrics};
 use crate::common::nbdsh_session::NbdshSession;
 use crate::common::raw_nbd::{assert_bytes, pattern, Raw, CMD_FLUSH, CMD_READ, CMD_WRITE};
 use crate::common::{nbdsh, ExportSpec, NbdS3, S3Server, DAEMON_TIMEOUT};
@@ -11,28 +17,52 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const MIB: u64 = 1024 * 1024;
+/// What the test units tell the daemon the fd store takes (`FDSTORE`).
+const STORE_SIZE: usize = 64;
 
-fn daemon(s3: &S3Server) -> NbdS3 {
-    NbdS3::builder(s3)
-        .export(ExportSpec::new("tk").size("16MiB"))
-        .start()
+/// How the daemon is restarted under its clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    /// `nbd-s3 serve --takeover` while the old process runs.
+    Takeover,
+    /// SIGTERM, then the next process started with the fd store's descriptors.
+    FdStore,
 }
 
-/// Takes over and checks both sides: the old process exits 0 after handing over, the new one
-/// adopted `clients` connections.
-fn take_over(d: &mut NbdS3, clients: usize) {
+fn daemon(s3: &S3Server, route: Route) -> NbdS3 {
+    let b = NbdS3::builder(s3)
+        .export(ExportSpec::new("tk").size("16MiB"))
+        .config(|c| c.metrics = Some(metrics::ANY_PORT.into()));
+    match route {
+        Route::Takeover => b.start(),
+        Route::FdStore => b.service_manager(Some(STORE_SIZE)).start(),
+    }
+}
+
+/// Restarts by `route` and checks both sides: the old process exits 0 after handing over,
+/// the new one adopted `clients` connections and counts the handover in its metrics.
+fn restart(d: &mut NbdS3, route: Route, clients: usize) {
     let old_pid = d.pid();
-    let mut old = d.take_over();
+    let (mut old, received) = match route {
+        Route::Takeover => (
+            d.take_over(),
+            format!("received 1 listener(s) and {clients} connection(s)"),
+        ),
+        Route::FdStore => (
+            d.systemctl_restart().0,
+            format!("fd store: received 1 listener(s) and {clients} connection(s)"),
+        ),
+    };
     let status = old.wait_exit(DAEMON_TIMEOUT).expect("old process exited");
     let old_log = old.logs.text();
     assert!(status.success(), "old process: {status}\n{old_log}");
-    assert!(
-        old_log.contains("handed over"),
-        "old process log:\n{old_log}"
-    );
+    let said = match route {
+        Route::Takeover => "handed over".to_owned(),
+        Route::FdStore => format!("kept 1 listener(s) and {clients} client connection(s)"),
+    };
+    assert!(old_log.contains(&said), "old process log:\n{old_log}");
     assert_ne!(d.pid(), old_pid, "a new process serves");
-    let want = format!("received 1 listener(s) and {clients} connection(s)");
-    d.wait_for_log(&want, Duration::from_secs(10));
+    d.wait_for_log(&received, Duration::from_secs(10));
     // Adoption is logged per connection once its export is found, just after the receipt.
     let adopted = crate::common::poll_until(Duration::from_secs(10), || {
         d.log_lines("connection taken over").len() >= clients
@@ -48,12 +78,29 @@ fn take_over(d: &mut NbdS3, clients: usize) {
         "new process log:\n{}",
         d.logs()
     );
+    if route == Route::FdStore {
+        // Taken out of the store: a later plain stop must not bring them back.
+        assert!(
+            d.manager().stored().is_empty(),
+            "left in the store: {:?}",
+            d.manager().stored()
+        );
+    }
+    let m = Metrics::of(d).scrape();
+    assert!(
+        metrics::get(&m, "nbd_s3_handovers_total", &[]) >= 1.0,
+        "no handover counted"
+    );
+    let pause = metrics::get(&m, "nbd_s3_handover_pause_seconds", &[]);
+    assert!(pause > 0.0, "no pause reported");
+    eprintln!("{route:?}: client pause {:.0} ms", pause * 1000.0);
 }
 
-#[test]
-fn nbdsh_connection_survives_three_takeovers_with_data_verified() {
+/// An nbdsh session writes (unflushed) before each of three restarts and reads everything
+/// back after each, on the same connection; a cold start then finds it all in S3.
+fn nbdsh_session_survives_three_restarts(route: Route) {
     let s3 = S3Server::start();
-    let mut d = daemon(&s3);
+    let mut d = daemon(&s3, route);
     let uri = d.uri("tk");
     let mut session = NbdshSession::open(&uri);
     for round in 0..3u64 {
@@ -63,7 +110,7 @@ fn nbdsh_connection_survives_three_takeovers_with_data_verified() {
             &format!("h.pwrite(bytes([{byte}]) * 65536, {})", round * MIB),
             &d,
         );
-        take_over(&mut d, 1);
+        restart(&mut d, route, 1);
         for r in 0..=round {
             session.run(
                 &format!(
@@ -74,8 +121,14 @@ fn nbdsh_connection_survives_three_takeovers_with_data_verified() {
                 &d,
             );
         }
-        assert_eq!(d.uri("tk"), uri, "same address after the takeover");
+        assert_eq!(d.uri("tk"), uri, "same address after the restart");
     }
+    let m = Metrics::of(&d).scrape();
+    assert_eq!(
+        metrics::get(&m, "nbd_s3_handovers_total", &[]),
+        3.0,
+        "counted across the processes"
+    );
     session.run("h.flush()", &d);
     session.close();
     // Everything reached S3: a fresh start (cold cache) reads it back.
@@ -91,6 +144,16 @@ fn nbdsh_connection_survives_three_takeovers_with_data_verified() {
         .collect();
     let lines: Vec<&str> = check.iter().map(String::as_str).collect();
     nbdsh(&d.uri("tk"), &lines);
+}
+
+#[test]
+fn nbdsh_connection_survives_three_takeovers_with_data_verified() {
+    nbdsh_session_survives_three_restarts(Route::Takeover);
+}
+
+#[test]
+fn nbdsh_connection_survives_three_fd_store_restarts_with_data_verified() {
+    nbdsh_session_survives_three_restarts(Route::FdStore);
 }
 
 /// One pipelined round of the raw client: `n` writes, then `n` reads of what they wrote
@@ -123,10 +186,11 @@ fn round(raw: &mut Raw, seed: u64, n: u64) {
     }
 }
 
-#[test]
-fn requests_sent_during_a_takeover_are_answered() {
+/// A raw client pipelines batches of writes and reads throughout three restarts: every
+/// request is answered and every read returns what was written.
+fn requests_sent_during_restarts_are_answered(route: Route) {
     let s3 = S3Server::start();
-    let mut d = daemon(&s3);
+    let mut d = daemon(&s3, route);
     let addr = format!("127.0.0.1:{}", d.port());
     let stop = Arc::new(AtomicBool::new(false));
     let rounds = Arc::new(AtomicUsize::new(0));
@@ -157,7 +221,7 @@ fn requests_sent_during_a_takeover_are_answered() {
     for _ in 0..3 {
         let before = rounds.load(Ordering::SeqCst);
         let started = Instant::now();
-        take_over(&mut d, 1);
+        restart(&mut d, route, 1);
         pauses.push(started.elapsed());
         // The new process answers the same connection.
         wait_rounds(before + 5);
@@ -165,9 +229,19 @@ fn requests_sent_during_a_takeover_are_answered() {
     stop.store(true, Ordering::SeqCst);
     let slowest = client.join().expect("client thread: no request failed");
     eprintln!(
-        "takeover: slowest pipelined round {slowest:?}; whole takeovers {pauses:?}; {} rounds",
+        "{route:?}: slowest pipelined round {slowest:?}; whole restarts {pauses:?}; {} rounds",
         rounds.load(Ordering::SeqCst)
     );
+}
+
+#[test]
+fn requests_sent_during_a_takeover_are_answered() {
+    requests_sent_during_restarts_are_answered(Route::Takeover);
+}
+
+#[test]
+fn requests_sent_during_a_fd_store_restart_are_answered() {
+    requests_sent_during_restarts_are_answered(Route::FdStore);
 }
 
 #[test]
@@ -200,7 +274,7 @@ fn a_fixed_metrics_port_moves_to_the_new_process() {
         .config(|c| c.metrics = Some(metrics.clone()))
         .start();
     d.wait_for_log(&format!("metrics on {metrics}"), Duration::from_secs(10));
-    take_over(&mut d, 0);
+    restart(&mut d, Route::Takeover, 0);
     // The old process held the port until it exited; the new one binds it then.
     d.wait_for_log(&format!("metrics on {metrics}"), Duration::from_secs(30));
     assert!(
@@ -208,4 +282,123 @@ fn a_fixed_metrics_port_moves_to_the_new_process() {
         "{}",
         d.logs()
     );
+}
+
+#[test]
+fn without_a_fd_store_sigterm_closes_clients_and_exits_0() {
+    let s3 = S3Server::start();
+    // A service manager, but no FDSTORE: the unit has no store.
+    let mut d = NbdS3::builder(&s3)
+        .export(ExportSpec::new("tk").size("16MiB"))
+        .service_manager(None)
+        .start();
+    let (mut raw, _) = Raw::open(&format!("127.0.0.1:{}", d.port()), "tk");
+    assert_eq!(raw.write_at(1, 0, &[7u8; 4096]), 0);
+    d.sigterm();
+    assert!(d.wait_exit(DAEMON_TIMEOUT).success(), "{}", d.logs());
+    raw.expect_closed("a stop without a fd store");
+    assert!(d.logs().contains("all exports flushed; exiting"));
+    assert!(!d.logs().contains("fd store"), "{}", d.logs());
+    assert!(d.manager().stored().is_empty());
+    assert!(
+        !d.notify_messages().contains("FDSTORE=1"),
+        "{}",
+        d.notify_messages()
+    );
+    // The write reached S3 all the same.
+    d.restart();
+    nbdsh(
+        &d.uri("tk"),
+        &["assert h.pread(4096, 0) == bytes([7]) * 4096"],
+    );
+}
+
+/// Block PUTs of export `tk` fail (every one) from now on; lease and manifest writes pass.
+fn fail_block_puts(bed: &FaultBed) {
+    bed.proxy.add(
+        Rule::new(Fault::InternalError)
+            .only(&[Op::Put])
+            .key_contains("tk/0000"),
+    );
+}
+
+fn fault_bed(route: Route) -> FaultBed {
+    FaultBed::start(vec![ExportSpec::new("tk").size("16MiB")], 1, |b| {
+        let b = b.flush_timeout("2s");
+        match route {
+            Route::Takeover => b,
+            Route::FdStore => b.service_manager(Some(STORE_SIZE)),
+        }
+    })
+}
+
+#[test]
+fn a_flush_failure_at_a_fd_store_stop_closes_the_clients_and_exits_1() {
+    let mut bed = fault_bed(Route::FdStore);
+    let addr = format!("127.0.0.1:{}", bed.nbd.port());
+    let (mut raw, _) = Raw::open(&addr, "tk");
+    fail_block_puts(&bed);
+    assert_eq!(raw.write_at(1, 0, &[9u8; 4096]), 0);
+    let (mut old, _) = bed.nbd.systemctl_restart();
+    let status = old.wait_exit(DAEMON_TIMEOUT).expect("exited");
+    let log = old.logs.text();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains("NOT flushed"), "{log}");
+    assert!(
+        log.contains("closing 1 connection(s) to exports not flushed (tk)"),
+        "{log}"
+    );
+    assert!(
+        log.contains("kept 1 listener(s) and 0 client connection(s)"),
+        "{log}"
+    );
+    // The client learns that something went wrong: its connection is gone, not paused.
+    raw.expect_closed("a client whose writes were lost");
+    // The listener was kept: the same port serves the next process.
+    bed.nbd.wait_for_log(
+        "fd store: received 1 listener(s) and 0 connection(s)",
+        DAEMON_TIMEOUT,
+    );
+    bed.proxy.clear();
+    let (mut again, _) = Raw::open(&addr, "tk");
+    assert_eq!(again.cmd(0, CMD_FLUSH, 2, 0, 0), 0);
+}
+
+#[test]
+fn a_takeover_is_refused_while_a_flush_fails_and_the_old_process_serves_on() {
+    let mut bed = fault_bed(Route::Takeover);
+    let addr = format!("127.0.0.1:{}", bed.nbd.port());
+    let (mut raw, _) = Raw::open(&addr, "tk");
+    fail_block_puts(&bed);
+    let data = pattern(3, 0, 4096);
+    assert_eq!(raw.write_at(1, 0, &data), 0);
+    let old_pid = bed.nbd.pid();
+    let failed = match bed.nbd.try_take_over() {
+        Ok(_) => panic!("the takeover happened although the flush failed"),
+        Err(f) => f,
+    };
+    assert_eq!(
+        failed.status.and_then(|s| s.code()),
+        Some(1),
+        "{}",
+        failed.logs
+    );
+    assert!(
+        failed
+            .logs
+            .contains("the running daemon refused the takeover: not flushed: tk; serving on"),
+        "{}",
+        failed.logs
+    );
+    assert_eq!(bed.nbd.pid(), old_pid);
+    assert!(bed.nbd.try_wait().is_none(), "the old process serves on");
+    bed.nbd
+        .wait_for_log("takeover refused", Duration::from_secs(10));
+    // Same connection, same process: the data is still there, and stored once S3 heals.
+    assert_eq!(raw.read_at(2, 0, 4096).expect("read"), data);
+    bed.proxy.clear();
+    assert_eq!(raw.cmd(0, CMD_FLUSH, 3, 0, 0), 0);
+    // New connections are accepted again too.
+    let (mut other, _) = Raw::open(&addr, "tk");
+    assert_eq!(other.read_at(4, 0, 4096).expect("read"), data);
 }
