@@ -271,6 +271,158 @@ fn takeovers_under_fio(guest: &mut Guest, nbd: &mut NbdS3, dev: &str) {
     assert!(out.contains("err= 0"), "fio reported errors:\n{out}");
 }
 
+/// A snapshot of a mounted filesystem in use, taken the way a host backs up a running disk:
+/// files are written and their sha256 recorded while a writer keeps creating files (each
+/// written under a temporary name, then renamed), `fsfreeze -f`, `nbd-s3 snapshot create`
+/// over the control socket, `fsfreeze -u`, then files are removed, rewritten and added while
+/// the writer goes on. The snapshot, attached beside the live device, must check clean,
+/// mount, hold every recorded checksum and exactly the files the writer had finished at the
+/// freeze, and none of the later changes; the live filesystem keeps them and checks clean.
+///
+/// ext4 is checked on `EXPORT@SNAP` itself, attached read-only: a frozen ext4 has a clean
+/// journal. A frozen xfs leaves its log for the next mount to replay (lazy superblock
+/// counters), which a read-only device cannot do, so xfs is checked the way such a snapshot
+/// is used: through a writable clone (`base = "EXPORT@SNAP"`, added by reload), mounted
+/// (replaying the log), unmounted and then checked.
+fn snapshot_of_a_mounted_fs(
+    guest: &mut Guest,
+    nbd: &mut NbdS3,
+    fs: &str,
+    export: &str,
+    devs: (&str, &str),
+) {
+    let (dev, snap_dev) = devs;
+    let (mkfs, check) = match fs {
+        "ext4" => ("mkfs.ext4 -q", "e2fsck -fn"),
+        _ => ("mkfs.xfs -q", "xfs_repair -n"),
+    };
+    let mnt = format!("/tmp/mnt-{export}");
+    let ro_mnt = format!("/tmp/mnt-{export}-snap");
+    let sums = format!("/tmp/work/{export}.sha256");
+    let stop = format!("/tmp/work/{export}.stop");
+    let log = format!("/tmp/work/{export}.writer");
+    // File K holds `seq K K+3000`, written under a temporary name and renamed: a file with a
+    // number for a name is complete in every consistent image of the filesystem.
+    let writer = format!(
+        "mkdir -p {mnt}/w
+         (for k in $(seq 1 100000); do test -e {stop} && break;          seq $k $((k + 3000)) > {mnt}/w/tmp; mv {mnt}/w/tmp {mnt}/w/$k; done;          echo \"writer exit $?\" > {log}) </dev/null >/dev/null 2>&1 &\n"
+    );
+    let finished = |dir: &str| format!("$(ls {dir}/w | grep -c '^[0-9]')");
+    // Waits (bounded) until the writer has finished `at_least` files.
+    let wait_writer = |at_least: &str| {
+        let n = finished(&mnt);
+        format!(
+            "want={at_least}\nfor i in $(seq 600); do test {n} -ge $want && break; \
+             sleep 0.2; done\ntest {n} -ge $want\n"
+        )
+    };
+    let out = guest.run(
+        &format!("{fs} snapshot: mkfs, files, writer running, fsfreeze"),
+        &format!(
+            "{connect}{mkfs} {dev}\nmkdir -p {mnt}\nmount {dev} {mnt}\n\
+             head -c 3M /dev/urandom > {mnt}/kept.bin\n\
+             head -c 2M /dev/urandom > {mnt}/rewritten.bin\n\
+             head -c 1M /dev/urandom > {mnt}/removed.bin\n\
+             mkdir {mnt}/small\n\
+             for i in $(seq 50); do echo \"small $i\" > {mnt}/small/$i; done\n\
+             (cd {mnt} && sha256sum kept.bin rewritten.bin removed.bin small/*) > {sums}\n\
+             {writer}{wait}fsfreeze -f {mnt}\necho \"frozen {n}\"\n",
+            connect = connect(nbd, export, dev, ""),
+            wait = wait_writer("5"),
+            n = finished(&mnt),
+        ),
+        STEP,
+    );
+    // Counted after the freeze: the writer waits in its next write or rename.
+    let frozen = tagged(&out, "frozen");
+    let snap = format!("{export}@S");
+    nbd.admin_ok(&["snapshot", "create", export, "S"]);
+    let clone = format!("{export}-clone");
+    if fs == "xfs" {
+        let size = (nbd.config().exports.iter())
+            .find(|e| e.name == export)
+            .map(|e| e.size.clone())
+            .expect("the export is configured");
+        let spec = ExportSpec::new(&clone)
+            .size(&size)
+            .line(&format!("base = \"{snap}\""));
+        nbd.rewrite_config(|c| c.exports.push(spec));
+        nbd.sighup();
+        wait_until("the clone served after the reload", DAEMON_TIMEOUT, || {
+            nbd.admin(&["status", "--json"])
+                .stdout
+                .windows(clone.len() + 2)
+                .any(|w| w == format!("\"{clone}\"").as_bytes())
+        });
+    }
+    let out = guest.run(
+        &format!("{fs} snapshot: thaw, change files, stop the writer"),
+        &format!(
+            "fsfreeze -u {mnt}\nrm {mnt}/removed.bin\n\
+             head -c 2M /dev/urandom > {mnt}/rewritten.bin\necho later > {mnt}/added.txt\n\
+             rm -r {mnt}/small\n{wait}touch {stop}\n\
+             for i in $(seq 600); do test -e {log} && break; sleep 0.2; done\ncat {log}\n\
+             sync\necho \"live {n}\"\n",
+            wait = wait_writer(&format!("$(( {} + 5 ))", finished(&mnt))),
+            n = finished(&mnt),
+        ),
+        STEP,
+    );
+    assert!(out.contains("writer exit 0"), "the writer failed:\n{out}");
+    let live = tagged(&out, "live");
+    // Both copies carry the same filesystem UUID; xfs refuses a second mount of one
+    // without `nouuid`.
+    let (attach, mount, checked) = match fs {
+        "ext4" => (
+            connect(nbd, &snap, snap_dev, "-R"),
+            format!(
+                "echo \"read-only $(blockdev --getro {snap_dev})\"\n{check} {snap_dev}\n\
+                 mount -o ro {snap_dev} {ro_mnt}\n"
+            ),
+            String::new(),
+        ),
+        _ => (
+            connect(nbd, &clone, snap_dev, ""),
+            format!("mount -o nouuid {snap_dev} {ro_mnt}\n"),
+            format!("{check} {snap_dev}\n"),
+        ),
+    };
+    let out = guest.run(
+        &format!("{fs} snapshot: attach {snap}, check, mount, compare"),
+        &format!(
+            "{attach}mkdir -p {ro_mnt}\n{mount}\
+             (cd {ro_mnt} && sha256sum -c {sums})\ntest ! -e {ro_mnt}/added.txt\n\
+             for f in {ro_mnt}/w/[0-9]*; do k=${{f##*/}}; seq $k $((k + 3000)) | cmp - $f; done\n\
+             echo \"snapshot {n}\"\numount {ro_mnt}\n{checked}nbd-client -d {snap_dev}\n\
+             umount {mnt}\n{check} {dev}\nnbd-client -d {dev}\n",
+            n = finished(&ro_mnt),
+        ),
+        STEP,
+    );
+    if fs == "ext4" {
+        assert_eq!(tagged(&out, "read-only"), 1, "{snap} is not read-only");
+    }
+    let in_snapshot = tagged(&out, "snapshot");
+    assert_eq!(
+        in_snapshot, frozen,
+        "{snap} should hold exactly the writer's files finished at the freeze"
+    );
+    assert!(
+        live >= frozen + 5,
+        "the writer went on after the thaw: {live} files live, {frozen} at the freeze"
+    );
+}
+
+/// The number a step printed on a line `TAG N`.
+fn tagged(out: &str, tag: &str) -> usize {
+    let prefix = format!("{tag} ");
+    out.lines()
+        .filter(|l| !l.starts_with('+'))
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no `{tag} N` line in the step's output:\n{out}"))
+}
+
 /// Every kernel-client case in one guest boot; prints the boot time and each case's time.
 #[test]
 fn kernel_client_in_a_guest() {
@@ -286,6 +438,8 @@ fn kernel_client_in_a_guest() {
         .export(ExportSpec::new("trim").size("64MiB"))
         .export(ExportSpec::new("big").size("128MiB"))
         .export(ExportSpec::new("takeover").size("128MiB"))
+        .export(ExportSpec::new("snap4").size("128MiB"))
+        .export(ExportSpec::new("snapxfs").size("320MiB"))
         .start();
     let mut guest = Guest::boot(&tools);
     eprintln!("guest boot: {:.1?}", guest.boot_time());
@@ -316,6 +470,12 @@ fn kernel_client_in_a_guest() {
     });
     case("fio on ext4 across three takeovers", &mut guest, &mut |g| {
         takeovers_under_fio(g, &mut nbd, "/dev/nbd5")
+    });
+    case("snapshot of a mounted ext4", &mut guest, &mut |g| {
+        snapshot_of_a_mounted_fs(g, &mut nbd, "ext4", "snap4", ("/dev/nbd6", "/dev/nbd7"))
+    });
+    case("snapshot of a mounted xfs", &mut guest, &mut |g| {
+        snapshot_of_a_mounted_fs(g, &mut nbd, "xfs", "snapxfs", ("/dev/nbd8", "/dev/nbd9"))
     });
     eprintln!("kernel client guest timings: {times:.1?}");
 }
