@@ -95,32 +95,22 @@ impl Daemon {
         Ok(out)
     }
 
-    /// `snapshot delete EXPORT SNAP`: refused while clients read the snapshot's export.
-    /// Returns how many objects were deleted.
+    /// `snapshot delete EXPORT SNAP`: refused while clients read the snapshot's export (the
+    /// store counts them and keeps new ones out while it deletes). Returns how many objects
+    /// were deleted.
     pub async fn snapshot_delete(&self, export: &str, snapshot: &str) -> Result<u64, String> {
         let (_, store, _lease) = self.leased(export).await?;
-        let clients = self.registry.snapshot_clients(export, snapshot);
-        if clients > 0 {
-            return Err(format!(
-                "{clients} client(s) attached to {export}@{snapshot}; disconnect them first"
-            ));
-        }
         store
             .delete_snapshot(snapshot)
             .await
             .map_err(|e| refused(export, e))
     }
 
-    /// `snapshot rollback EXPORT SNAP`: refused while clients are attached to EXPORT.
-    /// Returns how many objects were deleted.
+    /// `snapshot rollback EXPORT SNAP`: refused while clients are attached to EXPORT (the
+    /// store counts them and keeps new ones out while it rolls back). Returns how many
+    /// objects were deleted.
     pub async fn snapshot_rollback(&self, export: &str, snapshot: &str) -> Result<u64, String> {
-        let (served, store, _lease) = self.leased(export).await?;
-        let clients = served.attached();
-        if clients > 0 {
-            return Err(format!(
-                "{clients} client(s) attached to {export}; disconnect them first"
-            ));
-        }
+        let (_, store, _lease) = self.leased(export).await?;
         store
             .rollback(snapshot)
             .await

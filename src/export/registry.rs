@@ -70,11 +70,6 @@ impl Registry {
         views.insert(name.to_owned(), Arc::clone(&opened));
         Some(opened)
     }
-    /// Clients attached to the snapshot export `EXPORT@SNAP`.
-    pub fn snapshot_clients(&self, export: &str, snapshot: &str) -> usize {
-        let name = format!("{export}@{snapshot}");
-        self.views.lock().get(&name).map_or(0, |e| e.attached())
-    }
     /// Every export a client may ask for, sorted by name: the configured ones and the
     /// snapshots of the served ones (NBD_OPT_LIST). Nothing is opened to list them.
     pub fn list_with_snapshots(&self) -> Vec<Listed> {

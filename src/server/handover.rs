@@ -147,6 +147,7 @@ impl Server {
         };
         let neg = super::handshake::Negotiated {
             attachment: export.attach(),
+            client: store.adopt_client(),
             store,
             size: state.size,
             read_only: state.read_only,

@@ -15,7 +15,7 @@ use crate::proto::{
     parse_client_flags, parse_option, parse_option_header, ClientFlags, ClientOption,
     HandshakeError, InfoRequest, MetaContextRequest, ParseOptionError, PayloadPlan,
 };
-use crate::store::BlockStore;
+use crate::store::{BlockStore, StoreClient};
 use std::io;
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -32,6 +32,9 @@ pub const BASE_ALLOCATION_ID: u32 = 1;
 pub(crate) struct Negotiated {
     /// Keeps the export alive (and counted) for the connection's lifetime.
     pub attachment: Attachment,
+    /// Counted by the store, which keeps new clients out while a rollback or a snapshot
+    /// delete runs.
+    pub client: StoreClient,
     pub store: Arc<BlockStore>,
     pub size: u64,
     pub read_only: bool,
@@ -349,10 +352,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
         let (export, store) = self
             .lookup(name)
             .map_err(|r| NegotiateError::UnknownExport(r.message))?;
+        let client = store
+            .attach_client()
+            .map_err(|why| NegotiateError::UnknownExport(unavailable(&export, &why)))?;
         let attachment = attach(&export, self.ctx.peer.to_string())
             .await
             .map_err(|r| NegotiateError::UnknownExport(r.message))?;
-        let n = self.negotiated(&export, store, attachment);
+        let n = self.negotiated(&export, store, attachment, client);
         let tflags = transmission_flags(n.read_only, n.structured);
         reply::export_name_reply(&mut self.out, n.size, tflags, self.ctx.flags.no_zeroes);
         self.send().await?;
@@ -370,9 +376,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
             Err(r) => return self.error(option, r.kind, &r.message).await,
         };
         // Only GO enters transmission (and so takes the export lease); INFO merely looks.
-        let attachment = if go {
+        // The store counts the client before anything is promised, so a rollback or delete
+        // that started first refuses it instead of changing the export under it.
+        let attached = if go {
+            let client = match store.attach_client() {
+                Ok(client) => client,
+                Err(why) => {
+                    let message = unavailable(&export, &why);
+                    return self.error(option, REP_ERR_UNKNOWN, &message).await;
+                }
+            };
             match attach(&export, self.ctx.peer.to_string()).await {
-                Ok(a) => Some(a),
+                Ok(a) => Some((a, client)),
                 Err(r) => return self.error(option, r.kind, &r.message).await,
             }
         } else {
@@ -395,8 +410,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
         reply::info_block_size(&mut self.out, option, 1, preferred, MAX_PAYLOAD);
         reply::option_reply(&mut self.out, option, REP_ACK, b"");
         self.send().await?;
-        Ok(match attachment {
-            Some(a) => Step::Done(Outcome::Export(self.negotiated(&export, store, a))),
+        Ok(match attached {
+            Some((a, client)) => {
+                Step::Done(Outcome::Export(self.negotiated(&export, store, a, client)))
+            }
             None => Step::Continue,
         })
     }
@@ -407,12 +424,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
         export: &Arc<Export>,
         store: Arc<BlockStore>,
         attachment: Attachment,
+        client: StoreClient,
     ) -> Negotiated {
         let block_status = self.meta_export.as_deref() == Some(export.name());
         Negotiated {
             size: store.size(),
             read_only: export.read_only(),
             attachment,
+            client,
             store,
             structured: self.structured,
             block_status,
@@ -465,6 +484,11 @@ fn find(registry: &crate::export::Registry, name: &str) -> Result<Arc<Export>, S
     registry
         .find(name)
         .ok_or_else(|| format!("export '{name}' does not exist"))
+}
+
+/// The ERR_UNKNOWN message for a served export its store keeps clients out of for now.
+fn unavailable(export: &Export, why: &str) -> String {
+    format!("export '{}' is unavailable: {why}", export.name())
 }
 
 /// Transmission flags for an export as negotiated (INFO and GO must report the same).

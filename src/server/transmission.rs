@@ -116,6 +116,7 @@ where
 {
     let Negotiated {
         attachment,
+        client,
         store,
         size,
         read_only,
@@ -172,7 +173,8 @@ where
     } = conn;
     drop(tx);
     let written = finish_writer(writer_task, result.is_err(), &mut state).await;
-    drop((ctx, attachment));
+    // Uncounted only once every request is answered: a rollback waits for them.
+    drop((ctx, attachment, client));
     result?;
     written.map_err(ConnError::Writer)?;
     Ok(match parked {

@@ -24,6 +24,7 @@
 mod block;
 mod budget;
 mod cache;
+mod clients;
 mod clone;
 mod codec;
 mod crash;
@@ -45,6 +46,7 @@ mod writeback;
 mod tests;
 
 pub use budget::CacheBudget;
+pub use clients::StoreClient;
 pub use clone::BaseSpec;
 
 pub use crash::crash_point;
@@ -203,6 +205,8 @@ pub struct BlockStore {
     buckets: Arc<dyn Buckets>,
     /// Changes applied so far (automatic snapshots skip an export that did not change).
     changes: AtomicU64,
+    /// The clients attached (a view's: its snapshot's), closed during a rollback or delete.
+    clients: Arc<clients::ClientGate>,
 }
 
 /// Whether this daemon may change an export's objects now. The export lease closes it when
@@ -259,7 +263,10 @@ impl BlockStore {
         let objects = objects::BlockObjects::new(objects, cfg.prefix.clone(), bs, layers)
             .with_codec(codec::Codec::new(&cfg.codec, bs), id);
         objects.set_base(base);
-        Ok(Self::assemble(objects, &cfg, budget, snapshots, buckets))
+        let clients = Arc::default();
+        Ok(Self::assemble(
+            objects, &cfg, budget, snapshots, buckets, clients,
+        ))
     }
 
     /// A store over `objects` (whose layers are loaded), its write-back running.
@@ -269,6 +276,7 @@ impl BlockStore {
         budget: Arc<CacheBudget>,
         snapshots: Vec<manifest::SnapshotRecord>,
         buckets: Arc<dyn Buckets>,
+        clients: Arc<clients::ClientGate>,
     ) -> Arc<Self> {
         let presence = objects.layers().effective();
         let bs = u64::from(cfg.block_size);
@@ -300,7 +308,21 @@ impl BlockStore {
             snaps: snapshot::Snapshots::new(snapshots),
             buckets,
             changes: AtomicU64::new(0),
+            clients,
         })
+    }
+    /// Counts a client attaching (NBD_OPT_GO), or says why it may not now: the export is
+    /// being rolled back, or this snapshot deleted.
+    pub fn attach_client(&self) -> Result<StoreClient, String> {
+        self.clients.enter()
+    }
+    /// Counts a client that is already attached (taken over from the previous process).
+    pub fn adopt_client(&self) -> StoreClient {
+        self.clients.adopt()
+    }
+    /// Clients attached to this store (for a snapshot's view: to the snapshot).
+    pub fn clients(&self) -> usize {
+        self.clients.clients()
     }
     /// Installs the lease fence (once; later calls are ignored).
     pub fn set_write_gate(&self, gate: Arc<dyn WriteGate>) {

@@ -8,6 +8,7 @@
 //! leaves objects that the next delete or `gc` removes. Each step that a crash could split
 //! has a named crash point (`crash_point`) for the tests.
 
+use super::clients::ClientGate;
 use super::layers::Layers;
 use super::manifest::{self, LayerRecord, SnapshotRecord};
 use super::objects::BlockObjects;
@@ -38,6 +39,8 @@ pub use crate::config::check_snapshot_name;
 pub(super) struct Snapshots {
     records: parking_lot::Mutex<Vec<SnapshotRecord>>,
     views: parking_lot::Mutex<BTreeMap<String, Arc<BlockStore>>>,
+    /// The clients of each snapshot's view (outlives a reopened view).
+    view_clients: parking_lot::Mutex<BTreeMap<String, Arc<ClientGate>>>,
     /// One admin change at a time per export.
     pub admin: tokio::sync::Mutex<()>,
 }
@@ -52,6 +55,7 @@ impl Snapshots {
         Self {
             records: parking_lot::Mutex::new(records),
             views: parking_lot::Mutex::new(BTreeMap::new()),
+            view_clients: parking_lot::Mutex::new(BTreeMap::new()),
             admin: tokio::sync::Mutex::new(()),
         }
     }
@@ -61,6 +65,11 @@ impl Snapshots {
     pub fn reset(&self, records: Vec<SnapshotRecord>) {
         *self.records.lock() = records;
         self.views.lock().clear();
+    }
+
+    /// The gate counting the clients of snapshot `name`'s view.
+    fn view_gate(&self, name: &str) -> Arc<ClientGate> {
+        Arc::clone(self.view_clients.lock().entry(name.to_owned()).or_default())
     }
 }
 
@@ -162,7 +171,8 @@ impl BlockStore {
     }
 
     /// Deletes snapshot `name`, then the objects nothing reads any more; returns how many
-    /// objects were deleted.
+    /// objects were deleted. Refused while clients read the snapshot; none can attach to it
+    /// from the start of the delete.
     pub async fn delete_snapshot(&self, name: &str) -> Result<u64, StoreError> {
         // A read-only export holds no lease and has no write gate: refuse before the
         // manifest write, or it would change the snapshots of the daemon that does.
@@ -171,6 +181,15 @@ impl BlockStore {
         }
         let _one_at_a_time = self.snaps.admin.lock().await;
         self.gate()?;
+        // Closed before the check, so no client attaches to the view between the two.
+        let no_clients = self
+            .snaps
+            .view_gate(name)
+            .close(
+                &format!("snapshot {name:?} is being deleted"),
+                &format!("snapshot {name:?}"),
+            )
+            .map_err(StoreError::Refused)?;
         let store = self.inner.objects.store();
         let prefix = self.inner.objects.prefix();
         let (mut m, tag) = manifest::read(store, prefix).await?;
@@ -189,20 +208,33 @@ impl BlockStore {
         crash_point("snapshot-delete-written");
         *self.snaps.records.lock() = m.snapshots.clone();
         self.snaps.views.lock().remove(name);
+        // A view looked up before the delete stays closed; a later snapshot of the same
+        // name gets a gate of its own.
+        no_clients.forever(&format!("snapshot {name:?} was deleted"));
+        self.snaps.view_clients.lock().remove(name);
         tracing::info!(prefix = %prefix, snapshot = name, "snapshot deleted");
         self.collect(&m).await
     }
 
     /// Makes the export read exactly as snapshot `name` did: a new, empty head layer on top
-    /// of the snapshot's, then the old head's objects go. The caller makes sure no client
-    /// is attached (their cached view would change under them). Returns how many objects
-    /// were deleted.
+    /// of the snapshot's, then the old head's objects go. Refused while clients are attached
+    /// (their cached view would change under them); none can attach while it runs. Returns
+    /// how many objects were deleted.
     pub async fn rollback(&self, name: &str) -> Result<u64, StoreError> {
         if self.inner.read_only {
             return Err(StoreError::ReadOnly);
         }
         let _one_at_a_time = self.snaps.admin.lock().await;
         self.gate()?;
+        // Closed before the check and until the old head's objects are gone, so no client
+        // attaches (NBD_OPT_GO) to an export changing under it.
+        let _no_clients = self
+            .clients
+            .close(
+                &format!("the export is being rolled back to snapshot {name:?}"),
+                "the export",
+            )
+            .map_err(StoreError::Refused)?;
         let m = {
             let _no_changes = self.barrier.write().await;
             self.inner.flush().await?;
@@ -394,7 +426,8 @@ impl BlockStore {
         view_objects.set_base(self.inner.objects.base());
         let budget = Arc::clone(&self.inner.budget);
         let buckets = Arc::clone(&self.buckets);
-        let view = Self::assemble(view_objects, &cfg, budget, Vec::new(), buckets);
+        let clients = self.snaps.view_gate(name);
+        let view = Self::assemble(view_objects, &cfg, budget, Vec::new(), buckets, clients);
         let mut views = self.snaps.views.lock();
         let view = views.entry(name.to_owned()).or_insert(view);
         Some(Arc::clone(view))

@@ -9,7 +9,7 @@ use crate::common::nbdsh_session::NbdshSession;
 use crate::common::store_bed::{
     allocation_map, apply, assert_image, nbd_read, nbd_write, Bed, BUCKET, KIB, MIB,
 };
-use crate::common::{nbdinfo, pattern, run_fails, tool, ExportSpec, DAEMON_TIMEOUT};
+use crate::common::{nbdinfo, pattern, poll_until, run_fails, tool, ExportSpec, DAEMON_TIMEOUT};
 
 const BS: u64 = 64 * KIB;
 const SIZE: u64 = 4 * MIB;
@@ -424,4 +424,115 @@ fn automatic_snapshots_follow_changes_and_keep_only_the_newest() {
         "a snapshot of an unchanged export: {:?}",
         auto_names(&bed)
     );
+}
+
+/// Python for nbdsh: connects to `uri` again and again until `stop` exists (at most 60 s);
+/// each attached client reads the first blocks 20 times and they must never change (a
+/// rollback or a delete under an attached client would change them, or fail the read).
+/// Refused connections are counted; prints `attached N refused M`. Writes `ready` beside
+/// `stop` once a client was attached.
+fn racer(uri: &str, stop: &std::path::Path) -> String {
+    let ready = stop.with_file_name("ready");
+    let code = r#"
+import os, time
+ok = refused = 0
+deadline = time.time() + 60
+while time.time() < deadline and not os.path.exists(STOP):
+    c = nbd.NBD()
+    try:
+        c.connect_uri(URI)
+    except nbd.Error as e:
+        if refused == 0:
+            print('first refusal:', e, flush=True)
+        refused += 1
+        continue
+    first = c.pread(LEN, 0)
+    for i in range(20):
+        assert c.pread(LEN, 0) == first, 'the data changed under an attached client'
+    c.shutdown()
+    ok += 1
+    open(READY, 'w').close()
+print('attached', ok, 'refused', refused)
+"#;
+    code.replace("STOP", &format!("{stop:?}"))
+        .replace("URI", &format!("{uri:?}"))
+        .replace("READY", &format!("{ready:?}"))
+        .replace("LEN", &(4 * BS).to_string())
+}
+
+/// Runs `admin` until it succeeds (bounded) while `racer` clients keep attaching to `uri`;
+/// returns the racer's report.
+fn race(bed: &Bed, uri: &str, admin: &[&str]) -> String {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let stop = dir.path().join("stop");
+    let child = tool("nbdsh")
+        .args(["-c", &racer(uri, &stop)])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start nbdsh");
+    let ready = dir.path().join("ready");
+    let mut child = child;
+    let attached = poll_until(DAEMON_TIMEOUT, || {
+        ready.exists() || child.try_wait().is_ok_and(|s| s.is_some())
+    });
+    if !attached || !ready.exists() {
+        let _ = child.kill();
+        let out = child.wait_with_output().expect("nbdsh racer");
+        panic!("the racer never attached: {}", crate::common::show(&out));
+    }
+    let mut done = false;
+    let mut refused = Vec::new();
+    for _ in 0..300 {
+        let out = bed.nbd.admin(admin);
+        if out.status.success() {
+            done = true;
+            break;
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(stderr.contains("attached"), "{admin:?}: {stderr}");
+        refused.push(stderr);
+    }
+    std::fs::write(&stop, b"").expect("stop the racer");
+    let out = child.wait_with_output().expect("nbdsh racer");
+    let report = crate::common::show(&out);
+    assert!(
+        out.status.success(),
+        "a client saw the data change: {report}"
+    );
+    assert!(
+        done,
+        "{admin:?} never found a moment without clients: {refused:?}"
+    );
+    eprintln!(
+        "{admin:?} refused {} times while racing: {report}",
+        refused.len()
+    );
+    report
+}
+
+#[test]
+fn clients_racing_a_rollback_or_a_delete_never_see_the_data_change_under_them() {
+    let bed = Bed::start(vec![spec()]);
+    let a = pattern(4 * BS as usize, 21);
+    let b = pattern(4 * BS as usize, 22);
+    nbd_write(&bed.uri("vm1"), &[(0, a.clone())], true);
+    bed.nbd.admin_ok(&["snapshot", "create", "vm1", "a"]);
+    for round in 0..3 {
+        nbd_write(&bed.uri("vm1"), &[(0, b.clone())], true);
+        let report = race(&bed, &bed.uri("vm1"), &["snapshot", "rollback", "vm1", "a"]);
+        assert!(report.contains("attached"), "{report}");
+        let now = nbd_read(&bed.uri("vm1"), 0, 4 * BS);
+        assert!(now == a, "round {round}: the rollback did not take effect");
+    }
+    for round in 0..3 {
+        let name = format!("d{round}");
+        nbd_write(&bed.uri("vm1"), &[(0, b.clone())], true);
+        bed.nbd.admin_ok(&["snapshot", "create", "vm1", &name]);
+        nbd_write(&bed.uri("vm1"), &[(0, a.clone())], true);
+        let snap = bed.uri(&format!("vm1@{name}"));
+        race(&bed, &snap, &["snapshot", "delete", "vm1", &name]);
+        let list = snapshot_list(&bed);
+        assert!(!list.to_string().contains(&name), "{list}");
+    }
 }
