@@ -434,7 +434,7 @@ fn automatic_snapshots_follow_changes_and_keep_only_the_newest() {
 fn racer(uri: &str, stop: &std::path::Path) -> String {
     let ready = stop.with_file_name("ready");
     let code = r#"
-import os, time
+import os, random, time
 ok = refused = 0
 deadline = time.time() + 60
 while time.time() < deadline and not os.path.exists(STOP):
@@ -452,6 +452,8 @@ while time.time() < deadline and not os.path.exists(STOP):
     c.shutdown()
     ok += 1
     open(READY, 'w').close()
+    # Leave the admin command moments without clients (the test is about safety).
+    time.sleep(random.random() * 0.05)
 print('attached', ok, 'refused', refused)
 "#;
     code.replace("STOP", &format!("{stop:?}"))
@@ -502,7 +504,9 @@ fn race(bed: &Bed, uri: &str, admin: &[&str]) -> String {
     );
     assert!(
         done,
-        "{admin:?} never found a moment without clients: {refused:?}"
+        "{admin:?} never found a moment without clients ({} refusals, the last: {:?})",
+        refused.len(),
+        refused.last()
     );
     eprintln!(
         "{admin:?} refused {} times while racing: {report}",
