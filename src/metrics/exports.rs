@@ -7,7 +7,7 @@ use crate::export::requests::{CommandSnapshot, COMMANDS};
 use crate::export::Export;
 use crate::histogram::Snapshot;
 use crate::proto::Command;
-use crate::store::StoreStats;
+use crate::store::{SnapshotStats, StoreStats};
 use prometheus_client::encoding::DescriptorEncoder;
 use std::fmt;
 use std::sync::Arc;
@@ -199,6 +199,7 @@ fn store(enc: &mut DescriptorEncoder, exports: &[Arc<Export>]) -> fmt::Result {
     for (name, help, field) in STORE_COUNTERS {
         counters(enc, name, help, each(field))?;
     }
+    snapshots(enc, exports)?;
     let flushes = stores
         .iter()
         .map(|(name, _, h)| (label("export", name), h.clone()));
@@ -207,6 +208,32 @@ fn store(enc: &mut DescriptorEncoder, exports: &[Arc<Export>]) -> fmt::Result {
         "nbd_s3_export_flush_duration_seconds",
         "Time for a flush to bring everything written before it into the object store",
         flushes,
+    )
+}
+
+/// Snapshots of each served export and the bytes only they hold.
+fn snapshots(enc: &mut DescriptorEncoder, exports: &[Arc<Export>]) -> fmt::Result {
+    let stats: Vec<(&str, SnapshotStats)> = exports
+        .iter()
+        .filter_map(|e| Some((e.name(), e.store()?.snapshot_stats())))
+        .collect();
+    let each = |f: fn(&SnapshotStats) -> u64| {
+        stats
+            .iter()
+            .map(|(name, s)| (label("export", name), f(s)))
+            .collect::<Vec<_>>()
+    };
+    gauges(
+        enc,
+        "nbd_s3_snapshots",
+        "Snapshots of the export",
+        each(|s| s.snapshots),
+    )?;
+    gauges(
+        enc,
+        "nbd_s3_snapshot_bytes_held",
+        "Block objects stored only because snapshots read them, in block-size bytes (before compression): what deleting every snapshot would free",
+        each(|s| s.bytes_held),
     )
 }
 

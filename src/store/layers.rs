@@ -116,6 +116,9 @@ pub(crate) struct Layers {
     bits: BTreeMap<u64, Bits>,
     /// The chain reads resolve through, top first; writes go to `chain[0]`.
     chain: Vec<u64>,
+    /// Bumped by every change of the bits or the chain (what snapshot accounting remembers
+    /// its last answer by).
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl Layers {
@@ -125,6 +128,7 @@ impl Layers {
             parents: BTreeMap::from([(0, None)]),
             bits: BTreeMap::new(),
             chain: vec![0],
+            generation: Default::default(),
         })
     }
 
@@ -136,6 +140,7 @@ impl Layers {
             bits: parents.keys().map(|l| (*l, Bits::default())).collect(),
             parents,
             chain,
+            generation: Default::default(),
         })
     }
 
@@ -189,6 +194,7 @@ impl Layers {
     /// After flatten: `flat` (holding copies of every base block) replaces the base layers
     /// under the root of the export's own layers.
     pub fn replace_base(&mut self, flat: u64, copied: &[u64]) -> Result<(), String> {
+        self.changed();
         let mut parents: BTreeMap<u64, Option<u64>> = self
             .parents
             .iter()
@@ -210,6 +216,50 @@ impl Layers {
         self.bits.insert(flat, bits);
         self.parents = parents;
         Ok(())
+    }
+
+    fn changed(&self) {
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Changes so far: equal numbers mean equal bits and chain.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// A copy to count on without holding the lock the store keeps the layers under.
+    pub fn copy(&self) -> Layers {
+        Layers {
+            parents: self.parents.clone(),
+            bits: self.bits.iter().map(|(l, b)| (*l, b.copy())).collect(),
+            chain: self.chain.clone(),
+            generation: Default::default(),
+        }
+    }
+
+    /// Objects stored only because snapshots read them: data the live export does not read
+    /// where it lies, but a snapshot (reading through a layer of `snapshots`) does. What
+    /// deleting every snapshot would free; a clone's base blocks are its base's to free.
+    pub fn held_by_snapshots(&self, snapshots: &BTreeSet<u64>) -> u64 {
+        let chains: Vec<Vec<u64>> = snapshots
+            .iter()
+            .filter_map(|s| chain_of(&self.parents, *s).ok())
+            .collect();
+        let mut count = 0;
+        for (layer, bits) in self.bits.iter().filter(|(l, _)| **l & BASE == 0) {
+            let here = Found::Data(*layer);
+            bits.data.for_each(|block| {
+                if self.resolve(block) != here
+                    && chains
+                        .iter()
+                        .any(|c| c.contains(layer) && resolve_in(&self.bits, c, block) == here)
+                {
+                    count += 1;
+                }
+            });
+        }
+        count
     }
 
     /// Whether the export has layers (snapshots, rollbacks, a clone's base), not just its
@@ -248,6 +298,7 @@ impl Layers {
 
     /// Records what `layer` now holds for `block`.
     pub fn set(&self, layer: u64, block: u64, data: bool, tomb: bool) {
+        self.changed();
         if let Some(b) = self.bits.get(&layer) {
             b.data.set(block, data);
             b.tomb.set(block, tomb);
@@ -256,6 +307,7 @@ impl Layers {
 
     /// Records that an object of a frozen layer was deleted (garbage collection).
     pub fn forget(&self, key: LayerKey) {
+        self.changed();
         if let Some(b) = self.bits.get(&key.layer) {
             let set = if key.tomb { &b.tomb } else { &b.data };
             set.set(key.block, false);
@@ -277,6 +329,7 @@ impl Layers {
 
     /// Freezes the head: `new` becomes the head, on top of the old one.
     pub fn push_head(&mut self, new: u64) {
+        self.changed();
         self.parents.insert(new, Some(self.head()));
         self.bits.insert(new, Bits::default());
         self.chain.insert(0, new);
@@ -285,6 +338,7 @@ impl Layers {
     /// Starts a new, empty head `new` on top of `parent` (a rollback to the snapshot reading
     /// through `parent`): reads resolve through `parent`'s chain from now on.
     pub fn reroot(&mut self, new: u64, parent: u64) -> Result<(), String> {
+        self.changed();
         let mut parents = self.parents.clone();
         parents.insert(new, Some(parent));
         self.chain = chain_of(&parents, new)?;
@@ -305,6 +359,7 @@ impl Layers {
             parents: self.parents.clone(),
             bits,
             chain,
+            generation: Default::default(),
         })
     }
 
@@ -506,6 +561,20 @@ mod tests {
         assert!(l.garbage(&all, 2).is_empty());
         assert_eq!(l.held_only_by(0, &all), 1, "block 2 of layer 0");
         assert_eq!(l.held_only_by(1, &all), 1, "block 3 of layer 1");
+        // Together the snapshots alone hold both; the copy counts the same.
+        let snaps: BTreeSet<u64> = [0, 1].into();
+        assert_eq!(l.held_by_snapshots(&snaps), 2);
+        assert_eq!(l.copy().held_by_snapshots(&snaps), 2);
+        assert_eq!(l.held_by_snapshots(&[1].into()), 1, "b alone: block 3");
+        let before = l.generation();
+        l.set(2, 3, true, false);
+        assert!(l.generation() > before, "a change moves the generation");
+        assert_eq!(
+            l.held_by_snapshots(&snaps),
+            2,
+            "rewritten in the head: still held"
+        );
+        l.set(2, 3, false, true);
 
         // Delete snapshot a: layer 0's block 2 is hidden from every reader.
         let without_a: BTreeSet<u64> = [1, 2].into();

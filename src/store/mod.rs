@@ -51,7 +51,7 @@ pub use clone::BaseSpec;
 
 pub use crash::crash_point;
 pub use error::{ErrorKind, StoreError};
-pub use snapshot::{check_snapshot_name, Snapshot};
+pub use snapshot::{check_snapshot_name, Snapshot, SnapshotStats};
 pub use stats::StoreStats;
 
 use crate::backend::DynObjectStore;

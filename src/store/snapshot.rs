@@ -43,7 +43,32 @@ pub(super) struct Snapshots {
     view_clients: parking_lot::Mutex<BTreeMap<String, Arc<ClientGate>>>,
     /// One admin change at a time per export.
     pub admin: tokio::sync::Mutex<()>,
+    /// The last count of objects held only by snapshots (metrics).
+    held: parking_lot::Mutex<HeldMemo>,
 }
+
+/// What the snapshots of an export hold (metrics).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SnapshotStats {
+    pub snapshots: u64,
+    /// Objects stored only because snapshots read them, in block-size bytes (before
+    /// compression and encryption): what deleting every snapshot would free.
+    pub bytes_held: u64,
+}
+
+/// The last count of objects held only by snapshots, with what it was counted from.
+#[derive(Debug, Default)]
+struct HeldMemo {
+    /// Layer generation, head and snapshot layers the count was made for.
+    key: Option<(u64, u64, Vec<u64>)>,
+    objects: u64,
+    at: Option<std::time::Instant>,
+    took: std::time::Duration,
+}
+
+/// A count is made again at most once per this many times what the last one took, however
+/// often metrics are scraped while the export changes: at most about 1% of a core.
+const HELD_RECOUNT_FACTOR: u32 = 100;
 
 impl Snapshots {
     /// Drops the views opened so far (what they read through changed: flatten).
@@ -57,6 +82,7 @@ impl Snapshots {
             views: parking_lot::Mutex::new(BTreeMap::new()),
             view_clients: parking_lot::Mutex::new(BTreeMap::new()),
             admin: tokio::sync::Mutex::new(()),
+            held: Default::default(),
         }
     }
 
@@ -65,6 +91,7 @@ impl Snapshots {
     pub fn reset(&self, records: Vec<SnapshotRecord>) {
         *self.records.lock() = records;
         self.views.lock().clear();
+        *self.held.lock() = HeldMemo::default();
     }
 
     /// The gate counting the clients of snapshot `name`'s view.
@@ -108,6 +135,42 @@ impl BlockStore {
                 }
             })
             .collect()
+    }
+
+    /// How many snapshots the export has and what they alone hold (metrics). Counted from
+    /// the in-memory maps on a copy taken under the lock (writes go on meanwhile); the count
+    /// is remembered until the layers or snapshots change, and made again no more often
+    /// than [`HELD_RECOUNT_FACTOR`] times its cost.
+    pub fn snapshot_stats(&self) -> SnapshotStats {
+        let records: Vec<u64> = self.snaps.records.lock().iter().map(|r| r.layer).collect();
+        if records.is_empty() {
+            return SnapshotStats::default();
+        }
+        let snapshots = records.len() as u64;
+        let bs = self.inner.geo.block_size;
+        let mut memo = self.snaps.held.lock();
+        let (generation, head) = {
+            let layers = self.inner.objects.layers();
+            (layers.generation(), layers.head())
+        };
+        let key = (generation, head, records);
+        let fresh = memo.key.as_ref() == Some(&key);
+        let too_soon = memo
+            .at
+            .is_some_and(|at| at.elapsed() < memo.took * HELD_RECOUNT_FACTOR);
+        if !fresh && !too_soon {
+            let started = std::time::Instant::now();
+            let copy = self.inner.objects.layers().copy();
+            let readers: BTreeSet<u64> = key.2.iter().copied().collect();
+            memo.objects = copy.held_by_snapshots(&readers);
+            memo.key = Some(key);
+            memo.at = Some(started);
+            memo.took = started.elapsed();
+        }
+        SnapshotStats {
+            snapshots,
+            bytes_held: memo.objects * bs,
+        }
     }
 
     /// Takes snapshot `name`: every change replied to before the call is in it, none that

@@ -5,6 +5,7 @@
 //! that; refusals exit 1, bad names 2; kill -9 at every step of create and delete leaves
 //! every export and snapshot readable, and `gc` removes what a cut-short delete left.
 
+use crate::common::metrics::{get, Metrics, ANY_PORT};
 use crate::common::nbdsh_session::NbdshSession;
 use crate::common::store_bed::{
     allocation_map, apply, assert_image, nbd_read, nbd_write, Bed, BUCKET, KIB, MIB,
@@ -539,4 +540,35 @@ fn clients_racing_a_rollback_or_a_delete_never_see_the_data_change_under_them() 
         let list = snapshot_list(&bed);
         assert!(!list.to_string().contains(&name), "{list}");
     }
+}
+
+#[test]
+fn metrics_count_snapshots_and_the_bytes_only_they_hold() {
+    let bed = Bed::start_with(vec![spec()], |b| {
+        b.config(|c| c.metrics = Some(ANY_PORT.into()))
+    });
+    let metrics = Metrics::of(&bed.nbd);
+    let value = |name: &str| get(&metrics.scrape(), name, &[("export", "vm1")]) as u64;
+    let held = || value("nbd_s3_snapshot_bytes_held");
+    let uri = bed.uri("vm1");
+    assert_eq!((value("nbd_s3_snapshots"), held()), (0, 0));
+    nbd_write(&uri, &[(0, pattern(4 * BS as usize, 31))], true);
+    bed.nbd.admin_ok(&["snapshot", "create", "vm1", "s1"]);
+    assert_eq!((value("nbd_s3_snapshots"), held()), (1, 0), "all shared");
+    // Blocks 0 and 1 rewritten: their old copies are s1's alone.
+    nbd_write(&uri, &[(0, pattern(2 * BS as usize, 32))], true);
+    assert_eq!(held(), 2 * BS);
+    bed.nbd.admin_ok(&["snapshot", "create", "vm1", "s2"]);
+    // Block 2 rewritten: its old copy is held by s1 and s2 together (counted once); block 3
+    // is still the live export's.
+    nbd_write(&uri, &[(2 * BS, pattern(BS as usize, 33))], true);
+    assert_eq!((value("nbd_s3_snapshots"), held()), (2, 3 * BS));
+    bed.nbd.admin_ok(&["snapshot", "delete", "vm1", "s1"]);
+    assert_eq!(
+        (value("nbd_s3_snapshots"), held()),
+        (1, BS),
+        "s2 keeps block 2"
+    );
+    bed.nbd.admin_ok(&["snapshot", "delete", "vm1", "s2"]);
+    assert_eq!((value("nbd_s3_snapshots"), held()), (0, 0));
 }
