@@ -14,6 +14,7 @@
 //! - `fuse`: an export as a FUSE file for real filesystems;
 //! - `metrics`: `/metrics` scraped and parsed, for counting what the daemon did;
 //! - `nbdsh_session`: one NBD connection held open while a test does other things;
+//! - `qemu_io_session`: the same with qemu's NBD block driver (qemu-io);
 //! - `s3_store`: the S3 backend on the test server or on a server with canned replies;
 //! - `guest`: a qemu guest running the Linux kernel's NBD client against the daemon;
 //! - `service_manager`: systemd's notify socket and fd store, for restarts that keep clients;
@@ -34,6 +35,7 @@ pub mod metrics;
 pub mod nbdkit;
 pub mod nbdsh_session;
 pub mod proc;
+pub mod qemu_io_session;
 pub mod raw_nbd;
 pub mod s3;
 pub mod s3_store;

@@ -157,6 +157,11 @@ impl Process {
         }
     }
 
+    /// The child's stdin, if it was piped (once).
+    pub fn take_stdin(&mut self) -> Option<std::process::ChildStdin> {
+        self.child.stdin.take()
+    }
+
     /// The OS process id.
     pub fn pid(&self) -> u32 {
         self.child.id()

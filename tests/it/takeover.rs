@@ -10,8 +10,9 @@ use crate::common::fault_bed::FaultBed;
 use crate::common::fault_proxy::{Fault, Op, Rule};
 use crate::common::metrics::{self, Metrics};
 use crate::common::nbdsh_session::NbdshSession;
+use crate::common::qemu_io_session::QemuIoSession;
 use crate::common::raw_nbd::{assert_bytes, pattern, Raw, CMD_FLUSH, CMD_READ, CMD_WRITE};
-use crate::common::{nbdsh, ExportSpec, NbdS3, S3Server, DAEMON_TIMEOUT};
+use crate::common::{nbdsh, qemu_io, ExportSpec, NbdS3, S3Server, DAEMON_TIMEOUT};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -154,6 +155,42 @@ fn nbdsh_connection_survives_three_takeovers_with_data_verified() {
 #[test]
 fn nbdsh_connection_survives_three_fd_store_restarts_with_data_verified() {
     nbdsh_session_survives_three_restarts(Route::FdStore);
+}
+
+/// qemu's NBD block driver (qemu-io, no reconnect configured: a reset would fail its next
+/// command) writes a pattern before each of three restarts and verifies every pattern after
+/// each, on the same connection; a cold start then finds them all in S3.
+fn qemu_io_session_survives_three_restarts(route: Route) {
+    let s3 = S3Server::start();
+    let mut d = daemon(&s3, route);
+    let mut q = QemuIoSession::open(&d.uri("tk"));
+    const LEN: u64 = 192 * 1024;
+    let byte = |r: u64| 0x40 + r as u8;
+    for round in 0..3u64 {
+        // Unaligned to the block size, so each write is a read-modify-write of its blocks.
+        q.write(byte(round), round * MIB + 4096, LEN);
+        restart(&mut d, route, 1);
+        for r in 0..=round {
+            q.verify(byte(r), r * MIB + 4096, LEN);
+        }
+    }
+    q.close();
+    d.restart();
+    let check: Vec<String> = (0..3u64)
+        .map(|r| format!("read -P {} {} {LEN}", byte(r), r * MIB + 4096))
+        .collect();
+    let cmds: Vec<&str> = check.iter().map(String::as_str).collect();
+    qemu_io(&d.uri("tk"), &cmds);
+}
+
+#[test]
+fn qemu_io_session_survives_three_takeovers_with_patterns_verified() {
+    qemu_io_session_survives_three_restarts(Route::Takeover);
+}
+
+#[test]
+fn qemu_io_session_survives_three_fd_store_restarts_with_patterns_verified() {
+    qemu_io_session_survives_three_restarts(Route::FdStore);
 }
 
 /// One pipelined round of the raw client: `n` writes, then `n` reads of what they wrote
