@@ -70,6 +70,10 @@ impl Server {
     /// handles (`ListenerHandle::into_listener`).
     pub async fn hand_over(&self, grace: Duration) -> Vec<ParkedConnection> {
         self.inner.state.send_replace(State::HandingOver);
+        info!(
+            "handover: reading stopped; parking {} connection(s)",
+            self.connection_count()
+        );
         let mut conns = self.inner.connections.subscribe();
         let done = tokio::time::timeout(grace, conns.wait_for(|c| *c == 0))
             .await

@@ -6,7 +6,7 @@
 
 use super::listener::Peer;
 use super::tls::TlsPolicy;
-use super::{Inner, State};
+use super::{Inner, State, HANDOVER_HANDSHAKE_GRACE};
 use crate::config::TlsMode;
 use crate::export::{Attachment, Export, ExportState};
 use crate::proto::consts::*;
@@ -154,6 +154,32 @@ where
     Err(NegotiateError::TooManyOptions)
 }
 
+/// Resolves when a handshake must end: at once when the server stops. A handover first
+/// gives it `HANDOVER_HANDSHAKE_GRACE` to finish negotiating (it then parks and moves like
+/// any other connection); one still negotiating after that is cut, and its client
+/// reconnects. A refused takeover (the server running on) cancels the cut.
+async fn handshake_ends(state: &mut watch::Receiver<State>) {
+    loop {
+        // Copied out first: the borrow of the watch value must not live across an await.
+        let now = state.wait_for(|s| *s != State::Running).await.map(|s| *s);
+        let Ok(now) = now else {
+            return std::future::pending().await;
+        };
+        if now.stopping() {
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(HANDOVER_HANDSHAKE_GRACE) => return,
+            // Only whether it failed leaves the future: the watch borrow is not `Send`.
+            gone = async { state.wait_for(|s| *s != State::HandingOver).await.is_err() } => {
+                if gone {
+                    return std::future::pending().await;
+                }
+            }
+        }
+    }
+}
+
 /// The whole plain-text negotiation over separate halves (in-process tests only; the server
 /// goes through `connection`, which also handles STARTTLS).
 #[cfg(test)]
@@ -191,7 +217,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
             // An option already on its way is answered (ERR_SHUTDOWN) rather than cut off.
             biased;
             r = self.io.read_exact(&mut hb) => { r?; }
-            _ = state.wait_for(|s| *s != State::Running) => return Err(NegotiateError::ShuttingDown),
+            _ = handshake_ends(state) => return Err(NegotiateError::ShuttingDown),
         }
         let header = parse_option_header(&hb)?;
         let option = header.option;
@@ -207,7 +233,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
         }
         let mut data = vec![0u8; header.length as usize];
         self.io.read_exact(&mut data).await?;
-        if *state.borrow() != State::Running {
+        if state.borrow().stopping() {
             if option != OPT_EXPORT_NAME {
                 self.error(option, REP_ERR_SHUTDOWN, "server is shutting down")
                     .await?;

@@ -34,6 +34,9 @@ pub const MAX_CONNECTIONS: usize = 1024;
 pub const MAX_IN_FLIGHT: usize = 128;
 /// A client must finish negotiating within this time.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a handover lets a connection still in the handshake finish negotiating (so it
+/// moves with the others instead of being cut); clients negotiate in milliseconds.
+pub const HANDOVER_HANDSHAKE_GRACE: Duration = Duration::from_secs(2);
 
 /// Lifecycle of the server as every connection sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,7 +47,8 @@ pub(crate) enum State {
     /// Grace time over: answer whatever still runs with ESHUTDOWN and close.
     Expired,
     /// Another process takes over: stop reading between requests, finish what is in flight,
-    /// park each connection (socket and negotiated state) for it. Nothing is refused.
+    /// park each connection (socket and negotiated state) for it. Nothing is refused; a
+    /// connection still negotiating may finish first (`HANDOVER_HANDSHAKE_GRACE`).
     HandingOver,
 }
 

@@ -393,6 +393,12 @@ impl NbdS3 {
             })
     }
 
+    /// The current process's log, shared: still readable after a takeover or restart
+    /// replaced the process, and from another thread.
+    pub fn log_buffer(&self) -> LogBuffer {
+        self.proc().logs.clone()
+    }
+
     /// Log lines containing `needle`.
     pub fn log_lines(&self, needle: &str) -> Vec<String> {
         self.proc().logs.matching(needle)

@@ -439,3 +439,42 @@ fn a_takeover_is_refused_while_a_flush_fails_and_the_old_process_serves_on() {
     let (mut other, _) = Raw::open(&addr, "tk");
     assert_eq!(other.read_at(4, 0, 4096).expect("read"), data);
 }
+
+#[test]
+fn a_connection_negotiating_at_a_takeover_finishes_and_moves_and_a_silent_one_is_cut() {
+    let s3 = S3Server::start();
+    let mut d = daemon(&s3, Route::Takeover);
+    let addr = format!("127.0.0.1:{}", d.port());
+    // Greeted, flags sent, no option yet: both are in the handshake when the takeover starts.
+    let mut late = Raw::connect(&addr);
+    let mut silent = Raw::connect(&addr);
+    let old_log = d.log_buffer();
+    let client = std::thread::spawn(move || {
+        old_log
+            .wait_for("handover: reading stopped", DAEMON_TIMEOUT)
+            .expect("the handover starts");
+        let info = late.go("tk").expect("GO answered during the takeover");
+        assert_eq!(info.size, 16 * MIB);
+        let data = pattern(9, 0, 4096);
+        assert_eq!(late.write_at(1, 8192, &data), 0);
+        assert_eq!(late.read_at(2, 8192, 4096).expect("read"), data);
+        late
+    });
+    let started = Instant::now();
+    let mut old = d.take_over();
+    assert!(old.wait_exit(DAEMON_TIMEOUT).is_some_and(|s| s.success()));
+    let mut late = client.join().expect("the negotiating client carried on");
+    d.wait_for_log(
+        "received 1 listener(s) and 1 connection(s)",
+        Duration::from_secs(10),
+    );
+    // The silent one was given its grace, then cut; its client would reconnect.
+    assert!(started.elapsed() >= Duration::from_secs(2));
+    silent.expect_closed("a client silent in the handshake through a takeover");
+    // The moved connection is served by the new process.
+    assert_eq!(late.cmd(0, CMD_FLUSH, 3, 0, 0), 0);
+    assert_eq!(
+        late.read_at(4, 8192, 4096).expect("read"),
+        pattern(9, 0, 4096)
+    );
+}
