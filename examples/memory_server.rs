@@ -46,6 +46,7 @@ async fn serve(port: u16, size: u64) -> Result<(), Box<dyn std::error::Error>> {
         codec: Default::default(),
         base: None,
         auto_snapshots: None,
+        durability: Default::default(),
     };
     let store = BlockStore::open(
         Arc::new(MemoryStore::new()),
@@ -57,6 +58,7 @@ async fn serve(port: u16, size: u64) -> Result<(), Box<dyn std::error::Error>> {
             flush_timeout: Duration::from_secs(60),
             codec: Default::default(),
             base: None,
+            journal: None,
         },
         // protocol.sh's [cache] for the other stores: memory 1GiB, dirty 512MiB.
         CacheBudget::new(1 << 30, 512 << 20),

@@ -227,6 +227,14 @@ impl Daemon {
                 flush_timeout: config.cache.flush_timeout,
                 leases: LeaseManager::new(),
                 manifest_turn: Default::default(),
+                journal: config
+                    .cache
+                    .journal
+                    .as_ref()
+                    .map(|j| crate::store::JournalSpec {
+                        dir: j.dir.clone(),
+                        space: crate::journal::Space::new(j.size),
+                    }),
             },
             server,
             reopener: parking_lot::Mutex::new(None),

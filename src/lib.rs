@@ -13,6 +13,7 @@ pub mod control;
 pub mod daemon;
 pub mod export;
 pub mod histogram;
+pub mod journal;
 pub mod lease;
 pub mod metrics;
 pub mod proto;

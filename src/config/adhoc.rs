@@ -95,6 +95,7 @@ impl AdHoc {
                 memory: DEFAULT_MEMORY,
                 dirty: DEFAULT_DIRTY,
                 flush_timeout: DEFAULT_FLUSH_TIMEOUT,
+                journal: None,
             },
             exports: vec![ExportConfig {
                 name: self.export_name,
@@ -111,6 +112,7 @@ impl AdHoc {
                 codec: super::CodecConfig::default(),
                 base: None,
                 auto_snapshots: None,
+                durability: super::Durability::S3,
             }],
         })
     }

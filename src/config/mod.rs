@@ -211,6 +211,28 @@ pub struct CacheConfig {
     pub dirty: u64,
     /// How long a FLUSH may wait for S3 before it fails with EIO (data stays dirty).
     pub flush_timeout: Duration,
+    /// `journal` and `journal_size`: the local journal of `durability = "local"` exports.
+    pub journal: Option<JournalConfig>,
+}
+
+/// `[cache] journal` (a directory on a local disk) and `journal_size` (shared by all exports).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JournalConfig {
+    pub dir: std::path::PathBuf,
+    pub size: u64,
+}
+
+/// Default `[cache] journal_size`.
+pub const DEFAULT_JOURNAL_SIZE: u64 = 8 << 30;
+
+/// What a FLUSH reply promises for an export.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// Stored in S3 (the default).
+    #[default]
+    S3,
+    /// fsynced in the local journal; uploaded behind it in flush order.
+    Local,
 }
 
 /// One `[[export]]`.
@@ -233,6 +255,8 @@ pub struct ExportConfig {
     pub base: Option<BaseRef>,
     /// `snapshot_every` / `snapshot_keep`: automatic snapshots.
     pub auto_snapshots: Option<AutoSnapshots>,
+    /// `durability`: what FLUSH waits for.
+    pub durability: Durability,
 }
 
 /// `snapshot_every` (at least 10 s) and `snapshot_keep` (how many automatic snapshots stay;

@@ -56,6 +56,8 @@ pub struct RawCache {
     pub memory: Option<Spanned<RawSize>>,
     pub dirty: Option<Spanned<RawSize>>,
     pub flush_timeout: Option<Spanned<String>>,
+    pub journal: Option<Spanned<String>>,
+    pub journal_size: Option<Spanned<RawSize>>,
 }
 
 /// One `[[export]]`.
@@ -76,6 +78,7 @@ pub struct RawExport {
     pub base: Option<Spanned<String>>,
     pub snapshot_every: Option<Spanned<String>>,
     pub snapshot_keep: Option<Spanned<i64>>,
+    pub durability: Option<Spanned<String>>,
 }
 
 /// A size as written: a string with a unit, or a plain integer number of bytes.

@@ -7,6 +7,7 @@ use super::raw::{RawCache, RawConfig, RawExport, RawS3, RawServer, RawSize};
 use super::size::{format_size, parse_size};
 use super::{CacheConfig, Config, ExportConfig, ListenAddr, S3Config, ServerConfig};
 use super::{CodecConfig, Compression, EncryptionKey};
+use super::{Durability, JournalConfig, DEFAULT_JOURNAL_SIZE};
 use super::{DEFAULT_BLOCK_SIZE, DEFAULT_CONTROL, DEFAULT_FLUSH_TIMEOUT, DEFAULT_LISTEN};
 use std::collections::HashMap;
 use std::ops::Range;
@@ -31,6 +32,8 @@ pub struct Checker<'a> {
     /// Directory relative secret-file paths are resolved against.
     pub(super) base_dir: &'a Path,
     pub errors: Vec<Diagnostic>,
+    /// Whether `[cache] journal` is set (`durability = "local"` needs it).
+    journal: bool,
 }
 
 impl<'a> Checker<'a> {
@@ -41,6 +44,7 @@ impl<'a> Checker<'a> {
             src,
             base_dir,
             errors: Vec::new(),
+            journal: false,
         }
     }
 
@@ -61,6 +65,7 @@ impl<'a> Checker<'a> {
     pub fn config(&mut self, raw: RawConfig) -> Option<Config> {
         let server = self.server(raw.server);
         let s3 = self.s3(raw.s3);
+        self.journal = raw.cache.as_ref().is_some_and(|c| c.journal.is_some());
         let exports = self.exports(raw.export);
         let max_block = exports
             .iter()
@@ -187,8 +192,10 @@ impl<'a> Checker<'a> {
             memory: DEFAULT_MEMORY,
             dirty: DEFAULT_DIRTY,
             flush_timeout: DEFAULT_FLUSH_TIMEOUT,
+            journal: None,
         };
         let Some(raw) = raw else { return cfg };
+        cfg.journal = self.journal_config(&raw, max_block);
         if let Some(m) = &raw.memory {
             if let Some(v) = self.size(m, "[cache]", "memory") {
                 cfg.memory = v;
@@ -237,6 +244,67 @@ impl<'a> Checker<'a> {
             }
         }
         cfg
+    }
+
+    /// `journal` and `journal_size`: the directory must be a usable path, and the size must
+    /// hold a few of the largest blocks (a writer waits for room for a whole block).
+    fn journal_config(&mut self, raw: &RawCache, max_block: u64) -> Option<JournalConfig> {
+        let size = match &raw.journal_size {
+            Some(s) => {
+                let v = self.size(s, "[cache]", "journal_size")?;
+                let least = (4 * max_block).max(1 << 20);
+                if v < least {
+                    let msg = format!(
+                        "journal_size ({}) must be at least {} (four of the largest blocks, and 1MiB)",
+                        format_size(v),
+                        format_size(least)
+                    );
+                    self.err(&s.span(), "[cache]", msg);
+                    return None;
+                }
+                if raw.journal.is_none() {
+                    self.err(
+                        &s.span(),
+                        "[cache]",
+                        "journal_size: needs journal (a directory)",
+                    );
+                    return None;
+                }
+                v
+            }
+            None => DEFAULT_JOURNAL_SIZE,
+        };
+        let dir = raw.journal.as_ref()?;
+        let text = dir.get_ref();
+        if text.is_empty() || text.contains('\0') {
+            self.err(&dir.span(), "[cache]", "journal: a directory path");
+            return None;
+        }
+        Some(JournalConfig {
+            dir: self.base_dir.join(text),
+            size,
+        })
+    }
+
+    /// `durability`: "s3" (default) or "local" (needs `[cache] journal`).
+    fn durability(&mut self, raw: &RawExport, label: &str) -> Durability {
+        let Some(d) = &raw.durability else {
+            return Durability::S3;
+        };
+        match d.get_ref().as_str() {
+            "s3" => Durability::S3,
+            "local" if self.journal => Durability::Local,
+            "local" => {
+                let msg = "durability: \"local\" needs a journal directory ([cache] journal)";
+                self.err(&d.span(), label, msg);
+                Durability::S3
+            }
+            other => {
+                let msg = format!("durability: {other:?} is neither \"s3\" nor \"local\"");
+                self.err(&d.span(), label, msg);
+                Durability::S3
+            }
+        }
     }
 
     /// A size value; records a diagnostic naming `key` and returns `None` when invalid.
@@ -396,6 +464,7 @@ impl<'a> Checker<'a> {
             parsed.ok()
         });
         let auto_snapshots = self.auto_snapshots(raw, &label);
+        let durability = self.durability(raw, &label);
         if self.errors.len() != before {
             return None;
         }
@@ -412,6 +481,7 @@ impl<'a> Checker<'a> {
             codec,
             base,
             auto_snapshots,
+            durability,
         })
     }
 

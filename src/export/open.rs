@@ -81,6 +81,9 @@ pub struct OpenContext {
     pub leases: Arc<LeaseManager>,
     /// Taken by stores writing another export's manifest (clones registering).
     pub manifest_turn: Arc<tokio::sync::Mutex<()>>,
+    /// `[cache] journal`: the root directory (each journaled export gets its own directory
+    /// under it) and the journal space all exports share.
+    pub journal: Option<crate::store::JournalSpec>,
 }
 
 /// Opens an export's store. Never fails: a store that cannot be opened (block-size mismatch,
@@ -150,6 +153,13 @@ async fn open_store<F: BucketSource + ?Sized>(
             name: cfg.name.clone(),
             bucket: cfg.bucket.clone(),
         }),
+        journal: match (&ctx.journal, cfg.durability) {
+            (Some(root), crate::config::Durability::Local) => Some(crate::store::JournalSpec {
+                dir: crate::journal::export_dir(&root.dir, &cfg.bucket, &cfg.prefix),
+                space: Arc::clone(&root.space),
+            }),
+            _ => None,
+        },
     };
     let buckets = Arc::new(DaemonBuckets {
         buckets: factory.buckets(),

@@ -34,6 +34,7 @@ fn cfg() -> ExportConfig {
         codec: Default::default(),
         base: None,
         auto_snapshots: None,
+        durability: crate::config::Durability::S3,
     }
 }
 
@@ -46,6 +47,7 @@ async fn removed_export_is_kept_until_s3_takes_its_data() {
         flush_timeout: Duration::from_millis(50),
         leases: LeaseManager::new(),
         manifest_turn: Default::default(),
+        journal: None,
     };
     let export = open_export(&cfg(), &One(Arc::clone(&mem)), &ctx).await;
     let store = Arc::clone(export.store().expect("store opens"));
@@ -77,6 +79,7 @@ fn leased(ttl: Duration) -> ExportConfig {
         lease: LeaseMode::On { ttl },
         base: None,
         auto_snapshots: None,
+        durability: crate::config::Durability::S3,
         ..cfg()
     }
 }
@@ -87,6 +90,7 @@ fn ctx() -> OpenContext {
         flush_timeout: Duration::from_millis(200),
         leases: LeaseManager::new(),
         manifest_turn: Default::default(),
+        journal: None,
     }
 }
 

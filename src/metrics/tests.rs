@@ -41,6 +41,7 @@ async fn sources(dir: &std::path::Path, names: &[&str]) -> Observed {
             flush_timeout: Duration::from_secs(5),
             codec: Default::default(),
             base: None,
+            journal: None,
         };
         let store = BlockStore::open(factory.bucket(&c.bucket), cfg, Arc::clone(&budget)).await;
         opened.insert(

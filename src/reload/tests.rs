@@ -23,6 +23,7 @@ fn export(name: &str) -> ExportConfig {
         codec: Default::default(),
         base: None,
         auto_snapshots: None,
+        durability: crate::config::Durability::S3,
     }
 }
 
@@ -45,6 +46,7 @@ fn config(exports: Vec<ExportConfig>) -> Config {
             memory: 1 << 30,
             dirty: 256 << 20,
             flush_timeout: Duration::from_secs(60),
+            journal: None,
         },
         exports,
     }
@@ -210,6 +212,7 @@ fn ctx(budget: &Arc<crate::store::CacheBudget>, flush_timeout: Duration) -> Open
         flush_timeout,
         leases: crate::lease::LeaseManager::new(),
         manifest_turn: Default::default(),
+        journal: None,
     }
 }
 

@@ -67,6 +67,20 @@ pub(crate) struct Slot {
     pub inflight_pages: u32,
     /// When a client last changed the block (background write-back skips hot blocks).
     pub last_write: Option<tokio::time::Instant>,
+    /// Journaled exports: earlier versions still to be uploaded, oldest first, each the
+    /// content as a FLUSH closed its epoch (see `writeback`). Empty otherwise.
+    pub frozen: Vec<Frozen>,
+}
+
+/// A block's content as of the end of an epoch, kept for upload in flush order while later
+/// writes change the cached copy (copy-on-write: the buffer is shared until they do).
+#[derive(Debug)]
+pub(crate) struct Frozen {
+    /// The version's oldest change number (its entry in the unstored set).
+    pub seq: u64,
+    pub content: Option<Buf>,
+    /// Dirty pages this version covers (released when it is stored).
+    pub pages: u32,
 }
 
 impl Slot {
@@ -86,17 +100,20 @@ impl Slot {
             pages: Default::default(),
             inflight_pages: 0,
             last_write: None,
+            frozen: Vec::new(),
         }
     }
 
     /// Whether the object store has everything this slot holds.
     pub fn is_clean(&self) -> bool {
-        self.dirty_seq.is_none() && self.inflight_seq.is_none()
+        self.dirty_seq.is_none() && self.inflight_seq.is_none() && self.frozen.is_empty()
     }
 
     /// The oldest change not yet in the object store (what FLUSH waits on).
     pub fn oldest_unstored(&self) -> Option<u64> {
-        self.inflight_seq.or(self.dirty_seq)
+        self.inflight_seq
+            .or(self.frozen.first().map(|f| f.seq))
+            .or(self.dirty_seq)
     }
 }
 

@@ -46,6 +46,9 @@ pub enum StoreError {
     /// The export's metadata changed under a conditional write; nothing was done.
     #[error("{0}")]
     Conflict(String),
+    /// The local journal could not be read or written (FLUSH cannot promise durability).
+    #[error("local journal: {0}")]
+    Journal(String),
     /// Shutdown could not store everything: these blocks' latest data is not in S3.
     #[error("{count} dirty blocks could not be stored: {blocks}")]
     Unflushed { count: usize, blocks: String },
@@ -82,6 +85,7 @@ impl StoreError {
             | StoreError::FlushTimeout(_)
             | StoreError::BadManifest(_)
             | StoreError::Conflict(_)
+            | StoreError::Journal(_)
             | StoreError::Unflushed { .. } => ErrorKind::Io,
         }
     }

@@ -30,6 +30,7 @@ mod codec;
 mod crash;
 mod dirty;
 mod error;
+mod journaled;
 mod layers;
 mod listing;
 mod manifest;
@@ -78,6 +79,15 @@ pub struct BlockStoreConfig {
     pub codec: crate::config::CodecConfig,
     /// A clone's base snapshot (used when the clone is first created).
     pub base: Option<BaseSpec>,
+    /// `durability = "local"`: the export's journal directory and the shared journal space.
+    pub journal: Option<JournalSpec>,
+}
+
+/// Where a journaled export keeps its journal.
+#[derive(Debug, Clone)]
+pub struct JournalSpec {
+    pub dir: std::path::PathBuf,
+    pub space: Arc<crate::journal::Space>,
 }
 
 /// Hands out the object store of another bucket of the same object store (a clone's base).
@@ -166,6 +176,10 @@ pub(crate) struct Inner {
     wb: writeback::WriteBack,
     rd: read::ReadPath,
     counters: stats::Counters,
+    /// `durability = "local"`: the export's journal (write-back is then ordered by epochs).
+    journal: Option<crate::journal::Journal>,
+    /// Changes are journaled (false while the old journal is replayed).
+    journal_live: std::sync::atomic::AtomicBool,
 }
 
 impl Inner {
@@ -264,9 +278,45 @@ impl BlockStore {
             .with_codec(codec::Codec::new(&cfg.codec, bs), id);
         objects.set_base(base);
         let clients = Arc::default();
-        Ok(Self::assemble(
-            objects, &cfg, budget, snapshots, buckets, clients,
-        ))
+        let Some(spec) = cfg.journal.clone().filter(|_| !cfg.read_only) else {
+            return Ok(Self::assemble(
+                objects, &cfg, budget, snapshots, buckets, clients,
+            ));
+        };
+        let (journal, scanned) = open_journal(&spec).await?;
+        let journal = Some(journal);
+        let store = Self::build(objects, &cfg, budget, snapshots, buckets, clients, journal);
+        store.replay_journal(&spec, scanned).await?;
+        Ok(store)
+    }
+
+    /// Replays what the previous process journaled (see `journaled`), deletes its segments
+    /// once S3 has everything, then journals new changes.
+    async fn replay_journal(
+        &self,
+        spec: &JournalSpec,
+        scanned: crate::journal::Scanned,
+    ) -> Result<(), StoreError> {
+        let dir = spec.dir.display().to_string();
+        if let Some(why) = &scanned.torn {
+            tracing::warn!(journal = %dir, reason = %why,
+                "journal ends in a torn or damaged record: replaying up to the last whole record");
+        }
+        let files = scanned.files.clone();
+        let records = scanned.records.len();
+        if records > 0 {
+            let started = std::time::Instant::now();
+            let r = self.inner.replay(scanned).await?;
+            tracing::info!(journal = %dir, records, writes = r.writes, zeroes = r.zeroes,
+                flushes = r.flushes, bytes = r.bytes, ms = started.elapsed().as_millis() as u64,
+                "journal replayed and stored in S3");
+        }
+        let removed = tokio::task::spawn_blocking(move || remove_durably(&files))
+            .await
+            .map_err(|e| StoreError::Journal(e.to_string()))?;
+        removed.map_err(|e| StoreError::Journal(format!("{dir}: {e}")))?;
+        self.inner.journal_live.store(true, SeqCst);
+        Ok(())
     }
 
     /// A store over `objects` (whose layers are loaded), its write-back running.
@@ -277,6 +327,20 @@ impl BlockStore {
         snapshots: Vec<manifest::SnapshotRecord>,
         buckets: Arc<dyn Buckets>,
         clients: Arc<clients::ClientGate>,
+    ) -> Arc<Self> {
+        Self::build(objects, cfg, budget, snapshots, buckets, clients, None)
+    }
+
+    /// [`BlockStore::assemble`], with a journal when the export has one (not yet live:
+    /// replay comes first).
+    fn build(
+        objects: objects::BlockObjects,
+        cfg: &BlockStoreConfig,
+        budget: Arc<CacheBudget>,
+        snapshots: Vec<manifest::SnapshotRecord>,
+        buckets: Arc<dyn Buckets>,
+        clients: Arc<clients::ClientGate>,
+        journal: Option<crate::journal::Journal>,
     ) -> Arc<Self> {
         let presence = objects.layers().effective();
         let bs = u64::from(cfg.block_size);
@@ -289,9 +353,11 @@ impl BlockStore {
             budget: Arc::clone(&budget),
             cache: cache::Cache::new(),
             presence,
-            wb: writeback::WriteBack::new(parallelism(bs), cfg.flush_timeout),
+            wb: writeback::WriteBack::new(parallelism(bs), cfg.flush_timeout, journal.is_some()),
             rd: read::ReadPath::new(parallelism(bs)),
             counters: stats::Counters::default(),
+            journal,
+            journal_live: std::sync::atomic::AtomicBool::new(false),
         });
         let weak: std::sync::Weak<dyn budget::Evictor> = Arc::downgrade(&inner) as _;
         budget.register(weak);
@@ -387,7 +453,10 @@ impl BlockStore {
             }
             Change::Flush => {
                 let _timer = inner.counters.flushes.start(); // metrics: flush durations
-                inner.flush().await
+                match inner.live_journal() {
+                    Some(j) => inner.flush_local(j).await,
+                    None => inner.flush().await,
+                }
             }
         }
     }
@@ -469,6 +538,38 @@ impl BlockStore {
     pub(crate) fn set_write_back_age(&self, age: Duration) {
         self.inner.wb.age_ms.store(age.as_millis() as u64, SeqCst);
     }
+}
+
+/// Reads the journal a previous process left in `spec.dir` and starts a new one after it
+/// (file system work on the blocking pool).
+async fn open_journal(
+    spec: &JournalSpec,
+) -> Result<(crate::journal::Journal, crate::journal::Scanned), StoreError> {
+    let dir = spec.dir.clone();
+    let space = Arc::clone(&spec.space);
+    let opened = tokio::task::spawn_blocking(move || {
+        let scanned = crate::journal::scan(&dir)?;
+        let journal = crate::journal::Journal::create(&dir, scanned.first_free, space)?;
+        Ok::<_, std::io::Error>((journal, scanned))
+    })
+    .await
+    .map_err(|e| StoreError::Journal(e.to_string()))?;
+    opened.map_err(|e| StoreError::Journal(format!("{}: {e}", spec.dir.display())))
+}
+
+/// Deletes replayed segment files and makes the deletions durable: a segment that came back
+/// after a crash would stop the next replay before the new journal's records.
+fn remove_durably(files: &[std::path::PathBuf]) -> std::io::Result<()> {
+    for f in files {
+        match std::fs::remove_file(f) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    if let Some(dir) = files.first().and_then(|f| f.parent()) {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 impl Drop for BlockStore {

@@ -482,6 +482,7 @@ impl BlockStore {
             // codec (`with_codec_of`).
             codec: Default::default(),
             base: None,
+            journal: None,
         };
         let bs = self.block_size() as usize;
         let view_objects = BlockObjects::new(Arc::clone(objects), prefix, bs, layers)

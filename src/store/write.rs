@@ -8,6 +8,7 @@ use super::budget::{Charge, DirtyToken};
 use super::cache::{BlockBuf, Buf, Content, LoadResult, Shard, Slot};
 use super::pool::Pooled;
 use super::{Inner, StoreError};
+use crate::journal::{Kind, Reservation};
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Arc;
 use tokio::sync::watch;
@@ -35,6 +36,8 @@ struct Room {
     /// A whole-block write's own buffer (or, after a swap, the old content's); back to the
     /// pool if it is not adopted.
     block: Option<Pooled>,
+    /// Journal space for this piece's record (journaled exports).
+    journal: Option<Reservation>,
 }
 
 impl Inner {
@@ -68,7 +71,9 @@ impl Inner {
             };
             self.write_chunk(c, src).await?;
         }
-        if fua {
+        if fua && self.wb.ordered {
+            self.sync_fua().await?;
+        } else if fua {
             let target = self.wb.next_seq.load(SeqCst);
             self.write_through(chunks.iter().map(|c| c.block), target)
                 .await?;
@@ -103,7 +108,9 @@ impl Inner {
                 self.write_whole(c, block).await?;
             }
         }
-        if fua {
+        if fua && self.wb.ordered {
+            self.sync_fua().await?;
+        } else if fua {
             let target = self.wb.next_seq.load(SeqCst);
             self.write_through(chunks.iter().map(|c| c.block), target)
                 .await?;
@@ -114,6 +121,7 @@ impl Inner {
     /// One whole block from an owned buffer; see [`Inner::write_blocks`].
     async fn write_whole(self: &Arc<Self>, c: &Chunk, block: Box<[u8]>) -> Result<(), StoreError> {
         let mut room = Room {
+            journal: self.journal_room(block.len()).await,
             block: Some(Pooled::new(block, self.budget.buffers())),
             ..Room::default()
         };
@@ -139,6 +147,9 @@ impl Inner {
     /// Under the shard lock: makes `room.block` the block's content. An unshared cached
     /// buffer swaps its bytes (keeping its budget charge); otherwise the new buffer needs one.
     fn adopt(self: &Arc<Self>, shard: &mut Shard, c: &Chunk, room: &mut Room) -> Step {
+        if let Some(slot) = shard.slots.get_mut(&c.block) {
+            self.freeze_if_crossing(slot);
+        }
         let fresh = match shard.slots.get(&c.block) {
             None => self.pages.per_block as u32,
             Some(Slot {
@@ -185,11 +196,30 @@ impl Inner {
         }
         self.presence.set(c.block, true);
         self.mark_dirty(shard, c, room);
+        if let Some(Slot {
+            content: Content::Ready(Some(buf)),
+            ..
+        }) = shard.slots.get(&c.block)
+        {
+            let offset = c.block * self.geo.block_size;
+            let kind = Kind::Write {
+                offset,
+                data: &buf.data,
+            };
+            self.journal_change(kind, room.journal.take());
+        }
         Step::Done
     }
 
     async fn write_chunk(self: &Arc<Self>, c: &Chunk, src: Src<'_>) -> Result<(), StoreError> {
-        let mut room = Room::default();
+        let payload = match src {
+            Src::Data(d) => d.len(),
+            Src::Zero => 0,
+        };
+        let mut room = Room {
+            journal: self.journal_room(payload).await,
+            ..Room::default()
+        };
         loop {
             let step = {
                 let mut shard = self.cache.lock(c.block);
@@ -244,8 +274,10 @@ impl Inner {
                 .slots
                 .insert(c.block, Slot::new(Content::Ready(content), present));
             self.mark_dirty(shard, c, room);
+            self.journal_piece(c, src, room);
             return Step::Done;
         };
+        self.freeze_if_crossing(slot);
         let fresh = slot.pages.clean_in(first, last);
         let cur = match &mut slot.content {
             Content::Loading(rx) => return Step::Wait(rx.clone()),
@@ -263,7 +295,21 @@ impl Inner {
         let has_data = cur.is_some();
         self.presence.set(c.block, has_data);
         self.mark_dirty(shard, c, room);
+        self.journal_piece(c, src, room);
         Step::Done
+    }
+
+    /// Under the shard lock, once a piece is applied: its journal record.
+    fn journal_piece(&self, c: &Chunk, src: Src<'_>, room: &mut Room) {
+        let offset = c.block * self.geo.block_size + c.start as u64;
+        let kind = match src {
+            Src::Data(data) => Kind::Write { offset, data },
+            Src::Zero => Kind::Zero {
+                offset,
+                len: c.len as u32,
+            },
+        };
+        self.journal_change(kind, room.journal.take());
     }
 
     /// Under the shard lock, after a change: counts the newly dirty pages, gives the block's
@@ -295,14 +341,20 @@ impl Inner {
             }
             return;
         }
+        // Numbered under the queue lock: a FLUSH reads the next number under it to close an
+        // epoch, and the journal frees space by the oldest unstored number read under it.
+        let mut queue = self.wb.queue.lock();
         let seq = self.wb.next_seq.fetch_add(1, SeqCst);
         slot.dirty_seq = Some(seq);
-        if slot.inflight_seq.is_some() {
-            return; // the write-back task picks the change up when its PUT ends
+        if slot.inflight_seq.is_some() || !slot.frozen.is_empty() {
+            // The write-back task picks the change up when its PUT ends; a block with a
+            // frozen version is queued under that version's number already.
+            return;
         }
-        shard.unlink(block);
         let due = if full { now } else { now + self.wb.age() };
-        self.wb.queue.lock().add(seq, block, due);
+        queue.add(seq, block, due);
+        drop(queue);
+        shard.unlink(block);
         self.wb.kick.notify_one();
     }
 }

@@ -44,6 +44,7 @@ fn export_config(name: &str, read_only: bool) -> ExportConfig {
         codec: Default::default(),
         base: None,
         auto_snapshots: None,
+        durability: crate::config::Durability::S3,
     }
 }
 
@@ -58,6 +59,7 @@ async fn open(cfg: &ExportConfig, objects: Arc<MemoryStore>) -> Arc<Export> {
             flush_timeout: Duration::from_secs(10),
             codec: Default::default(),
             base: None,
+            journal: None,
         },
         CacheBudget::new(64 << 20, 32 << 20),
     )

@@ -7,6 +7,7 @@ mod budget;
 mod change;
 mod codec;
 mod durability;
+mod journaled;
 mod model;
 mod snapshots;
 mod sparse;
@@ -27,6 +28,7 @@ pub(super) fn config(bs: u32, size: u64) -> BlockStoreConfig {
         flush_timeout: Duration::from_secs(20),
         codec: Default::default(),
         base: None,
+        journal: None,
     }
 }
 

@@ -15,6 +15,10 @@ pub(crate) struct Moment {
     pub flush_target: u64,
     /// Write-back tasks running that nobody asked for.
     pub background_puts: usize,
+    /// Journaled exports: only versions numbered below this may go now (the oldest epoch
+    /// not yet in S3); `u64::MAX` when every closed epoch is stored, and always without a
+    /// journal.
+    pub limit: u64,
 }
 
 /// The dispatcher's next step.
@@ -35,8 +39,12 @@ pub(crate) enum Choice {
 
 /// The next block to store: the oldest change below the flush target (or any, under hard
 /// pressure), then the block due first if its time has come and the quiet limit allows.
+/// While a closed epoch is not fully stored, only its versions go, all of them at once
+/// (the journal holds their space and later epochs wait for them).
 pub(crate) fn choose(queue: &Queue, m: &Moment) -> Choice {
-    let urgent_below = if m.pressure == Pressure::Hard {
+    let urgent_below = if m.limit != u64::MAX {
+        m.limit
+    } else if m.pressure == Pressure::Hard {
         u64::MAX
     } else {
         m.flush_target
@@ -53,6 +61,7 @@ pub(crate) fn choose(queue: &Queue, m: &Moment) -> Choice {
                 background: false,
             }
         }
+        Some(_) if m.limit != u64::MAX => None,
         Some(_) => match queue.by_due.first_key_value() {
             Some((&(due, _), _)) if due <= m.now && !due_ok => None,
             Some((&(due, seq), &block)) if due <= m.now => {
@@ -66,7 +75,10 @@ pub(crate) fn choose(queue: &Queue, m: &Moment) -> Choice {
             None => None,
         },
     };
-    if m.pressure == Pressure::Background && m.background_puts < BACKGROUND_PUTS {
+    if m.pressure == Pressure::Background
+        && m.background_puts < BACKGROUND_PUTS
+        && m.limit == u64::MAX
+    {
         let recheck = m.now + COLD / 4;
         return Choice::Wait {
             until: Some(until.map_or(recheck, |t| t.min(recheck))),
@@ -89,6 +101,7 @@ mod tests {
             pressure,
             flush_target: 0,
             background_puts: 0,
+            limit: u64::MAX,
         }
     }
 
@@ -220,6 +233,32 @@ mod tests {
         m.now = now + Duration::from_millis(1);
         m.background_puts = QUIET_PUTS;
         assert_eq!(choose(&q, &m), store(2, 20, false), "not quiet: every slot");
+    }
+
+    #[test]
+    fn a_later_epoch_waits_until_the_earlier_one_is_stored() {
+        let now = Instant::now();
+        let mut q = Queue::default();
+        q.add(2, 20, now + LATER);
+        q.add(5, 50, now);
+        let mut m = moment(now, Pressure::Hard);
+        m.limit = 4;
+        m.flush_target = u64::MAX;
+        assert_eq!(
+            choose(&q, &m),
+            store(2, 20, false),
+            "urgent although not due"
+        );
+        q.take(2);
+        let idle = Choice::Wait {
+            until: None,
+            cold: false,
+        };
+        assert_eq!(choose(&q, &m), idle, "due, flushed and pressed, yet later");
+        m.pressure = Pressure::Background;
+        assert_eq!(choose(&q, &m), idle, "no cold pick either");
+        m.limit = u64::MAX;
+        assert_eq!(choose(&q, &m), store(5, 50, false));
     }
 
     #[test]

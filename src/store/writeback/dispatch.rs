@@ -20,14 +20,15 @@ pub(crate) async fn dispatcher(inner: Arc<Inner>) {
             let pressure = inner.budget.pressure().notified();
             tokio::pin!(kick, pressure);
             pressure.as_mut().enable();
-            let moment = Moment {
-                now: Instant::now(),
-                pressure: inner.budget.pressure_level(),
-                flush_target: wb.flush_target.load(SeqCst),
-                background_puts: wb.background_puts.load(SeqCst),
-            };
             let choice = {
                 let mut queue = wb.queue.lock();
+                let moment = Moment {
+                    now: Instant::now(),
+                    pressure: inner.budget.pressure_level(),
+                    flush_target: wb.flush_target.load(SeqCst),
+                    background_puts: wb.background_puts.load(SeqCst),
+                    limit: wb.upload_limit(&mut queue),
+                };
                 let choice = choose(&queue, &moment);
                 if let Choice::Store { seq, .. } = choice {
                     queue.take(seq);
@@ -40,7 +41,7 @@ pub(crate) async fn dispatcher(inner: Arc<Inner>) {
                 } => break (block, background),
                 Choice::Wait { until, cold } => {
                     if cold {
-                        if let Some(b) = inner.pick_cold(moment.now) {
+                        if let Some(b) = inner.pick_cold(Instant::now()) {
                             break (b, true);
                         }
                     }
@@ -91,8 +92,12 @@ impl Inner {
                 })
             };
             if cold {
-                if let Some(b) = self.wb.queue.lock().take(seq) {
-                    return Some(b);
+                let mut queue = self.wb.queue.lock();
+                // An ordered export may have closed an epoch since: never a later version.
+                if seq < self.wb.upload_limit(&mut queue) {
+                    if let Some(b) = queue.take(seq) {
+                        return Some(b);
+                    }
                 }
             }
         }

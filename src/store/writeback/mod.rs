@@ -11,6 +11,15 @@
 //! - `dispatch`: the per-export task that hands PUT slots to the chosen blocks
 //! - `put`: one block's PUT or DELETE, retried until it succeeds
 //! - `flush`: FLUSH, FUA and shutdown waiting for the changes they cover
+//!
+//! Ordered write-back (exports with a local journal): a FLUSH closes an *epoch* at the
+//! current change number. Versions of epoch k+1 are uploaded only once every version of
+//! epoch k is in S3, so S3 always holds the export as of some FLUSH plus some of the writes
+//! after it, even if the journal is lost. A block that is dirty from epoch k and written
+//! again in a later epoch keeps its epoch-k content as a frozen version (the buffer is
+//! shared, the new write copies it), uploaded with epoch k; the later content follows in its
+//! own epoch. Waiting for epoch k's upload instead would make the second write cost an S3
+//! round trip, which is what the journal exists to avoid.
 
 mod choice;
 mod dispatch;
@@ -72,10 +81,15 @@ pub(crate) struct WriteBack {
     pub age_ms: AtomicU64,
     /// How long FLUSH and FUA wait for S3 before failing.
     pub flush_timeout: Duration,
+    /// Journaled export: versions go to S3 epoch by epoch (a FLUSH closes an epoch), and a
+    /// block changed in a later epoch keeps its earlier version until that is stored.
+    pub ordered: bool,
+    /// The change number at which the last FLUSH closed an epoch (ordered exports).
+    pub last_boundary: AtomicU64,
 }
 
 impl WriteBack {
-    pub fn new(put_slots: usize, flush_timeout: Duration) -> Self {
+    pub fn new(put_slots: usize, flush_timeout: Duration, ordered: bool) -> Self {
         Self {
             queue: Mutex::new(Queue::default()),
             next_seq: AtomicU64::new(1),
@@ -90,6 +104,17 @@ impl WriteBack {
             closed: AtomicBool::new(false),
             age_ms: AtomicU64::new(AGE_BEFORE_WRITE_BACK.as_millis() as u64),
             flush_timeout,
+            ordered,
+            last_boundary: AtomicU64::new(0),
+        }
+    }
+
+    /// Versions numbered below this may be uploaded now (see [`Queue::upload_limit`]).
+    pub fn upload_limit(&self, queue: &mut Queue) -> u64 {
+        if self.ordered {
+            queue.upload_limit()
+        } else {
+            u64::MAX
         }
     }
 

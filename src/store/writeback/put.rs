@@ -17,11 +17,21 @@ use tokio::time::Instant;
 pub(super) async fn store_block(inner: Arc<Inner>, block: u64, _permit: OwnedSemaphorePermit) {
     let mut backoff = Policy::WRITE_BACK.backoff();
     let mut failing = false;
+    let mut taken: Option<(Option<Buf>, bool)> = None;
     loop {
         // Per attempt: the layer written to is the head when the attempt starts.
         let key = inner.objects.key(block);
-        let Some((content, stored)) = inner.snapshot(block) else {
-            return;
+        // An ordered export retries the version it took: folding in later changes could
+        // put a later epoch's data into S3 before an earlier epoch is complete.
+        let (content, stored) = match taken.clone() {
+            Some(t) if inner.wb.ordered => t,
+            _ => {
+                let Some(t) = inner.snapshot(block) else {
+                    return;
+                };
+                taken = Some(t.clone());
+                t
+            }
         };
         let has_data = content.is_some();
         let result = match content {
@@ -75,6 +85,13 @@ impl Inner {
             tracing::error!(block, "write-back of a block that is not cached (bug)");
             return None;
         };
+        if !slot.frozen.is_empty() {
+            // The oldest version first (ordered exports); later ones wait for it.
+            let f = slot.frozen.remove(0);
+            slot.inflight_seq.get_or_insert(f.seq);
+            slot.inflight_pages += f.pages;
+            return Some((f.content, slot.stored));
+        }
         if let Some(d) = slot.dirty_seq.take() {
             slot.inflight_seq.get_or_insert(d);
         }
@@ -100,8 +117,8 @@ impl Inner {
             slot.stored = has_data;
             let done = slot.inflight_seq.take();
             let stored_bytes = self.pages.bytes(std::mem::take(&mut slot.inflight_pages));
-            let again = slot.dirty_seq;
-            let due = if slot.pages.is_full(self.pages) {
+            let again = slot.frozen.first().map(|f| f.seq).or(slot.dirty_seq);
+            let due = if !slot.frozen.is_empty() || slot.pages.is_full(self.pages) {
                 Instant::now()
             } else {
                 Instant::now() + wb.age()
@@ -129,7 +146,11 @@ impl Inner {
         wb.dirty.fetch_sub(stored_bytes, SeqCst);
         self.budget.release_dirty(stored_bytes);
         wb.stored.notify_waiters();
-        if wb.closed.load(SeqCst) {
+        if wb.ordered {
+            // Finishing an epoch lets the next one go; stored changes free journal space.
+            wb.kick.notify_one();
+            self.release_journal(false);
+        } else if wb.closed.load(SeqCst) {
             wb.kick.notify_one(); // a dropped store's dispatcher exits once all is stored
         }
     }

@@ -1,7 +1,9 @@
 //! The dirty queue: blocks waiting for a write-back task, ordered by their first change and
 //! by when they fall due, and the oldest unstored change of every block FLUSH must wait for.
+//! A journaled export also keeps its epoch boundaries here (the change numbers at which
+//! FLUSHes closed an epoch), so the dispatcher can tell which versions may go to S3 now.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use tokio::time::Instant;
 
 /// Dirty blocks waiting for a write-back task, and every block not yet stored.
@@ -13,6 +15,8 @@ pub(crate) struct Queue {
     pub(super) by_due: BTreeMap<(Instant, u64), u64>,
     /// Oldest unstored change of every dirty or in-flight block: seq → block.
     unstored: BTreeMap<u64, u64>,
+    /// Journaled exports: change numbers at which a FLUSH closed an epoch, not yet passed.
+    boundaries: BTreeSet<u64>,
 }
 
 impl Queue {
@@ -67,6 +71,32 @@ impl Queue {
             .is_some_and(|(s, _)| *s < seq)
     }
 
+    /// A FLUSH closed an epoch: changes numbered `seq` and above belong to later ones.
+    pub fn add_boundary(&mut self, seq: u64) {
+        if self.boundaries.last().map_or(true, |&b| b < seq) {
+            self.boundaries.insert(seq);
+        }
+    }
+
+    /// Versions numbered below this may be uploaded now: the end of the oldest epoch that
+    /// still has an unstored change (`u64::MAX` when that is the open epoch, or nothing is
+    /// unstored). A version is uploaded only once every earlier epoch is in S3.
+    pub fn upload_limit(&mut self) -> u64 {
+        let Some(&oldest) = self.unstored.keys().next() else {
+            self.boundaries.clear();
+            return u64::MAX;
+        };
+        while self.boundaries.first().is_some_and(|&b| b <= oldest) {
+            self.boundaries.pop_first();
+        }
+        self.boundaries.first().copied().unwrap_or(u64::MAX)
+    }
+
+    /// The oldest unstored change, if any.
+    pub fn oldest_unstored(&self) -> Option<u64> {
+        self.unstored.keys().next().copied()
+    }
+
     /// Blocks with unstored changes.
     pub fn unstored_count(&self) -> usize {
         self.unstored.len()
@@ -101,5 +131,29 @@ mod tests {
         assert_eq!(q.unstored_blocks().collect::<Vec<_>>(), vec![20]);
         assert_eq!(q.unstored_count(), 1);
         assert_eq!(q.by_due.len(), 1);
+    }
+
+    #[test]
+    fn the_upload_limit_is_the_end_of_the_oldest_unfinished_epoch() {
+        let now = Instant::now();
+        let mut q = Queue::default();
+        assert_eq!(q.upload_limit(), u64::MAX);
+        q.add(1, 10, now);
+        q.add(2, 20, now);
+        q.add_boundary(3);
+        q.add(3, 30, now);
+        q.add_boundary(4);
+        q.add_boundary(4);
+        q.add(5, 50, now);
+        assert_eq!(q.upload_limit(), 3, "epoch [1, 3) first");
+        q.stored(1);
+        assert_eq!(q.upload_limit(), 3, "block 20 of that epoch is still out");
+        q.stored(2);
+        assert_eq!(q.upload_limit(), 4);
+        q.stored(3);
+        assert_eq!(q.upload_limit(), u64::MAX, "only the open epoch is left");
+        q.stored(5);
+        assert_eq!(q.upload_limit(), u64::MAX);
+        assert!(q.boundaries.is_empty());
     }
 }
