@@ -213,8 +213,9 @@ fn large_requests(guest: &mut Guest, nbd: &NbdS3, dev: &str) {
 }
 
 /// A restart the filesystem does not notice: fio writes and verifies (crc32c, checked while it
-/// writes) a file on a mounted ext4 while the daemon is replaced three times by
-/// `serve --takeover`; fio sees no error, the kernel logs none, and `e2fsck -fn` is clean.
+/// writes) a file on a mounted ext4 while the daemon is replaced four times, by both routes in
+/// turn: `serve --takeover`, then `systemctl restart` through the (fake) service manager's fd
+/// store; fio sees no error, the kernel logs none, and `e2fsck -fn` is clean.
 fn takeovers_under_fio(guest: &mut Guest, nbd: &mut NbdS3, dev: &str) {
     let mnt = "/tmp/mnt-takeover";
     let fio = format!(
@@ -238,14 +239,17 @@ fn takeovers_under_fio(guest: &mut Guest, nbd: &mut NbdS3, dev: &str) {
         std::fs::read_to_string(&fio_log).is_ok_and(|s| s.contains("Starting"))
     });
     let mut pauses = Vec::new();
-    for round in 0..3 {
+    for round in 0..4 {
         // Let fio write (and leave dirty data) between takeovers.
         let until = started + Duration::from_secs(8 * (round + 1));
         wait_until("fio's next stretch", Duration::from_secs(60), || {
             Instant::now() >= until
         });
         let t = Instant::now();
-        let mut old = nbd.take_over();
+        let mut old = match round % 2 {
+            0 => nbd.take_over(),
+            _ => nbd.systemctl_restart().0,
+        };
         pauses.push(t.elapsed());
         let status = old.wait_exit(DAEMON_TIMEOUT).expect("old daemon exited");
         assert!(
@@ -255,7 +259,10 @@ fn takeovers_under_fio(guest: &mut Guest, nbd: &mut NbdS3, dev: &str) {
         );
         nbd.wait_for_log("connection taken over", Duration::from_secs(10));
     }
-    eprintln!("takeovers under fio (whole takeover, incl. flush and start): {pauses:.1?}");
+    eprintln!(
+        "restarts under fio, takeover and fd store in turn (whole restart, incl. flush and \
+         start): {pauses:.1?}"
+    );
     let out = guest.run(
         "takeover: wait for fio, unmount, check",
         &format!(
@@ -440,6 +447,7 @@ fn kernel_client_in_a_guest() {
         .export(ExportSpec::new("takeover").size("128MiB"))
         .export(ExportSpec::new("snap4").size("128MiB"))
         .export(ExportSpec::new("snapxfs").size("320MiB"))
+        .service_manager(Some(64))
         .start();
     let mut guest = Guest::boot(&tools);
     eprintln!("guest boot: {:.1?}", guest.boot_time());
@@ -468,7 +476,7 @@ fn kernel_client_in_a_guest() {
     case("32 MiB requests", &mut guest, &mut |g| {
         large_requests(g, &nbd, "/dev/nbd4")
     });
-    case("fio on ext4 across three takeovers", &mut guest, &mut |g| {
+    case("fio on ext4 across four restarts", &mut guest, &mut |g| {
         takeovers_under_fio(g, &mut nbd, "/dev/nbd5")
     });
     case("snapshot of a mounted ext4", &mut guest, &mut |g| {
