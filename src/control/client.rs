@@ -22,6 +22,26 @@ const MAX_REPLY: u64 = 64 << 20;
 /// How long to wait to connect and to send: a live daemon accepts at once.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long to wait for the answer. A snapshot create may flush twice (each up to
+/// `flush_timeout`, 60 s by default), flatten and gc copy or delete many objects; a daemon
+/// that has not answered by then is stuck (e.g. retrying an unreadable manifest).
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(600);
+/// Environment variable that overrides [`ANSWER_TIMEOUT`], in seconds.
+pub const ANSWER_TIMEOUT_ENV: &str = "NBD_S3_ADMIN_TIMEOUT";
+
+/// [`ANSWER_TIMEOUT`], or the whole seconds `NBD_S3_ADMIN_TIMEOUT` sets (at least 1).
+fn answer_timeout() -> Result<Duration, ClientError> {
+    match std::env::var(ANSWER_TIMEOUT_ENV) {
+        Err(_) => Ok(ANSWER_TIMEOUT),
+        Ok(v) => match v.trim().parse::<u64>() {
+            Ok(secs) if secs > 0 => Ok(Duration::from_secs(secs)),
+            _ => Err(ClientError::Usage(format!(
+                "{ANSWER_TIMEOUT_ENV}={v:?}: expected a whole number of seconds, at least 1"
+            ))),
+        },
+    }
+}
+
 /// Why a command did not complete, with the exit code it maps to.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -93,10 +113,12 @@ pub fn call(socket: &Path, request: &Request) -> Result<serde_json::Value, Clien
             socket.display()
         ))
     };
+    let answer = answer_timeout()?;
     let mut stream = UnixStream::connect(socket).map_err(unreachable)?;
     stream
         .set_write_timeout(Some(CONNECT_TIMEOUT))
         .map_err(unreachable)?;
+    stream.set_read_timeout(Some(answer)).map_err(unreachable)?;
     let mut line = serde_json::to_vec(request)
         .map_err(|e| ClientError::Usage(format!("cannot encode the request: {e}")))?;
     if line.len() >= MAX_REQUEST {
@@ -107,7 +129,17 @@ pub fn call(socket: &Path, request: &Request) -> Result<serde_json::Value, Clien
     let mut reply = Vec::new();
     BufReader::new(stream.take(MAX_REPLY))
         .read_until(b'\n', &mut reply)
-        .map_err(unreachable)?;
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                ClientError::Unreachable(format!(
+                    "the daemon on {} did not answer within {}s (it may be stuck; \
+                     {ANSWER_TIMEOUT_ENV}=SECONDS waits longer)",
+                    socket.display(),
+                    answer.as_secs()
+                ))
+            }
+            _ => unreachable(e),
+        })?;
     if reply.is_empty() {
         return Err(ClientError::Unreachable(format!(
             "the daemon on {} closed the connection without answering",

@@ -187,3 +187,33 @@ fn a_control_path_that_is_not_a_socket_is_never_removed() {
         b"precious"
     );
 }
+
+#[test]
+fn a_daemon_that_accepts_but_never_answers_is_exit_3_after_the_answer_timeout() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("stuck.sock");
+    // Accepts (the kernel queues the connection) and never reads or answers.
+    let _stuck = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+    let started = std::time::Instant::now();
+    let out = Command::new(BIN)
+        .args(["snapshot", "list", "--control"])
+        .arg(&path)
+        .env("NBD_S3_ADMIN_TIMEOUT", "1")
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(
+        stderr.contains("did not answer within 1s") && stderr.contains("stuck.sock"),
+        "{stderr}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+    // A malformed override is a usage error.
+    let out = Command::new(BIN)
+        .args(["status", "--control"])
+        .arg(&path)
+        .env("NBD_S3_ADMIN_TIMEOUT", "soon")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+}
