@@ -106,7 +106,7 @@ impl ObjectStore for Retrying {
         key: &str,
     ) -> Result<(), BackendError> {
         // Counted with the PUTs: a copy writes one object.
-        self.run(Op::Put, key, || {
+        self.run(Op::Copy, key, || {
             self.inner.copy_from(src, src_bucket, src_key, key)
         })
         .await

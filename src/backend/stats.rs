@@ -17,11 +17,20 @@ pub enum Op {
     List,
     /// `put_if_absent` / `put_if_match` (leases).
     ConditionalPut,
+    /// Server-side `CopyObject` (flatten): no object bytes pass through the daemon.
+    Copy,
 }
 
 impl Op {
     /// Every operation, in a fixed order (for rendering).
-    pub const ALL: [Op; 5] = [Op::Get, Op::Put, Op::Delete, Op::List, Op::ConditionalPut];
+    pub const ALL: [Op; 6] = [
+        Op::Get,
+        Op::Put,
+        Op::Delete,
+        Op::List,
+        Op::ConditionalPut,
+        Op::Copy,
+    ];
 
     /// Label value for metrics and log lines.
     pub fn name(self) -> &'static str {
@@ -31,6 +40,7 @@ impl Op {
             Op::Delete => "delete",
             Op::List => "list",
             Op::ConditionalPut => "conditional_put",
+            Op::Copy => "copy",
         }
     }
 }
@@ -238,5 +248,6 @@ mod tests {
         assert_eq!(Outcome::of(&e), Outcome::Corrupt);
         assert_eq!(Outcome::of(&Ok::<_, BackendError>(1)), Outcome::Ok);
         assert_eq!(Op::ConditionalPut.name(), "conditional_put");
+        assert_eq!(Op::Copy.name(), "copy");
     }
 }

@@ -4,7 +4,8 @@
 //! copies server-side and frees the clone from its base; a clone keeps working when its base
 //! leaves the file; kill -9 at each step of creating and flattening a clone.
 
-use crate::common::store_bed::{apply, assert_image, nbd_read, nbd_write, Bed, KIB, MIB};
+use crate::common::metrics::{get, Metrics, ANY_PORT};
+use crate::common::store_bed::{apply, assert_image, nbd_read, nbd_write, Bed, BUCKET, KIB, MIB};
 use crate::common::{pattern, wait_until, ExportSpec, DAEMON_TIMEOUT};
 use std::time::Duration;
 
@@ -136,9 +137,18 @@ fn twenty_clones_share_the_golden_blocks_and_keep_their_own_writes() {
 
 #[test]
 fn flatten_frees_a_clone_from_its_base_and_clones_survive_the_base_leaving_the_file() {
-    let (mut bed, golden) = golden_bed(|b| b);
+    let (mut bed, golden) = golden_bed(|b| b.config(|c| c.metrics = Some(ANY_PORT.into())));
     add_by_reload(&mut bed, vec![clone_spec("c1"), clone_spec("c2")]);
     nbd_write(&bed.uri("c1"), &[(0, vec![1; 10])], true);
+    let metrics = Metrics::of(&bed.nbd);
+    let requests = |op: &str| {
+        get(
+            &metrics.scrape(),
+            "nbd_s3_backend_requests_total",
+            &[("bucket", BUCKET), ("op", op), ("outcome", "ok")],
+        ) as u64
+    };
+    let puts = requests("put");
     let mut c1 = golden.clone();
     c1.resize(2 * SIZE as usize, 0);
     let mut c2 = c1.clone();
@@ -146,6 +156,12 @@ fn flatten_frees_a_clone_from_its_base_and_clones_survive_the_base_leaving_the_f
 
     let out = bed.nbd.admin_ok(&["flatten", "c1"]);
     assert!(out.contains(&format!("{GOLDEN_BLOCKS} blocks")), "{out}");
+    // Server-side copies are counted as such, not as PUTs (only manifest writes are).
+    assert_eq!(requests("copy"), GOLDEN_BLOCKS);
+    assert!(
+        requests("put") - puts < GOLDEN_BLOCKS,
+        "copies counted as PUTs"
+    );
     assert_image(
         "c1 after flatten",
         &nbd_read(&bed.uri("c1"), 0, 2 * SIZE),

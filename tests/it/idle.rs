@@ -18,7 +18,7 @@ fn proxy_total(proxy: &FaultProxy) -> u64 {
 /// The daemon's own count of S3 requests made for `export`.
 fn daemon_count(metrics: &Metrics, export: &str) -> u64 {
     let samples = metrics.scrape();
-    ["get", "put", "delete", "list", "conditional_put"]
+    ["get", "put", "delete", "list", "conditional_put", "copy"]
         .iter()
         .map(|op| {
             get(
