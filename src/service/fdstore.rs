@@ -35,7 +35,8 @@ const FORMAT: u32 = 1;
 /// Largest state accepted per received descriptor: a connection's state with a full read
 /// buffer (128 KiB) in hex is well below it.
 const STATE_PER_FD: u64 = 1024 * 1024;
-/// How long one message to the service manager may block before the stop gives up on it.
+/// How long one message to the service manager may block (or the manager take to confirm
+/// them) before the stop gives up on it.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The service manager keeps descriptors for this service.
@@ -148,6 +149,11 @@ impl FdStore {
         let mut file = File::from(memfd);
         file.write_all(&json)?;
         notify.store(&format!("{tag}.state"), file.as_fd())?;
+        // The process exits right after this: make sure systemd has read the messages while
+        // it can still tell which service sent them.
+        if let Err(e) = notify.barrier(SEND_TIMEOUT) {
+            warn!("the service manager did not confirm the fd store messages: {e}");
+        }
         Ok(Kept {
             listeners: state.listeners.len(),
             connections: state.connections.len(),
@@ -189,6 +195,19 @@ impl Notify {
 
     fn store(&self, name: &str, fd: BorrowedFd<'_>) -> io::Result<()> {
         self.send(&format!("FDSTORE=1\nFDNAME={name}\n"), Some(fd))
+    }
+
+    /// Returns once the manager has processed every message sent before: it closes the
+    /// descriptor that comes with `BARRIER=1` (and any it does not keep) when it gets there.
+    fn barrier(&self, timeout: Duration) -> io::Result<()> {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+        self.send("BARRIER=1\n", Some(theirs.as_fd()))?;
+        drop(theirs);
+        ours.set_read_timeout(Some(timeout))?;
+        match (&ours).read(&mut [0u8; 1])? {
+            0 => Ok(()),
+            _ => Err(io::Error::other("unexpected data on the barrier")),
+        }
     }
 
     fn remove(&self, name: &str) -> io::Result<()> {

@@ -2,12 +2,38 @@ use super::*;
 use nix::sys::socket::{recvmsg, ControlMessageOwned};
 use std::io::IoSliceMut;
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
-/// A stand-in for systemd's notify socket: every datagram with its descriptors.
+/// A stand-in for systemd's notify socket: a thread receives every datagram, keeps the
+/// descriptors of `FDSTORE=1` messages and closes the others at once (which is what
+/// confirms a `BARRIER=1`).
 struct Manager {
-    sock: UnixDatagram,
     _dir: tempfile::TempDir,
     path: std::path::PathBuf,
+    got: Arc<Received>,
+    barriers: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for Manager {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+type Received = Mutex<Vec<(String, Vec<OwnedFd>)>>;
+
+/// Keeps the descriptors of an `FDSTORE=1` message; closes any other's (a barrier's).
+fn keep_or_close(got: &Received, barriers: &AtomicUsize, text: String, fds: Vec<OwnedFd>) {
+    if text.lines().any(|l| l == "FDSTORE=1") {
+        got.lock().unwrap().push((text, fds));
+        return;
+    }
+    if text.lines().any(|l| l == "BARRIER=1") {
+        barriers.fetch_add(1, Ordering::SeqCst);
+    }
+    drop(fds);
 }
 
 impl Manager {
@@ -15,11 +41,26 @@ impl Manager {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("notify");
         let sock = UnixDatagram::bind(&path).expect("bind");
-        sock.set_nonblocking(true).expect("nonblocking");
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let barriers = Arc::new(AtomicUsize::new(0));
+        let (g, b) = (Arc::clone(&got), Arc::clone(&barriers));
+        sock.set_read_timeout(Some(std::time::Duration::from_millis(50)))
+            .expect("timeout");
+        let stop = Arc::new(AtomicBool::new(false));
+        let st = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            while !st.load(Ordering::SeqCst) {
+                if let Some((text, fds)) = receive(&sock) {
+                    keep_or_close(&g, &b, text, fds);
+                }
+            }
+        });
         Manager {
-            sock,
             _dir: dir,
             path,
+            got,
+            barriers,
+            stop,
         }
     }
 
@@ -30,37 +71,15 @@ impl Manager {
         }
     }
 
-    /// Everything received: (message, descriptors).
-    fn drain(&self) -> Vec<(String, Vec<OwnedFd>)> {
-        let mut out = Vec::new();
-        loop {
-            let mut buf = [0u8; 4096];
-            let mut space = nix::cmsg_space!([i32; 4]);
-            let mut iov = [IoSliceMut::new(&mut buf)];
-            let Ok(msg) = recvmsg::<()>(
-                self.sock.as_raw_fd(),
-                &mut iov,
-                Some(&mut space),
-                MsgFlags::MSG_CMSG_CLOEXEC,
-            ) else {
-                return out;
-            };
-            let mut fds = Vec::new();
-            for cmsg in msg.cmsgs().expect("cmsgs") {
-                if let ControlMessageOwned::ScmRights(r) = cmsg {
-                    fds.extend(r.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
-                }
-            }
-            let n = msg.bytes;
-            out.push((String::from_utf8_lossy(&buf[..n]).into_owned(), fds));
-        }
+    fn saw_barrier(&self) -> bool {
+        self.barriers.load(Ordering::SeqCst) > 0
     }
 
-    /// What the store would pass back: (descriptor, FDNAME) of each FDSTORE=1 message.
+    /// What the store would pass back, taken out of the manager: (descriptor, FDNAME) of
+    /// each FDSTORE=1 message, in order of arrival.
     fn stored(&self) -> Vec<(OwnedFd, String)> {
-        self.drain()
+        std::mem::take(&mut *self.got.lock().unwrap())
             .into_iter()
-            .filter(|(m, _)| m.lines().any(|l| l == "FDSTORE=1"))
             .map(|(m, mut fds)| {
                 assert_eq!(fds.len(), 1, "one descriptor per message: {m}");
                 let name = m
@@ -72,6 +91,28 @@ impl Manager {
             })
             .collect()
     }
+}
+
+/// One datagram and its descriptors; `None` on timeout.
+fn receive(sock: &UnixDatagram) -> Option<(String, Vec<OwnedFd>)> {
+    let mut buf = [0u8; 4096];
+    let mut space = nix::cmsg_space!([i32; 4]);
+    let mut iov = [IoSliceMut::new(&mut buf)];
+    let msg = recvmsg::<()>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .ok()?;
+    let mut fds = Vec::new();
+    for cmsg in msg.cmsgs().ok()? {
+        if let ControlMessageOwned::ScmRights(r) = cmsg {
+            fds.extend(r.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+        }
+    }
+    let n = msg.bytes;
+    Some((String::from_utf8_lossy(&buf[..n]).into_owned(), fds))
 }
 
 fn conn(export: &str, pending: &str) -> (ParkedConnection, UnixStream) {
@@ -119,6 +160,7 @@ fn kept_sockets_come_back_by_name_in_any_order_with_their_state() {
     );
     let mut stored = m.stored();
     assert_eq!(stored.len(), 4, "listener, two connections, state");
+    assert!(m.saw_barrier(), "a barrier after the entries");
     assert!(stored.last().expect("entries").1.ends_with(".state"));
     // Older systemd passes the store back in reverse.
     stored.reverse();
