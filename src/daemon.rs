@@ -234,6 +234,7 @@ impl Daemon {
                     .map(|j| crate::store::JournalSpec {
                         dir: j.dir.clone(),
                         space: crate::journal::Space::new(j.size),
+                        replay: true,
                     }),
             },
             server,

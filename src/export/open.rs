@@ -153,14 +153,31 @@ async fn open_store<F: BucketSource + ?Sized>(
             name: cfg.name.clone(),
             bucket: cfg.bucket.clone(),
         }),
-        journal: match (&ctx.journal, cfg.durability) {
-            (Some(root), crate::config::Durability::Local) => Some(crate::store::JournalSpec {
-                dir: crate::journal::export_dir(&root.dir, &cfg.bucket, &cfg.prefix),
-                space: Arc::clone(&root.space),
-            }),
-            _ => None,
-        },
+        journal: None,
     };
+    let mut replayed_under_lease = false;
+    let mut store_cfg = store_cfg;
+    if let (Some(root), crate::config::Durability::Local) = (&ctx.journal, cfg.durability) {
+        let dir = crate::journal::export_dir(&root.dir, &cfg.bucket, &cfg.prefix);
+        let replay = if crate::journal::has_segments(&dir) {
+            let left = journal_left_by_us(factory, cfg).await?;
+            if let (true, Some(slot), LeaseMode::On { ttl }) = (left, &slot, cfg.lease) {
+                // Replay stores in S3 before the export serves: it needs the lease.
+                slot.take(|| async { Ok(()) })
+                    .await
+                    .map_err(|e| Refusal::lease(e, ttl))?;
+                replayed_under_lease = true;
+            }
+            left
+        } else {
+            true
+        };
+        store_cfg.journal = Some(crate::store::JournalSpec {
+            dir,
+            space: Arc::clone(&root.space),
+            replay,
+        });
+    }
     let buckets = Arc::new(DaemonBuckets {
         buckets: factory.buckets(),
         turn: Arc::clone(&ctx.manifest_turn),
@@ -168,8 +185,45 @@ async fn open_store<F: BucketSource + ?Sized>(
     let store = BlockStore::open_with(objects, store_cfg, Arc::clone(&ctx.budget), buckets).await?;
     if let Some(slot) = &slot {
         store.set_write_gate(Arc::clone(slot) as Arc<dyn crate::store::WriteGate>);
+        if replayed_under_lease {
+            slot.release_if(|| store.dirty_bytes() == 0).await;
+        }
     }
     Ok((store, slot))
+}
+
+/// Whether the journal this host holds for `cfg` may be replayed: the lease object says the
+/// export was last held by a daemon on this host that never released it (a crash or power
+/// loss), or there is none (no lease). A released lease means everything was stored before
+/// it was given up; a holder on another host means another daemon took the export over, and
+/// replaying older records would undo its writes.
+async fn journal_left_by_us<F: BucketSource + ?Sized>(
+    factory: &F,
+    cfg: &ExportConfig,
+) -> Result<bool, Refusal> {
+    if !matches!(cfg.lease, LeaseMode::On { .. }) {
+        return Ok(true);
+    }
+    let objects = factory
+        .export_bucket(&cfg.bucket, &cfg.name)
+        .map_err(|e| Refusal::backend(Step::Bucket, e))?;
+    let key = format!("{}{}", cfg.prefix, crate::lease::LEASE_NAME);
+    let raw = crate::retry::Policy::LEASE
+        .run(|| objects.get(&key))
+        .await
+        .map_err(|e| Refusal::backend(Step::Lease, e))?;
+    let host = crate::lease::record::Identity::current().host;
+    Ok(journal_applies(raw.as_deref(), &host))
+}
+
+/// The pure decision of [`journal_left_by_us`] on the lease object's bytes.
+pub(super) fn journal_applies(lease: Option<&[u8]>, host: &str) -> bool {
+    match lease.map(crate::lease::record::LeaseRecord::parse) {
+        None => true,
+        Some(Some(r)) => !r.released && r.host == host,
+        // Not a lease record we understand: applying keeps flushed data; never refuse it.
+        Some(None) => true,
+    }
 }
 
 /// Opens every export of a configuration (concurrently: each open lists a prefix in S3).

@@ -386,3 +386,35 @@ fn each_refusal_has_its_retry_rule_and_keeps_its_message() {
         Some(Retry::Backoff)
     );
 }
+
+#[test]
+fn a_journal_is_replayed_only_when_this_host_crashed_holding_the_export() {
+    use crate::lease::record::{Identity, LeaseRecord};
+    let me = Identity {
+        owner: "a".into(),
+        host: "here".into(),
+        pid: 1,
+        boot_id: None,
+    };
+    let other = Identity {
+        host: "elsewhere".into(),
+        ..me.clone()
+    };
+    let bytes = |r: LeaseRecord| serde_json::to_vec(&r).unwrap();
+    let held = bytes(LeaseRecord::new(&me, 0, Duration::from_secs(60)));
+    let released = bytes(LeaseRecord::released(&me, 0));
+    let taken_over = bytes(LeaseRecord::new(&other, 0, Duration::from_secs(60)));
+    assert!(open::journal_applies(None, "here"), "no lease object");
+    assert!(
+        open::journal_applies(Some(&held), "here"),
+        "crashed holding it"
+    );
+    assert!(
+        !open::journal_applies(Some(&released), "here"),
+        "released: everything was stored first"
+    );
+    assert!(
+        !open::journal_applies(Some(&taken_over), "here"),
+        "another host held it since"
+    );
+}

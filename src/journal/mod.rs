@@ -16,7 +16,7 @@ mod segments;
 pub mod space;
 
 pub use record::{Entry, Kind, Record};
-pub use scan::{scan, Scanned};
+pub use scan::{has_segments, scan, set_aside, Scanned};
 pub use segments::{Journal, JournalStats};
 pub use space::{Reservation, Space};
 

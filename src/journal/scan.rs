@@ -107,3 +107,26 @@ pub fn scan(dir: &Path) -> io::Result<Scanned> {
     out.first_free = out.first_free.max(out.next_number);
     Ok(out)
 }
+
+/// Whether `dir` holds any segment file (a journal left by a previous process).
+pub fn has_segments(dir: &Path) -> bool {
+    segment_files(dir).map(|f| !f.is_empty()).unwrap_or(true)
+}
+
+/// Moves every segment file of `dir` into a new subdirectory `stale-<unix seconds>` (kept for
+/// an admin to inspect, never replayed) and returns it.
+pub fn set_aside(dir: &Path) -> io::Result<PathBuf> {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let aside = dir.join(format!("stale-{secs}"));
+    std::fs::create_dir_all(&aside)?;
+    for (_, path) in segment_files(dir)? {
+        if let Some(name) = path.file_name() {
+            std::fs::rename(&path, aside.join(name))?;
+        }
+    }
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(aside)
+}

@@ -88,6 +88,10 @@ pub struct BlockStoreConfig {
 pub struct JournalSpec {
     pub dir: std::path::PathBuf,
     pub space: Arc<crate::journal::Space>,
+    /// Whether a journal left by a previous process is replayed. False when another daemon
+    /// may have written the export since (its records would undo newer data): the old
+    /// segments are then set aside, never applied.
+    pub replay: bool,
 }
 
 /// Hands out the object store of another bucket of the same object store (a clone's base).
@@ -547,7 +551,13 @@ async fn open_journal(
 ) -> Result<(crate::journal::Journal, crate::journal::Scanned), StoreError> {
     let dir = spec.dir.clone();
     let space = Arc::clone(&spec.space);
+    let replay = spec.replay;
     let opened = tokio::task::spawn_blocking(move || {
+        if !replay && crate::journal::has_segments(&dir) {
+            let aside = crate::journal::set_aside(&dir)?;
+            tracing::warn!(journal = %dir.display(), moved_to = %aside.display(),
+                "journal not replayed: another daemon may have written the export since it was written");
+        }
         let scanned = crate::journal::scan(&dir)?;
         let journal = crate::journal::Journal::create(&dir, scanned.first_free, space)?;
         Ok::<_, std::io::Error>((journal, scanned))

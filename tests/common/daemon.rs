@@ -539,13 +539,19 @@ impl NbdS3 {
     /// A new process with the same config and S3 (SIGTERM + wait first if still running).
     /// With `listen = 127.0.0.1:0` the port changes: use `uri()` again afterwards.
     pub fn restart(&mut self) {
+        if let Err(f) = self.try_restart() {
+            panic!("nbd-s3 did not restart (exit: {:?}):\n{}", f.status, f.logs);
+        }
+    }
+
+    /// Like `restart`, but hands back the exit status and output when the new process does
+    /// not become ready.
+    pub fn try_restart(&mut self) -> Result<(), StartFailure> {
         if self.try_wait().is_none() {
             self.sigterm();
             self.wait_exit(DAEMON_TIMEOUT);
         }
-        if let Err(f) = self.launch() {
-            panic!("nbd-s3 did not restart (exit: {:?}):\n{}", f.status, f.logs);
-        }
+        self.launch()
     }
 }
 

@@ -21,12 +21,12 @@ use std::time::Duration;
 
 const SLOT: u64 = 96 * KIB;
 /// Slots each round may use (5 rounds × 64 slots × 96 KiB < 32 MiB).
-const SLOTS_PER_ROUND: u64 = 64;
+pub(crate) const SLOTS_PER_ROUND: u64 = 64;
 const ROUNDS: u64 = 5;
 
 /// The writer: one connection, `slots` fresh slots from `first`, FLUSH every 1..=6 writes, an
 /// occasional FUA write; logs `offset length crc32` of each write once it is durable.
-fn start_writer(uri: &str, log: &Path, first: u64, seed: u64) -> Child {
+pub(crate) fn start_writer(uri: &str, log: &Path, first: u64, seed: u64) -> Child {
     let errors = log.with_extension("stderr");
     let code = format!(
         r#"
@@ -64,7 +64,7 @@ print('writer done')
         .expect("spawn writer")
 }
 
-fn logged(log: &Path) -> usize {
+pub(crate) fn logged(log: &Path) -> usize {
     std::fs::read_to_string(log)
         .unwrap_or_default()
         .lines()
@@ -72,7 +72,7 @@ fn logged(log: &Path) -> usize {
 }
 
 /// Reads back every logged write; returns (writes, bytes) verified, panics on any mismatch.
-fn verify_log(uri: &str, log: &Path) -> (u64, u64) {
+pub(crate) fn verify_log(uri: &str, log: &Path) -> (u64, u64) {
     let code = format!(
         r#"
 import zlib
@@ -104,7 +104,7 @@ for b in bad:
     (f[0], f[1])
 }
 
-fn reap(writer: &mut Child) {
+pub(crate) fn reap(writer: &mut Child) {
     if !poll_until(Duration::from_secs(30), || {
         writer.try_wait().expect("try_wait").is_some()
     }) {

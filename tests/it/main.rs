@@ -20,6 +20,7 @@ mod hostile;
 mod hostile_limits;
 mod hostile_requests;
 mod idle;
+mod journal;
 mod kernel;
 mod lease;
 mod metrics;

@@ -10,6 +10,7 @@ fn journaled(dir: &std::path::Path, blocks: u64) -> BlockStoreConfig {
         journal: Some(JournalSpec {
             dir: dir.to_path_buf(),
             space: Space::new(64 << 20),
+            replay: true,
         }),
         ..config(BS, blocks * u64::from(BS))
     }
