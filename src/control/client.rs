@@ -165,23 +165,35 @@ pub fn decode<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> Resul
 }
 
 /// `status` as a table: EXPORT, STATE (serving, or refused and why), CLIENTS, DIRTY (bytes),
-/// LEASE (holder).
+/// LEASE (holder), and JOURNAL (bytes in the local journal) when some export has one.
 pub fn status_table(status: &Status) -> String {
-    let mut rows = vec![["EXPORT", "STATE", "CLIENTS", "DIRTY", "LEASE"]
+    let journal = status.exports.iter().any(|e| e.journal_bytes.is_some());
+    let mut header = ["EXPORT", "STATE", "CLIENTS", "DIRTY", "LEASE"]
         .map(String::from)
-        .to_vec()];
+        .to_vec();
+    if journal {
+        header.push("JOURNAL".into());
+    }
+    let mut rows = vec![header];
     for e in &status.exports {
         let state = match &e.reason {
             Some(why) => format!("{}: {why}", e.state),
             None => e.state.clone(),
         };
-        rows.push(vec![
+        let mut row = vec![
             e.name.clone(),
             state,
             e.clients.to_string(),
             e.dirty_bytes.to_string(),
             e.lease_holder.clone().unwrap_or_else(|| "-".into()),
-        ]);
+        ];
+        if journal {
+            row.push(
+                e.journal_bytes
+                    .map_or_else(|| "-".into(), |b| b.to_string()),
+            );
+        }
+        rows.push(row);
     }
     table(&rows)
 }
@@ -250,6 +262,7 @@ mod tests {
                     clients: 2,
                     dirty_bytes: 4096,
                     lease_holder: Some("this daemon (pid 7)".into()),
+                    journal_bytes: None,
                 },
                 ExportStatus {
                     name: "vm2".into(),
@@ -258,6 +271,7 @@ mod tests {
                     clients: 0,
                     dirty_bytes: 0,
                     lease_holder: None,
+                    journal_bytes: None,
                 },
             ],
         };

@@ -82,6 +82,9 @@ pub struct ExportStatus {
     pub dirty_bytes: u64,
     /// Who holds the export lease: this daemon, another one (refused), or nobody (`None`).
     pub lease_holder: Option<String>,
+    /// `durability = "local"`: bytes in the local journal not yet known to be in S3.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub journal_bytes: Option<u64>,
 }
 
 /// One snapshot in `snapshot list` and `snapshot create`.

@@ -288,6 +288,7 @@ fn status(daemon: &Daemon) -> Status {
                 clients: e.attached(),
                 dirty_bytes: e.store().map_or(0, |s| s.dirty_bytes()),
                 lease_holder,
+                journal_bytes: e.store().and_then(|s| s.journal_bytes()),
             }
         })
         .collect();

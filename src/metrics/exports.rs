@@ -97,7 +97,7 @@ fn state(enc: &mut DescriptorEncoder, exports: &[Arc<Export>]) -> fmt::Result {
 /// One `StoreStats` field as a metric: name, help text, value.
 type StoreField = (&'static str, &'static str, fn(&StoreStats) -> u64);
 
-const STORE_GAUGES: [StoreField; 3] = [
+const STORE_GAUGES: [StoreField; 5] = [
     (
         "nbd_s3_export_dirty_bytes",
         "Data acknowledged to clients but not yet in the object store",
@@ -112,6 +112,16 @@ const STORE_GAUGES: [StoreField; 3] = [
         "nbd_s3_export_present_blocks",
         "Blocks that hold data (the rest read as zeros)",
         |s| s.present_blocks,
+    ),
+    (
+        "nbd_s3_export_journal_bytes",
+        "durability = local: bytes held in the local journal, not yet known to be in the object store",
+        |s| s.journal_bytes,
+    ),
+    (
+        "nbd_s3_export_journal_oldest_seconds",
+        "durability = local: age of the oldest journal record not yet known to be in the object store (0: none)",
+        |s| s.journal_oldest_secs,
     ),
 ];
 

@@ -520,6 +520,10 @@ impl BlockStore {
     pub fn dirty_bytes(&self) -> u64 {
         self.inner.wb.dirty.load(SeqCst)
     }
+    /// Bytes held in the local journal (`durability = "local"`), `None` without one.
+    pub fn journal_bytes(&self) -> Option<u64> {
+        self.inner.journal.as_ref().map(|j| j.stats().bytes)
+    }
     /// Counters and gauges for metrics and the status line.
     pub fn stats(&self) -> StoreStats {
         self.inner.stats()

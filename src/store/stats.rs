@@ -61,6 +61,10 @@ pub struct StoreStats {
     pub decrypt_errors: u64,
     /// Block objects that were not valid block objects of the export (each read got EIO).
     pub decode_errors: u64,
+    /// `durability = "local"`: bytes held in journal segments (not yet known to be in S3).
+    pub journal_bytes: u64,
+    /// Age in seconds of the oldest journal record not yet known to be in S3 (0: none).
+    pub journal_oldest_secs: u64,
 }
 
 impl Inner {
@@ -68,8 +72,11 @@ impl Inner {
     pub(crate) fn stats(&self) -> StoreStats {
         let c = &self.counters;
         let o = self.objects.counters();
+        let journal = self.journal.as_ref().map(|j| j.stats()).unwrap_or_default();
         StoreStats {
             dirty_bytes: self.wb.dirty.load(Relaxed),
+            journal_bytes: journal.bytes,
+            journal_oldest_secs: journal.oldest.map_or(0, |d| d.as_secs()),
             cached_blocks: self
                 .cache
                 .shards()

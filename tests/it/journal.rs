@@ -334,6 +334,18 @@ print('ok', hashlib.sha256(data).hexdigest())
         held <= 1 << 20,
         "the journal holds {held} bytes, above its 1MiB size"
     );
+    let status = bed.nbd.admin_ok(&["status"]);
+    assert!(
+        status.lines().next().unwrap_or("").contains("JOURNAL"),
+        "{status}"
+    );
+    let samples = crate::common::metrics::Metrics::of(&bed.nbd).scrape();
+    assert!(
+        samples
+            .iter()
+            .any(|s| s.metric == "nbd_s3_export_journal_bytes"),
+        "no journal gauge in /metrics"
+    );
     // SIGTERM drains everything to S3 and leaves the journal empty.
     bed.nbd.sigterm();
     let status = bed.nbd.wait_exit(Duration::from_secs(60));
