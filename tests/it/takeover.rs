@@ -478,3 +478,54 @@ fn a_connection_negotiating_at_a_takeover_finishes_and_moves_and_a_silent_one_is
         pattern(9, 0, 4096)
     );
 }
+
+/// The packaged unit enables the fd store and tells the daemon so with the same number (older
+/// systemd does not set `$FDSTORE` itself), and systemd accepts the unit.
+#[test]
+fn the_packaged_unit_enables_the_fd_store_and_says_so() {
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/systemd/nbd-s3.service"
+    ))
+    .expect("read the unit");
+    let value = |key: &str| -> Vec<String> {
+        unit.lines()
+            .filter_map(|l| l.trim().strip_prefix(key))
+            .map(str::to_owned)
+            .collect()
+    };
+    let max = value("FileDescriptorStoreMax=");
+    let told = value("Environment=FDSTORE=");
+    assert_eq!(max.len(), 1, "one FileDescriptorStoreMax=: {max:?}");
+    assert_eq!(
+        told, max,
+        "Environment=FDSTORE= must equal FileDescriptorStoreMax="
+    );
+    let n: usize = max[0].parse().expect("a number");
+    assert!(n > 2, "room for a listener, the state and clients: {n}");
+    assert!(
+        unit.lines().any(|l| l.trim() == "NotifyAccess=main"),
+        "the main process sends the descriptors"
+    );
+    if crate::common::tool_available("systemd-analyze") {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("nbd-s3.service");
+        // `verify` wants the binary to exist: point it at the one just built.
+        std::fs::write(
+            &path,
+            unit.replace("/usr/bin/nbd-s3", env!("CARGO_BIN_EXE_nbd-s3")),
+        )
+        .expect("write the unit");
+        let out = std::process::Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(&path)
+            .output()
+            .expect("run systemd-analyze");
+        // Warnings about other units of the machine are not ours to fix.
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && !stderr.contains("nbd-s3.service"),
+            "systemd-analyze verify: {stderr}"
+        );
+    }
+}
