@@ -79,7 +79,7 @@ impl Daemon {
         };
         let mut out = Vec::new();
         for (export, store) in stores {
-            let snapshots = store.snapshots();
+            let snapshots = store.snapshots().await;
             if snapshots.is_empty() {
                 continue;
             }

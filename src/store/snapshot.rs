@@ -112,29 +112,23 @@ impl BlockStore {
     }
 
     /// The snapshots with what each alone holds (from the in-memory maps, no S3 call).
-    pub fn snapshots(&self) -> Vec<Snapshot> {
+    /// Counted on a copy of the layer maps on the blocking pool: the count walks every
+    /// block of every snapshot's layers, and neither writes (which update the maps) nor the
+    /// runtime's workers wait for it.
+    pub async fn snapshots(&self) -> Vec<Snapshot> {
         let records = self.snaps.records.lock().clone();
-        let layers = self.inner.objects.layers();
-        let mut readers: BTreeSet<u64> = records.iter().map(|r| r.layer).collect();
-        readers.insert(layers.head());
-        records
-            .iter()
-            .map(|r| {
-                // Two snapshots of one layer (nothing written between them) share it all.
-                let twins = records.iter().filter(|o| o.layer == r.layer).count();
-                let only = if twins > 1 {
-                    0
-                } else {
-                    layers.held_only_by(r.layer, &readers)
-                };
-                Snapshot {
-                    name: r.name.clone(),
-                    created: r.created.clone(),
-                    size: r.size,
-                    bytes_held_only: only * self.inner.geo.block_size,
-                }
+        if records.is_empty() {
+            return Vec::new();
+        }
+        let layers = self.inner.objects.layers().copy();
+        let bs = self.inner.geo.block_size;
+        let fallback = records.clone();
+        tokio::task::spawn_blocking(move || held_only(&records, &layers, bs))
+            .await
+            .unwrap_or_else(|e| {
+                tracing::error!(error = %e, "counting what snapshots hold failed");
+                fallback.iter().map(|r| listed(r, 0)).collect()
             })
-            .collect()
     }
 
     /// How many snapshots the export has and what they alone hold (metrics). Counted from
@@ -225,12 +219,7 @@ impl BlockStore {
         self.inner.objects.layers_mut().push_head(head);
         *self.snaps.records.lock() = m.snapshots;
         tracing::info!(prefix = %prefix, snapshot = name, layer = frozen, "snapshot created");
-        Ok(Snapshot {
-            name: record.name,
-            created: record.created,
-            size: record.size,
-            bytes_held_only: 0,
-        })
+        Ok(listed(&record, 0))
     }
 
     /// Deletes snapshot `name`, then the objects nothing reads any more; returns how many
@@ -495,6 +484,34 @@ impl BlockStore {
         let mut views = self.snaps.views.lock();
         let view = views.entry(name.to_owned()).or_insert(view);
         Some(Arc::clone(view))
+    }
+}
+
+/// What each snapshot alone holds, in block-size bytes.
+fn held_only(records: &[SnapshotRecord], layers: &Layers, block_size: u64) -> Vec<Snapshot> {
+    let mut readers: BTreeSet<u64> = records.iter().map(|r| r.layer).collect();
+    readers.insert(layers.head());
+    records
+        .iter()
+        .map(|r| {
+            // Two snapshots of one layer (nothing written between them) share it all.
+            let twins = records.iter().filter(|o| o.layer == r.layer).count();
+            let only = if twins > 1 {
+                0
+            } else {
+                layers.held_only_by(r.layer, &readers)
+            };
+            listed(r, only * block_size)
+        })
+        .collect()
+}
+
+fn listed(r: &SnapshotRecord, bytes_held_only: u64) -> Snapshot {
+    Snapshot {
+        name: r.name.clone(),
+        created: r.created.clone(),
+        size: r.size,
+        bytes_held_only,
     }
 }
 

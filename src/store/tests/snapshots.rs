@@ -91,7 +91,7 @@ async fn a_create_whose_manifest_write_landed_without_a_reply_takes_effect() {
         .expect("create settles as done");
     let (in_s3, in_memory) = heads(&mem, &store).await;
     assert_eq!(in_s3, in_memory, "writes must go to the head S3 names");
-    assert_eq!(store.snapshots().len(), 1);
+    assert_eq!(store.snapshots().await.len(), 1);
     // A second create sees the same state in S3 and in memory.
     store.create_snapshot("t").await.expect("second create");
 }
