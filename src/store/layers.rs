@@ -327,6 +327,50 @@ impl Layers {
         out
     }
 
+    /// Layers that can leave the tree: neither the head nor a root nor read directly by a
+    /// snapshot (`snapshots`), and holding no object. Splicing them out changes no read.
+    /// A clone's base layers are its base's.
+    pub fn prunable(&self, snapshots: &BTreeSet<u64>) -> BTreeSet<u64> {
+        self.parents
+            .iter()
+            .filter(|(l, p)| {
+                **l != self.head()
+                    && p.is_some()
+                    && **l & BASE == 0
+                    && !snapshots.contains(l)
+                    && self
+                        .bits
+                        .get(l)
+                        .map_or(true, |b| b.data.count() == 0 && b.tomb.count() == 0)
+            })
+            .map(|(l, _)| *l)
+            .collect()
+    }
+
+    /// Takes the layers `gone` (from [`Layers::prunable`]) out, as the manifest did.
+    pub fn splice_out(&mut self, gone: &BTreeSet<u64>) -> Result<(), String> {
+        if gone.is_empty() {
+            return Ok(());
+        }
+        self.changed();
+        let old = self.parents.clone();
+        let keep = |mut p: Option<u64>| {
+            while let Some(l) = p.filter(|l| gone.contains(l)) {
+                p = old.get(&l).copied().flatten();
+            }
+            p
+        };
+        let parents: BTreeMap<u64, Option<u64>> = old
+            .iter()
+            .filter(|(l, _)| !gone.contains(l))
+            .map(|(l, p)| (*l, keep(*p)))
+            .collect();
+        self.chain = chain_of(&parents, self.head())?;
+        self.parents = parents;
+        self.bits.retain(|l, _| !gone.contains(l));
+        Ok(())
+    }
+
     /// Freezes the head: `new` becomes the head, on top of the old one.
     pub fn push_head(&mut self, new: u64) {
         self.changed();

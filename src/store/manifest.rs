@@ -14,7 +14,7 @@ use crate::config::{CodecConfig, Compression};
 use crate::retry::Policy;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// Name of the manifest object under the export's prefix.
 pub(crate) const MANIFEST_NAME: &str = "nbd-s3.json";
@@ -213,6 +213,23 @@ impl Manifest {
             return BTreeMap::from([(0, None)]);
         }
         self.layers.iter().map(|l| (l.id, l.parent)).collect()
+    }
+
+    /// Takes the layers `gone` out of the tree: each child of one is re-parented to the
+    /// nearest ancestor that stays. Only for layers no snapshot reads and that hold no
+    /// object, so every read resolves as before.
+    pub fn splice_out(&mut self, gone: &BTreeSet<u64>) {
+        let parents = self.parents();
+        let keep = |mut p: Option<u64>| {
+            while let Some(l) = p.filter(|l| gone.contains(l)) {
+                p = parents.get(&l).copied().flatten();
+            }
+            p
+        };
+        self.layers.retain(|l| !gone.contains(&l.id));
+        for l in &mut self.layers {
+            l.parent = keep(l.parent);
+        }
     }
 
     /// `parents`, plus a clone's base layers (marked `BASE`) under its root layer.

@@ -214,9 +214,11 @@ impl BlockStore {
             size: self.size(),
         };
         m.snapshots.push(record.clone());
+        let gone = self.prune(&mut m);
         manifest::write(store, prefix, &m, tag.as_deref()).await?;
         crash_point("snapshot-create-written");
         self.inner.objects.layers_mut().push_head(head);
+        self.spliced(&gone)?;
         *self.snaps.records.lock() = m.snapshots;
         tracing::info!(prefix = %prefix, snapshot = name, layer = frozen, "snapshot created");
         Ok(listed(&record, 0))
@@ -256,8 +258,10 @@ impl BlockStore {
             )));
         }
         m.snapshots.remove(at);
+        let gone = self.prune(&mut m);
         manifest::write(store, prefix, &m, tag.as_deref()).await?;
         crash_point("snapshot-delete-written");
+        self.spliced(&gone)?;
         *self.snaps.records.lock() = m.snapshots.clone();
         self.snaps.views.lock().remove(name);
         // A view looked up before the delete stays closed; a later snapshot of the same
@@ -303,6 +307,7 @@ impl BlockStore {
                 parent: Some(target),
             });
             m.head = Some(head);
+            let gone = self.prune(&mut m);
             manifest::write(store, prefix, &m, tag.as_deref()).await?;
             crash_point("rollback-written");
             let effective = {
@@ -310,6 +315,7 @@ impl BlockStore {
                 layers
                     .reroot(head, target)
                     .map_err(StoreError::BadManifest)?;
+                layers.splice_out(&gone).map_err(StoreError::BadManifest)?;
                 layers.effective()
             };
             self.inner.presence.replace(effective);
@@ -362,6 +368,26 @@ impl BlockStore {
             out.entry(c.snapshot).or_default().push(c.export);
         }
         Ok(out)
+    }
+
+    /// Splices out of `m` the layers nothing needs any more: heads a rollback left (once
+    /// their objects are gone) and layers deleted snapshots emptied, so chains stay as long
+    /// as the snapshots make them, not as long as the export's history. Returns them, for
+    /// the in-memory layers once the manifest write landed ([`BlockStore::spliced`]).
+    fn prune(&self, m: &mut manifest::Manifest) -> BTreeSet<u64> {
+        let snapshots: BTreeSet<u64> = m.snapshots.iter().map(|s| s.layer).collect();
+        let mut gone = self.inner.objects.layers().prunable(&snapshots);
+        // Only what S3's manifest lists and does not read from.
+        gone.retain(|l| *l != m.head() && m.layers.iter().any(|r| r.id == *l));
+        m.splice_out(&gone);
+        gone
+    }
+
+    /// The in-memory side of [`BlockStore::prune`], after the manifest write.
+    fn spliced(&self, gone: &BTreeSet<u64>) -> Result<(), StoreError> {
+        (self.inner.objects.layers_mut())
+            .splice_out(gone)
+            .map_err(StoreError::BadManifest)
     }
 
     /// Refuses unless the manifest read from S3 is the state this store serves: the new

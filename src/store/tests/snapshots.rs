@@ -188,3 +188,52 @@ async fn a_block_object_missing_under_a_layer_reads_as_eio_not_zeros() {
         .expect("delete behind the daemon's back");
     assert!(store.read(0, BS).await.is_err(), "zeros where data was");
 }
+
+#[tokio::test]
+async fn layers_no_snapshot_reads_and_holding_nothing_leave_the_manifest() {
+    let (mem, _backend, store) = open_lost_reply().await;
+    let objects: DynObjectStore = mem.clone();
+    let block = |v: u8| Bytes::from(vec![v; BS as usize]);
+    store.write(0, block(1), true).await.expect("write");
+    store.create_snapshot("s").await.expect("create");
+    // Each rollback starts a new head and leaves the old one (emptied by its collect).
+    for round in 2..8u8 {
+        store.write(0, block(round), true).await.expect("write");
+        store.rollback("s").await.expect("rollback");
+        let (m, _) = manifest::read(&objects, "t/").await.expect("manifest");
+        assert!(
+            m.layers.len() <= 3,
+            "round {round}: the chain grows with every rollback: {:?}",
+            m.layers
+        );
+        let got = store.read(0, BS).await.expect("read");
+        assert_eq!(got, vec![Extent::Data(block(1))], "round {round}");
+    }
+    // A deleted snapshot's layer goes once nothing reads it and it is empty.
+    store.write(0, block(9), true).await.expect("write");
+    store.create_snapshot("t").await.expect("create t");
+    store.write(0, block(10), true).await.expect("write");
+    store.delete_snapshot("s").await.expect("delete s");
+    store.delete_snapshot("t").await.expect("delete t");
+    store.create_snapshot("u").await.expect("create u");
+    let (m, _) = manifest::read(&objects, "t/").await.expect("manifest");
+    assert!(m.layers.len() <= 3, "{:?}", m.layers);
+    assert_eq!(
+        store.inner.objects.layers().chain().len(),
+        m.layers.len().min(3)
+    );
+    let got = store.read(0, BS).await.expect("read");
+    assert_eq!(got, vec![Extent::Data(block(10))]);
+    // What S3 says reads the same after a reopen.
+    drop(store);
+    let reopened = BlockStore::open(objects, config(BS, 16 * u64::from(BS)), big_budget())
+        .await
+        .expect("reopen");
+    let got = reopened.read(0, BS).await.expect("read");
+    assert_eq!(got, vec![Extent::Data(block(10))]);
+    let u = reopened.snapshot_view("u").expect("view u");
+    assert_eq!(
+        u.read(0, BS).await.expect("read u"),
+        vec![Extent::Data(block(10))]
+    );
+}
