@@ -64,6 +64,8 @@ struct State {
     segments: VecDeque<Segment>,
     sync_wanted: u64,
     deletes: Vec<PathBuf>,
+    /// Segment files freed but not yet unlinked by the writer thread.
+    unlinking: usize,
     closed: bool,
     /// Records since the last FLUSH record.
     since_flush: bool,
@@ -239,6 +241,26 @@ impl Journal {
         }
     }
 
+    /// Once everything is in S3 (shutdown): closes the open segment and waits, at most
+    /// `limit`, until every segment holding records is deleted, so a clean stop leaves no
+    /// journal to replay.
+    pub async fn settle(&self, stored_below: u64, next_seq: u64, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            self.release(stored_below, next_seq, true);
+            let done = {
+                let st = self.shared.state.lock();
+                st.unlinking == 0
+                    && st.segments.len() == 1
+                    && st.segments.back().is_some_and(|s| s.bytes == 0)
+            };
+            if done || tokio::time::Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// Bytes held and the oldest record's age.
     pub fn stats(&self) -> JournalStats {
         let st = self.shared.state.lock();
@@ -302,6 +324,7 @@ fn free_segments(shared: &Shared, st: &mut State, written: u64) -> bool {
             break;
         };
         st.deletes.push(segment_path(&shared.dir, seg.first));
+        st.unlinking += 1;
         shared.space.free(seg.bytes);
         any = true;
     }
@@ -353,12 +376,17 @@ fn writer(shared: &Shared) {
                 st.appended,
             )
         };
+        let unlinked = deletes.len();
         for path in deletes {
             if let Err(e) = std::fs::remove_file(&path) {
                 if e.kind() != io::ErrorKind::NotFound {
                     tracing::warn!(path = %path.display(), error = %e, "cannot delete journal segment");
                 }
             }
+        }
+        if unlinked > 0 {
+            let mut st = shared.state.lock();
+            st.unlinking = st.unlinking.saturating_sub(unlinked);
         }
         if progress.failed.is_none() {
             if let Err(e) = write_items(shared, &mut file, items, want > progress.synced) {

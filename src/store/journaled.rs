@@ -48,12 +48,26 @@ impl Inner {
     /// Tells the journal how far S3 has caught up (after each stored version).
     pub(crate) fn release_journal(&self, all: bool) {
         let Some(j) = &self.journal else { return };
-        let (stored_below, next) = {
-            let q = self.wb.queue.lock();
-            let next = self.wb.next_seq.load(SeqCst);
-            (q.oldest_unstored().unwrap_or(next), next)
-        };
+        let (stored_below, next) = self.stored_progress();
         j.release(stored_below, next, all);
+    }
+
+    /// (every change below this is stored, the next change number), read together.
+    fn stored_progress(&self) -> (u64, u64) {
+        let q = self.wb.queue.lock();
+        let next = self.wb.next_seq.load(SeqCst);
+        (q.oldest_unstored().unwrap_or(next), next)
+    }
+
+    /// After a complete shutdown flush: the journal holds nothing S3 lacks, so its segments
+    /// go now (a clean stop leaves nothing to replay).
+    pub(crate) async fn settle_journal(&self) {
+        let Some(j) = &self.journal else { return };
+        let (stored_below, next) = self.stored_progress();
+        if stored_below >= next {
+            j.settle(stored_below, next, std::time::Duration::from_secs(5))
+                .await;
+        }
     }
 
     /// Under the shard lock, before a change to a dirty block: if its unstored changes

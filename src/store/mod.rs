@@ -536,7 +536,9 @@ impl BlockStore {
     /// `deadline`; then fails with [`StoreError::Unflushed`] naming the blocks still dirty.
     /// Progress is logged every few seconds.
     pub async fn shutdown_flush(&self, deadline: Option<Duration>) -> Result<(), StoreError> {
-        self.inner.shutdown_flush(deadline).await
+        self.inner.shutdown_flush(deadline).await?;
+        self.inner.settle_journal().await;
+        Ok(())
     }
 }
 

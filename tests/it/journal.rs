@@ -351,6 +351,11 @@ print('ok', hashlib.sha256(data).hexdigest())
     let status = bed.nbd.wait_exit(Duration::from_secs(60));
     assert!(status.success(), "{status}");
     assert!(bed.s3.read_object("nbd", "f/000000000000007f").is_some());
+    let left: u64 = segments(jdir.path())
+        .iter()
+        .map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+        .sum();
+    assert_eq!(left, 0, "a clean stop leaves no journal to replay");
 }
 
 #[test]
