@@ -172,11 +172,12 @@ fn diff_export(o: &ExportConfig, n: &ExportConfig, st: RunningExport) -> ExportA
         || o.prefix != n.prefix
         || o.block_size != n.block_size
         || o.lease != n.lease
-        || o.codec != n.codec;
+        || o.codec != n.codec
+        || o.durability != n.durability;
     if moved && st.attached > 0 {
         return ExportAction::Refuse {
             reason: format!(
-                "bucket, prefix, block_size, lease, compression or encryption key cannot change while {} client(s) are attached",
+                "bucket, prefix, block_size, lease, durability, compression or encryption key cannot change while {} client(s) are attached",
                 st.attached
             ),
         };
@@ -193,8 +194,9 @@ fn diff_export(o: &ExportConfig, n: &ExportConfig, st: RunningExport) -> ExportA
     if moved {
         return ExportAction::Reopen {
             new: n.clone(),
-            reason: "bucket, prefix, block_size, lease, compression or encryption key changed"
-                .into(),
+            reason:
+                "bucket, prefix, block_size, lease, durability, compression or encryption key changed"
+                    .into(),
         };
     }
     if o.read_only && !n.read_only {

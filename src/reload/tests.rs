@@ -482,3 +482,21 @@ async fn reopened_export_keeps_counting_its_requests() {
     );
     assert_eq!(reads.bytes, 4096);
 }
+
+#[test]
+fn a_durability_change_reopens_an_idle_export_and_is_refused_while_attached() {
+    let old = config(vec![export("a")]);
+    let mut local = export("a");
+    local.durability = crate::config::Durability::Local;
+    let new = config(vec![local.clone()]);
+    let p = plan_with(&old, &new, idle);
+    assert!(
+        matches!(&p.exports["a"], ExportAction::Reopen { new, .. } if *new == local),
+        "{:?}",
+        p.exports["a"]
+    );
+    let p = plan_with(&old, &new, attached);
+    assert!(
+        matches!(&p.exports["a"], ExportAction::Refuse { reason } if reason.contains("durability"))
+    );
+}
