@@ -168,3 +168,30 @@ async fn a_journal_left_behind_is_replayed_and_stored_before_the_store_opens() {
     store.flush().await.unwrap();
     assert_eq!(journal::scan(dir.path()).unwrap().records.len(), 2);
 }
+
+#[tokio::test]
+async fn a_snapshot_holds_data_flushed_only_to_the_journal() {
+    let mem = Arc::new(MemoryStore::new());
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_with(&mem, journaled(dir.path(), 8), big_budget()).await;
+    store.set_write_back_age(Duration::from_secs(3600));
+    let data = pattern(100, 5);
+    store
+        .write(10, Bytes::from(data.clone()), false)
+        .await
+        .unwrap();
+    mem.pause();
+    store.flush().await.unwrap(); // journaled; its upload is held
+    let s = Arc::clone(&store);
+    let create = tokio::spawn(async move { s.create_snapshot("s").await });
+    eventually("the upload is in flight", || mem.waiting() >= 1).await;
+    assert!(mem.peek(&key(0)).is_none(), "journaled, not yet uploaded");
+    mem.resume();
+    create.await.unwrap().expect("create");
+    store
+        .write(10, Bytes::from(pattern(100, 6)), false)
+        .await
+        .unwrap();
+    let view = store.snapshot_view("s").expect("view");
+    assert_eq!(read_bytes(&view, 10, 100).await, data);
+}
