@@ -71,6 +71,14 @@ impl crate::retry::Classify for BackendError {
     }
 }
 
+/// Whether `key` lies in the range `(after, upto]` of [`ObjectStore::list_range`].
+pub fn in_range(key: &str, after: Option<&str>, upto: Option<&str>) -> bool {
+    after.map_or(true, |a| key > a) && upto.map_or(true, |u| key <= u)
+}
+
+/// Most keys one multi-object delete may name (the S3 limit).
+pub const DELETE_BATCH: usize = 1000;
+
 /// A bucket-bound key/value object store. Implementations must be safe to call from many
 /// tasks at once; the block store keeps many requests in flight.
 #[async_trait]
@@ -83,6 +91,29 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug + 'static {
     async fn delete(&self, key: &str) -> Result<(), BackendError>;
     /// Every key that starts with `prefix` (full keys, any order).
     async fn list(&self, prefix: &str) -> Result<Vec<String>, BackendError>;
+
+    /// The keys under `prefix` after `after` (from the first when `None`) up to and including
+    /// `upto` (to the last when `None`), in key order: one slice of a listing split across
+    /// key ranges and run in parallel. The default lists everything and keeps the slice.
+    async fn list_range(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        upto: Option<&str>,
+    ) -> Result<Vec<String>, BackendError> {
+        let mut keys = self.list(prefix).await?;
+        keys.retain(|k| in_range(k, after, upto));
+        keys.sort_unstable();
+        Ok(keys)
+    }
+
+    /// Removes up to [`DELETE_BATCH`] objects in one request (S3 `DeleteObjects`); absent
+    /// objects are success. `Unsupported` when the store has no such request, so the caller
+    /// deletes them one by one (`Retrying::delete_many` does).
+    async fn delete_many(&self, keys: &[String]) -> Result<(), BackendError> {
+        let _ = keys;
+        Err(BackendError::Unsupported("multi-object delete".into()))
+    }
 
     /// Copies object `src_key` of bucket `src_bucket` (whose store is `src`, on the same
     /// object store) to `key` in this bucket. S3 copies server-side (`CopyObject`: no bytes

@@ -4,11 +4,12 @@
 //! on top of this, and a FLUSH gives up after its own timeout.
 
 use super::stats::{BackendStats, Op, Outcome};
-use super::{BackendError, DynObjectStore, ETag, ObjectStore};
+use super::{BackendError, DynObjectStore, ETag, ObjectStore, DELETE_BATCH};
 use crate::retry::{Classify, Policy};
 use async_trait::async_trait;
 use bytes::Bytes;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -22,7 +23,12 @@ pub struct Retrying {
     inner: DynObjectStore,
     policy: Policy,
     stats: Arc<BackendStats>,
+    /// The store answered a multi-object delete with "not implemented": one by one from then on.
+    no_batch_delete: AtomicBool,
 }
+
+/// Single deletes in flight at once when a store has no multi-object delete.
+const SINGLE_DELETES_AT_ONCE: usize = 32;
 
 impl Retrying {
     /// Wraps `inner`; `stats` may be shared among many wrappers.
@@ -31,6 +37,7 @@ impl Retrying {
             inner,
             policy,
             stats,
+            no_batch_delete: AtomicBool::new(false),
         }
     }
 
@@ -96,6 +103,48 @@ impl ObjectStore for Retrying {
 
     async fn list(&self, prefix: &str) -> Result<Vec<String>, BackendError> {
         self.run(Op::List, prefix, || self.inner.list(prefix)).await
+    }
+
+    async fn list_range(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        upto: Option<&str>,
+    ) -> Result<Vec<String>, BackendError> {
+        let what = after.unwrap_or(prefix);
+        self.run(Op::List, what, || {
+            self.inner.list_range(prefix, after, upto)
+        })
+        .await
+    }
+
+    /// One request per [`DELETE_BATCH`] keys; single deletes (several at once) when the store
+    /// answers that it has no multi-object delete, remembered for the store's life.
+    async fn delete_many(&self, keys: &[String]) -> Result<(), BackendError> {
+        use futures_util::{StreamExt, TryStreamExt};
+        for chunk in keys.chunks(DELETE_BATCH) {
+            if !self.no_batch_delete.load(Relaxed) {
+                let first = chunk.first().map_or("", String::as_str);
+                match self
+                    .run(Op::DeleteMany, first, || self.inner.delete_many(chunk))
+                    .await
+                {
+                    Ok(()) => continue,
+                    Err(BackendError::Unsupported(why)) => {
+                        tracing::info!("multi-object delete not available ({why}): deleting objects one by one");
+                        self.no_batch_delete.store(true, Relaxed);
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            // Collected first: a stream holding the mapping closure is not `Send` here.
+            let deletes: Vec<_> = chunk.iter().map(|key| self.delete(key)).collect();
+            futures_util::stream::iter(deletes)
+                .buffer_unordered(SINGLE_DELETES_AT_ONCE)
+                .try_collect::<()>()
+                .await?;
+        }
+        Ok(())
     }
 
     async fn copy_from(

@@ -270,6 +270,17 @@ const RETRYABLE_CODES: &[&str] = &[
 ];
 
 /// The classification behind [`S3Store::map_err`]; `what` names the operation and object.
+/// Whether the store has no such request (501 `NotImplemented`, as some S3-compatible
+/// stores answer a multi-object delete).
+fn not_implemented<E: ProvideErrorMetadata>(err: &SdkError<E, HttpResponse>) -> bool {
+    match err {
+        SdkError::ServiceError(ctx) => {
+            ctx.raw().status().as_u16() == 501 || ctx.err().code() == Some("NotImplemented")
+        }
+        _ => false,
+    }
+}
+
 fn classify<E>(what: &str, err: SdkError<E>) -> BackendError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
@@ -349,7 +360,74 @@ impl ObjectStore for S3Store {
         }
     }
 
+    async fn delete_many(&self, keys: &[String]) -> Result<(), BackendError> {
+        use aws_sdk_s3::types::{Delete, ObjectIdentifier};
+        let first = keys.first().map_or("", String::as_str);
+        let build = |e: aws_sdk_s3::error::BuildError| {
+            BackendError::Permanent(format!("DELETE-OBJECTS s3://{}/{first}: {e}", self.bucket))
+        };
+        let objects = keys
+            .iter()
+            .map(|k| ObjectIdentifier::builder().key(k).build().map_err(build))
+            .collect::<Result<Vec<_>, _>>()?;
+        let delete = Delete::builder()
+            .set_objects(Some(objects))
+            .quiet(true)
+            .build()
+            .map_err(build)?;
+        let resp = self
+            .client
+            .delete_objects()
+            .bucket(&self.bucket)
+            .delete(delete)
+            .send()
+            .await;
+        let out = match resp {
+            Ok(out) => out,
+            Err(e) if not_implemented(&e) => {
+                return Err(BackendError::Unsupported(format!(
+                    "DELETE-OBJECTS s3://{}: {}",
+                    self.bucket,
+                    DisplayErrorContext(&e)
+                )))
+            }
+            Err(e) => return Err(self.map_err("DELETE-OBJECTS", first, e)),
+        };
+        // Quiet mode lists only the keys that failed; any one fails the batch (deleting again
+        // is harmless, so the caller simply retries it).
+        match out.errors().first() {
+            None => Ok(()),
+            Some(failed) => {
+                let code = failed.code().unwrap_or("");
+                let text = format!(
+                    "DELETE-OBJECTS s3://{}/{}: {code} {} ({} of {} keys failed)",
+                    self.bucket,
+                    failed.key().unwrap_or(""),
+                    failed.message().unwrap_or(""),
+                    out.errors().len(),
+                    keys.len()
+                );
+                if RETRYABLE_CODES.contains(&code) {
+                    Err(BackendError::Transient(text))
+                } else {
+                    Err(BackendError::Permanent(text))
+                }
+            }
+        }
+    }
+
     async fn list(&self, prefix: &str) -> Result<Vec<String>, BackendError> {
+        self.list_range(prefix, None, None).await
+    }
+
+    /// Pages from `after` (`StartAfter`) until a page passes `upto`: the slice costs about
+    /// one request per 1,000 keys it holds, plus one.
+    async fn list_range(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        upto: Option<&str>,
+    ) -> Result<Vec<String>, BackendError> {
         let mut keys = Vec::new();
         let mut token: Option<String> = None;
         loop {
@@ -358,17 +436,26 @@ impl ObjectStore for S3Store {
                 .list_objects_v2()
                 .bucket(&self.bucket)
                 .prefix(prefix)
+                .set_start_after(after.map(str::to_string))
                 .set_continuation_token(token.take())
                 .send()
                 .await
                 .map_err(|e| self.map_err("LIST", &format!("{prefix}*"), e))?;
-            keys.extend(
-                out.contents()
-                    .iter()
-                    .filter_map(|o| o.key().map(str::to_string)),
-            );
+            let mut past = false;
+            for key in out.contents().iter().filter_map(|o| o.key()) {
+                if !super::in_range(key, after, upto) {
+                    past = upto.is_some_and(|u| key > u);
+                    if past {
+                        break;
+                    }
+                    continue;
+                }
+                keys.push(key.to_string());
+            }
             match out.next_continuation_token() {
-                Some(next) if out.is_truncated() == Some(true) => token = Some(next.to_string()),
+                Some(next) if !past && out.is_truncated() == Some(true) => {
+                    token = Some(next.to_string())
+                }
                 _ => return Ok(keys),
             }
         }

@@ -19,17 +19,20 @@ pub enum Op {
     ConditionalPut,
     /// Server-side `CopyObject` (flatten): no object bytes pass through the daemon.
     Copy,
+    /// Multi-object delete (`DeleteObjects`, up to 1,000 keys).
+    DeleteMany,
 }
 
 impl Op {
     /// Every operation, in a fixed order (for rendering).
-    pub const ALL: [Op; 6] = [
+    pub const ALL: [Op; 7] = [
         Op::Get,
         Op::Put,
         Op::Delete,
         Op::List,
         Op::ConditionalPut,
         Op::Copy,
+        Op::DeleteMany,
     ];
 
     /// Label value for metrics and log lines.
@@ -41,6 +44,7 @@ impl Op {
             Op::List => "list",
             Op::ConditionalPut => "conditional_put",
             Op::Copy => "copy",
+            Op::DeleteMany => "delete_objects",
         }
     }
 }

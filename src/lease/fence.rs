@@ -68,8 +68,19 @@ impl ObjectStore for FencedStore {
     async fn delete(&self, key: &str) -> Result<(), BackendError> {
         self.guarded(self.inner.delete(key)).await
     }
+    async fn delete_many(&self, keys: &[String]) -> Result<(), BackendError> {
+        self.guarded(self.inner.delete_many(keys)).await
+    }
     async fn list(&self, prefix: &str) -> Result<Vec<String>, BackendError> {
         self.inner.list(prefix).await
+    }
+    async fn list_range(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        upto: Option<&str>,
+    ) -> Result<Vec<String>, BackendError> {
+        self.inner.list_range(prefix, after, upto).await
     }
     async fn copy_from(
         &self,

@@ -296,6 +296,52 @@ impl BlockObjects {
         Ok(())
     }
 
+    /// [`BlockObjects::clear`] for many blocks: the plain ones (an object in the head layer,
+    /// no tombstone, nothing below to hide) go in multi-object deletes of up to 1,000 keys;
+    /// any other is cleared on its own. On error some may be gone already; clearing again
+    /// is harmless.
+    pub async fn clear_many(&self, blocks: &[u64]) -> Result<(), BackendError> {
+        // Plain: no tombstone here and nothing below to hide, so clearing is at most the
+        // deletion of this layer's object (none at all when it holds none).
+        let (layer, held, other) = {
+            let l = self.layers.read();
+            let layer = l.head();
+            let (mut held, mut other) = (Vec::new(), Vec::new());
+            for &block in blocks {
+                match (l.has(layer, block), l.resolve_below(block)) {
+                    (_, Found::Data(_)) | ((_, true), _) => other.push(block),
+                    ((true, false), _) => held.push(block),
+                    ((false, false), _) => {}
+                }
+            }
+            (layer, held, other)
+        };
+        let keys: Vec<String> = held
+            .iter()
+            .map(|&b| data_key(&self.prefix, layer, b))
+            .collect();
+        if !keys.is_empty() {
+            match self.store.delete_many(&keys).await {
+                // A store without multi-object delete (the retrying wrapper already falls
+                // back by itself; a bare store in a test does not).
+                Err(BackendError::Unsupported(_)) => {
+                    for key in &keys {
+                        self.store.delete(key).await?;
+                    }
+                }
+                done => done?,
+            }
+            let l = self.layers.read();
+            for &b in &held {
+                l.set(layer, b, false, false);
+            }
+        }
+        for block in other {
+            self.clear(block).await?;
+        }
+        Ok(())
+    }
+
     /// Removes an object of a frozen layer that nothing reads any more.
     pub async fn remove(&self, key: LayerKey) -> Result<(), BackendError> {
         let name = match key.tomb {

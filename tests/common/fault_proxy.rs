@@ -28,6 +28,8 @@ pub enum Fault {
     SlowDown,
     /// `500 InternalError`; the request never reaches S3.
     InternalError,
+    /// `501 NotImplemented`, as a store without that request answers; never reaches S3.
+    NotImplemented,
     /// The response is held back for the rule's delay, then sent intact.
     Delay,
     /// The connection is reset before the request is forwarded.
@@ -48,6 +50,8 @@ pub enum Op {
     Delete,
     List,
     Head,
+    /// Multi-object delete (`POST /bucket?delete`).
+    DeleteObjects,
     Other,
 }
 
@@ -361,6 +365,12 @@ fn s3_error(fault: Fault, req: &Head) -> Vec<u8> {
             "SlowDown",
             "Please reduce your request rate.",
         ),
+        Fault::NotImplemented => (
+            501,
+            "Not Implemented",
+            "NotImplemented",
+            "A header you provided implies functionality that is not implemented.",
+        ),
         _ => (
             500,
             "Internal Server Error",
@@ -407,7 +417,7 @@ async fn serve(client: TcpStream, st: Arc<State>) -> io::Result<()> {
         let due = Instant::now() + Duration::from_micros(st.latency_us.load(Ordering::Relaxed));
         let fault = st.pick(&req);
         match fault {
-            Some((f @ (Fault::SlowDown | Fault::InternalError), _)) => {
+            Some((f @ (Fault::SlowDown | Fault::InternalError | Fault::NotImplemented), _)) => {
                 tokio::time::sleep_until(due.into()).await;
                 client.get_mut().write_all(&s3_error(f, &req)).await?;
                 if req.close {

@@ -9,7 +9,15 @@ use crate::common::metrics::{get, Metrics, ANY_PORT};
 use crate::common::{nbdsh, ExportSpec, NbdS3, S3Server};
 use std::time::Duration;
 
-const OPS: [Op; 6] = [Op::Get, Op::Put, Op::Delete, Op::List, Op::Head, Op::Other];
+const OPS: [Op; 7] = [
+    Op::Get,
+    Op::Put,
+    Op::Delete,
+    Op::List,
+    Op::Head,
+    Op::DeleteObjects,
+    Op::Other,
+];
 
 fn proxy_total(proxy: &FaultProxy) -> u64 {
     OPS.iter().map(|op| proxy.requests(*op)).sum()
@@ -18,16 +26,24 @@ fn proxy_total(proxy: &FaultProxy) -> u64 {
 /// The daemon's own count of S3 requests made for `export`.
 fn daemon_count(metrics: &Metrics, export: &str) -> u64 {
     let samples = metrics.scrape();
-    ["get", "put", "delete", "list", "conditional_put", "copy"]
-        .iter()
-        .map(|op| {
-            get(
-                &samples,
-                "nbd_s3_export_s3_requests_total",
-                &[("export", export), ("op", op)],
-            ) as u64
-        })
-        .sum()
+    [
+        "get",
+        "put",
+        "delete",
+        "list",
+        "conditional_put",
+        "delete_objects",
+        "copy",
+    ]
+    .iter()
+    .map(|op| {
+        get(
+            &samples,
+            "nbd_s3_export_s3_requests_total",
+            &[("export", export), ("op", op)],
+        ) as u64
+    })
+    .sum()
 }
 
 fn released(s3: &S3Server, prefix: &str) -> bool {

@@ -26,6 +26,7 @@ mod lease;
 mod metrics;
 mod outage;
 mod reload;
+mod requests;
 mod secrets;
 mod service;
 mod snapshot_costs;

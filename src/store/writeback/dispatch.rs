@@ -1,8 +1,9 @@
 //! The per-export dispatcher: holds a PUT slot, then hands it to the block [`choose`] picks.
 
 use super::choice::{choose, Choice, Moment};
-use super::put::store_block;
+use super::put::{store_block, store_zeroed};
 use super::COLD;
+use crate::store::cache::Content;
 use crate::store::Inner;
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Arc;
@@ -63,12 +64,30 @@ pub(crate) async fn dispatcher(inner: Arc<Inner>) {
                 _ = timer => {}
             }
         };
+        // A block that reads as zeros is deleted with the others a large TRIM or
+        // WRITE_ZEROES made: one multi-object delete instead of a request per block. One task
+        // gathers them; while it does, the others go to it (and this slot is free again).
+        // (Not for a journaled export: its versions go to S3 epoch by epoch, which a
+        // gathering across the queue would not respect.)
+        let zeroed = !wb.ordered && inner.is_zeroed(block);
+        if zeroed {
+            let mut gathering = wb.zeroed.lock();
+            if let Some(blocks) = gathering.as_mut() {
+                blocks.push(block);
+                continue;
+            }
+            *gathering = Some(Vec::new());
+        }
         let inner2 = Arc::clone(&inner);
         if bg {
             wb.background_puts.fetch_add(1, SeqCst);
         }
         tokio::spawn(async move {
-            store_block(Arc::clone(&inner2), block, permit).await;
+            if zeroed {
+                store_zeroed(Arc::clone(&inner2), block, permit).await;
+            } else {
+                store_block(Arc::clone(&inner2), block, permit).await;
+            }
             if bg {
                 inner2.wb.background_puts.fetch_sub(1, SeqCst);
                 inner2.wb.kick.notify_one();
@@ -77,7 +96,37 @@ pub(crate) async fn dispatcher(inner: Arc<Inner>) {
     }
 }
 
+/// How deep into the queue a batch of zeroed blocks is looked for, per block wanted: other
+/// changes between them (a TRIM amid writes) are skipped, within bounds.
+const ZEROED_SCAN: usize = 4;
+
 impl Inner {
+    /// Whether `block` reads as zeros in the cache (so storing it deletes, or does nothing).
+    pub(super) fn is_zeroed(&self, block: u64) -> bool {
+        let shard = self.cache.lock(block);
+        shard
+            .slots
+            .get(&block)
+            .is_some_and(|s| matches!(s.content, Content::Ready(None)))
+    }
+
+    /// Up to `n` more queued blocks that read as zeros, oldest first, taken from the queue.
+    pub(super) fn take_zeroed(&self, n: usize) -> Vec<u64> {
+        let candidates = self.wb.queue.lock().oldest(n.saturating_mul(ZEROED_SCAN));
+        let mut taken = Vec::new();
+        for (seq, block) in candidates {
+            if taken.len() >= n {
+                break;
+            }
+            if self.is_zeroed(block) {
+                if let Some(b) = self.wb.queue.lock().take(seq) {
+                    taken.push(b);
+                }
+            }
+        }
+        taken
+    }
+
     /// A queued block among the oldest that nobody wrote to for [`COLD`], taken from the
     /// queue; `None` when all are still being written.
     fn pick_cold(&self, now: Instant) -> Option<u64> {

@@ -86,6 +86,9 @@ pub(crate) struct WriteBack {
     pub ordered: bool,
     /// The change number at which the last FLUSH closed an epoch (ordered exports).
     pub last_boundary: AtomicU64,
+    /// While a write-back task gathers blocks that read as zeros into multi-object deletes
+    /// (`put::store_zeroed`), the others the dispatcher picks are handed to it here.
+    pub zeroed: Mutex<Option<Vec<u64>>>,
 }
 
 impl WriteBack {
@@ -106,6 +109,7 @@ impl WriteBack {
             flush_timeout,
             ordered,
             last_boundary: AtomicU64::new(0),
+            zeroed: Mutex::new(None),
         }
     }
 

@@ -2,6 +2,7 @@
 //! zeros), retried until the object store takes it; then the block is clean unless it changed
 //! meanwhile.
 
+use crate::backend::DELETE_BATCH;
 use crate::retry::Policy;
 use crate::store::cache::{Buf, BufOwner, Content};
 use crate::store::stats::Counters;
@@ -9,12 +10,18 @@ use crate::store::Inner;
 use bytes::Bytes;
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
 /// Stores one block, retrying until the object store takes it. Each attempt sends the
 /// block's latest content, so changes made during an outage are folded in.
 pub(super) async fn store_block(inner: Arc<Inner>, block: u64, _permit: OwnedSemaphorePermit) {
+    store_one(&inner, block).await;
+}
+
+/// [`store_block`], within a PUT slot the caller holds.
+async fn store_one(inner: &Arc<Inner>, block: u64) {
     let mut backoff = Policy::WRITE_BACK.backoff();
     let mut failing = false;
     let mut taken: Option<(Option<Buf>, bool)> = None;
@@ -73,6 +80,88 @@ pub(super) async fn store_block(inner: Arc<Inner>, block: u64, _permit: OwnedSem
                 }
             }
         }
+    }
+}
+
+/// How long gathering zeroed blocks pauses between rounds: a TRIM of many blocks queues
+/// them within a few milliseconds.
+const GATHER_PAUSE: Duration = Duration::from_millis(2);
+/// Rounds at most (a stream of zeroing writes must not hold its blocks dirty for long).
+const GATHER_ROUNDS: usize = 50;
+/// Blocks gathered at most (four multi-object deletes).
+const GATHER_MAX: usize = 4 * DELETE_BATCH;
+
+/// Stores blocks that read as zeros (a large TRIM or WRITE_ZEROES) in one PUT slot, starting
+/// with `first`: gathers the others queued or handed over by the dispatcher until a round
+/// brings no more, then deletes their objects in multi-object deletes, retried until the
+/// object store takes them. A block written with data since it was gathered is stored on
+/// its own afterwards.
+pub(super) async fn store_zeroed(inner: Arc<Inner>, first: u64, _permit: OwnedSemaphorePermit) {
+    let mut blocks = vec![first];
+    for _ in 0..GATHER_ROUNDS {
+        tokio::time::sleep(GATHER_PAUSE).await;
+        let before = blocks.len();
+        blocks.extend(
+            inner
+                .wb
+                .zeroed
+                .lock()
+                .as_mut()
+                .map(std::mem::take)
+                .unwrap_or_default(),
+        );
+        blocks.extend(inner.take_zeroed(GATHER_MAX.saturating_sub(blocks.len())));
+        if blocks.len() == before || blocks.len() >= GATHER_MAX {
+            break;
+        }
+    }
+    // Closed: blocks handed over until now are ours; later ones start a new gathering.
+    blocks.extend(inner.wb.zeroed.lock().take().unwrap_or_default());
+    let mut zeroed = Vec::with_capacity(blocks.len());
+    let mut written = Vec::new();
+    for block in blocks {
+        match inner.snapshot(block) {
+            Some((None, stored)) => zeroed.push((block, stored)),
+            Some((Some(_), _)) => written.push(block),
+            None => {}
+        }
+    }
+    let mut backoff = Policy::WRITE_BACK.backoff();
+    let mut failing = false;
+    let keys: Vec<u64> = zeroed.iter().map(|(b, _)| *b).collect();
+    loop {
+        match inner.objects.clear_many(&keys).await {
+            Ok(()) => break,
+            Err(e) => {
+                Counters::bump(&inner.counters.write_back_failures);
+                if !failing {
+                    tracing::warn!(blocks = keys.len(), error = %e,
+                        "write-back of zeroed blocks failed; they stay dirty and are retried");
+                    failing = true;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff.next_delay().unwrap_or(Policy::WRITE_BACK.cap)) => {}
+                    _ = inner.wb.retry_now.notified() => {}
+                }
+            }
+        }
+    }
+    if failing {
+        tracing::info!(
+            blocks = keys.len(),
+            "write-back of zeroed blocks succeeded after failures"
+        );
+        inner.wb.retry_now.notify_waiters();
+    }
+    for (block, stored) in zeroed {
+        if stored {
+            Counters::bump(&inner.counters.deletes);
+        }
+        // Written again meanwhile (zeros or data): `finish_store` queues it again.
+        inner.finish_store(block, false);
+    }
+    for block in written {
+        store_one(&inner, block).await;
     }
 }
 

@@ -115,6 +115,7 @@ fn classify(method: &str, target: &str) -> Op {
         "PUT" => Op::Put,
         "DELETE" => Op::Delete,
         "HEAD" => Op::Head,
+        "POST" if query.split('&').any(|q| q == "delete" || q == "delete=") => Op::DeleteObjects,
         _ => Op::Other,
     }
 }
