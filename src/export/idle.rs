@@ -8,8 +8,8 @@ use std::sync::Arc;
 use tracing::{debug, warn};
 
 /// After the last client detached: flushes the export until it is clean (retrying with
-/// backoff while S3 refuses; dirty data is never dropped), then gives the lease up unless a
-/// client came back meanwhile.
+/// backoff while S3 refuses; dirty data is never dropped), then, after the slot's idle grace,
+/// gives the lease up unless a client came back meanwhile.
 pub(super) fn spawn_release(export: Arc<Export>) {
     if export.lease_slot().is_none() {
         return;
@@ -32,6 +32,12 @@ pub(super) fn spawn_release(export: Arc<Export>) {
                 );
                 tokio::time::sleep(delay).await;
             }
+        }
+        if let Some(slot) = export.lease_slot() {
+            tokio::time::sleep(slot.idle_grace()).await;
+        }
+        if !export.unused() {
+            return; // a client came back: it keeps the lease
         }
         if export.release_lease().await && export.unused() {
             debug!(export = export.name(), "idle: export lease given up");

@@ -114,8 +114,8 @@ pub enum Prior {
     Absent,
     /// A released record with this version.
     Released(ETag),
-    /// Our own live record: a write of ours whose reply was lost (or that was given up on),
-    /// made conditionally on the version we knew, so nobody held the export in between.
+    /// A record of ours: our own release, or a write of ours whose reply was lost (or that
+    /// was given up on); nobody else wrote the lease object since, so nobody held the export.
     Ours,
     /// Another daemon's record that was still held (taken over).
     Held,
@@ -276,9 +276,11 @@ impl LeaseManager {
                 None => (objects.put_if_absent(key, body).await?, Prior::Absent),
                 Some((raw, etag)) => {
                     let record = LeaseRecord::parse(&raw);
+                    // A record of ours, live or released, was the last one written: nobody
+                    // else held the export since (they would have written their own owner).
                     let prior = match &record {
-                        Some(r) if r.released => Prior::Released(etag.clone()),
                         Some(r) if r.owner == self.me.owner => Prior::Ours,
+                        Some(r) if r.released => Prior::Released(etag.clone()),
                         _ => Prior::Held,
                     };
                     let won = match self.judge(id, record.as_ref(), &etag) {

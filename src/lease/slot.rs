@@ -22,6 +22,10 @@ enum Known {
     /// there still is none, nobody held the export. (An older daemon deleted its lease when it
     /// let go; such a deletion looks the same.)
     Absent,
+    /// We held the lease last and let it go (or tried to: a release whose write failed or
+    /// whose lease had run out). A lease record of ours found later proves nobody held the
+    /// export since (any other holder writes its own owner id over it).
+    Released,
     /// Our view may be stale: rebuild it when the lease is next taken.
     Unknown,
     /// We hold the lease and our view is the truth.
@@ -42,13 +46,21 @@ struct State {
     conflict: Option<String>,
 }
 
+impl Known {
+    /// Whether our view was current when we last looked, so a client may be admitted before
+    /// the lease can be taken (writes then wait for it).
+    fn is_current(&self) -> bool {
+        matches!(self, Known::AsOf(_) | Known::Absent | Known::Released)
+    }
+}
+
 /// Whether the view as of `known` is still true given what the lease object was (`prior`)
 /// when we took it: only if nobody can have held the export in between.
 fn still_true(prior: &Option<Prior>, known: &Known) -> bool {
     match (prior, known) {
         (Some(Prior::Released(now)), Known::AsOf(then)) => now == then,
         (Some(Prior::Absent), Known::Absent) => true,
-        (Some(Prior::Ours), Known::AsOf(_) | Known::Absent) => true,
+        (Some(Prior::Ours), Known::AsOf(_) | Known::Absent | Known::Released) => true,
         _ => false,
     }
 }
@@ -101,6 +113,13 @@ impl LeaseSlot {
     /// The lease time of each renewal.
     pub fn ttl(&self) -> Duration {
         self.ttl
+    }
+
+    /// How long an export stays leased after its last client left: one renewal interval
+    /// (at most one more renewal), so a client that reconnects at once (a tool opening the
+    /// export again, a kernel client's reconnect) costs no release and retake.
+    pub fn idle_grace(&self) -> Duration {
+        self.ttl / super::RENEWALS_PER_TTL
     }
 
     /// At open, before the block store lists the export: checks that the bucket honours
@@ -194,7 +213,7 @@ impl LeaseSlot {
         let taking =
             self.manager
                 .acquire_noting(&self.objects, &self.bucket, &self.prefix, self.ttl);
-        let current_view = matches!(self.state.lock().known, Known::AsOf(_) | Known::Absent);
+        let current_view = self.state.lock().known.is_current();
         if !current_view {
             return taking.await;
         }
@@ -212,7 +231,7 @@ impl LeaseSlot {
     fn may_wait(&self, e: &BackendError) -> bool {
         use crate::retry::{Classify, Kind};
         let mut st = self.state.lock();
-        let current_view = matches!(st.known, Known::AsOf(_) | Known::Absent);
+        let current_view = st.known.is_current();
         if e.kind() != Kind::Transient || !current_view || st.current.is_some() {
             return false;
         }
@@ -334,7 +353,7 @@ impl LeaseSlot {
                 Some(_) => {}
             }
             let lease = st.current.take();
-            st.known = Known::Unknown;
+            st.known = Known::Released;
             st.pending = None;
             lease
         };
@@ -361,7 +380,7 @@ impl LeaseSlot {
                 return;
             }
             st.pending = None;
-            st.known = Known::Unknown;
+            st.known = Known::Released;
             st.current.take()
         };
         if let Some(etag) = match lease {

@@ -374,6 +374,35 @@ async fn idle_slot_keeps_its_view_unless_another_daemon_held_the_export() {
     assert!(a.write_deadline().is_err() && a.check().is_err());
 }
 
+/// A release whose write did not reach S3 (an outage as the last client left) leaves our
+/// live record: taken again later, that record of ours proves nobody held the export in
+/// between, so the view is kept; and a client arriving during the outage is admitted.
+#[tokio::test(start_paused = true)]
+async fn a_release_that_never_reached_s3_keeps_the_view() {
+    use std::sync::atomic::AtomicUsize;
+    let mem = Arc::new(MemoryStore::new());
+    let link = Link::new(&mem);
+    let store: DynObjectStore = link.clone();
+    let a = slot_of(&manager("alpha", 1), &store);
+    let refreshes = AtomicUsize::new(0);
+    a.observe().await.unwrap();
+    take_counting(&a, &refreshes).await.unwrap();
+    link.down.store(true, Ordering::SeqCst);
+    assert!(a.release_if(|| true).await);
+    assert!(!stored(&mem).released, "the release reached S3");
+    // Admitted while S3 is away (writes would wait for the lease).
+    a.take(no_refresh)
+        .await
+        .expect("admitted during the outage");
+    assert!(a.is_pending());
+    link.down.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    a.resume().await.unwrap();
+    assert!(a.release_if(|| true).await);
+    take_counting(&a, &refreshes).await.unwrap();
+    assert_eq!(refreshes.load(Ordering::SeqCst), 0, "view rebuilt");
+}
+
 #[tokio::test(start_paused = true)]
 async fn client_admitted_during_an_outage_stores_its_writes_once_the_lease_is_taken() {
     let mem = Arc::new(MemoryStore::new());
