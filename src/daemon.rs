@@ -289,6 +289,20 @@ impl Daemon {
         &self.registry
     }
 
+    /// Object-store requests made for export `name` since the daemon started (every
+    /// operation, outcome and retry).
+    pub fn s3_requests(&self, name: &str) -> u64 {
+        use crate::backend::stats::{Op, Outcome};
+        let stats = self.factory.export_stats();
+        let Some((_, s)) = stats.iter().find(|(e, _)| e == name) else {
+            return 0;
+        };
+        Op::ALL
+            .iter()
+            .flat_map(|op| Outcome::ALL.iter().map(move |o| s.requests(*op, *o)))
+            .sum()
+    }
+
     /// How reloads ended so far.
     pub fn reloads(&self) -> &Reloads {
         &self.reloads

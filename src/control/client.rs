@@ -165,10 +165,11 @@ pub fn decode<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> Resul
 }
 
 /// `status` as a table: EXPORT, STATE (serving, or refused and why), CLIENTS, DIRTY (bytes),
-/// LEASE (holder), and JOURNAL (bytes in the local journal) when some export has one.
+/// LEASE (holder), REQ/GIB (object-store requests per GiB clients wrote, `-` before any
+/// write), and JOURNAL (bytes in the local journal) when some export has one.
 pub fn status_table(status: &Status) -> String {
     let journal = status.exports.iter().any(|e| e.journal_bytes.is_some());
-    let mut header = ["EXPORT", "STATE", "CLIENTS", "DIRTY", "LEASE"]
+    let mut header = ["EXPORT", "STATE", "CLIENTS", "DIRTY", "LEASE", "REQ/GIB"]
         .map(String::from)
         .to_vec();
     if journal {
@@ -186,6 +187,8 @@ pub fn status_table(status: &Status) -> String {
             e.clients.to_string(),
             e.dirty_bytes.to_string(),
             e.lease_holder.clone().unwrap_or_else(|| "-".into()),
+            e.requests_per_gib_written()
+                .map_or_else(|| "-".into(), |n| n.to_string()),
         ];
         if journal {
             row.push(
@@ -263,6 +266,8 @@ mod tests {
                     dirty_bytes: 4096,
                     lease_holder: Some("this daemon (pid 7)".into()),
                     journal_bytes: None,
+                    s3_requests: 300,
+                    bytes_written: 512 << 20,
                 },
                 ExportStatus {
                     name: "vm2".into(),
@@ -272,16 +277,24 @@ mod tests {
                     dirty_bytes: 0,
                     lease_holder: None,
                     journal_bytes: None,
+                    s3_requests: 0,
+                    bytes_written: 0,
                 },
             ],
         };
         let text = status_table(&status);
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines[0], "EXPORT  STATE         CLIENTS  DIRTY  LEASE");
+        assert_eq!(
+            lines[0],
+            "EXPORT  STATE         CLIENTS  DIRTY  LEASE                REQ/GIB"
+        );
         assert_eq!(
             lines[1],
-            "vm1     serving       2        4096   this daemon (pid 7)"
+            "vm1     serving       2        4096   this daemon (pid 7)  600"
         );
-        assert_eq!(lines[2], "vm2     refused: bad  0        0      -");
+        assert_eq!(
+            lines[2],
+            "vm2     refused: bad  0        0      -                    -"
+        );
     }
 }

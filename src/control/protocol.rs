@@ -85,6 +85,23 @@ pub struct ExportStatus {
     /// `durability = "local"`: bytes in the local journal not yet known to be in S3.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub journal_bytes: Option<u64>,
+    /// Object-store requests made for the export since the daemon started (retries count).
+    #[serde(default)]
+    pub s3_requests: u64,
+    /// Bytes clients wrote to the export (WRITE) since the daemon started.
+    #[serde(default)]
+    pub bytes_written: u64,
+}
+
+impl ExportStatus {
+    /// Object-store requests per GiB clients wrote (all requests, reads and leases too), or
+    /// `None` before anything was written: what the export's writes cost.
+    pub fn requests_per_gib_written(&self) -> Option<u64> {
+        (self.bytes_written > 0).then(|| {
+            let per = u128::from(self.s3_requests) * (1u128 << 30) / u128::from(self.bytes_written);
+            u64::try_from(per).unwrap_or(u64::MAX)
+        })
+    }
 }
 
 /// One snapshot in `snapshot list` and `snapshot create`.

@@ -6,6 +6,7 @@ use super::protocol::{Copied, Deleted, ExportStatus, Reply, Request, SnapshotEnt
 use super::protocol::{Status, MAX_REQUEST};
 use crate::daemon::{Daemon, ExportSnapshot};
 use crate::export::{ExportState, Refusal};
+use crate::proto::request::Command;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -289,6 +290,8 @@ fn status(daemon: &Daemon) -> Status {
                 dirty_bytes: e.store().map_or(0, |s| s.dirty_bytes()),
                 lease_holder,
                 journal_bytes: e.store().and_then(|s| s.journal_bytes()),
+                s3_requests: daemon.s3_requests(e.name()),
+                bytes_written: e.requests().snapshot(Command::Write).bytes,
             }
         })
         .collect();

@@ -73,7 +73,7 @@ fn status_shows_state_clients_and_lease_as_table_and_json() {
     let header: Vec<&str> = lines.next().expect("header").split_whitespace().collect();
     assert_eq!(
         header,
-        ["EXPORT", "STATE", "CLIENTS", "DIRTY", "LEASE"],
+        ["EXPORT", "STATE", "CLIENTS", "DIRTY", "LEASE", "REQ/GIB"],
         "{table}"
     );
     let row = |name: &str| {
