@@ -2,9 +2,12 @@
 # Latency hidden by concurrency: the same fio workloads against nbd-s3 and nbdkit's S3 plugin,
 # with the local S3 server (s3s-fs on tmpfs) answering at once and then through the test fault
 # proxy in latency mode (every response LAT ms after its request, as a distant region).
-#   benches/latency.sh [VARIANT...]    VARIANT: nbd-s3 | nbdkit-s3 (default both)
+#   benches/latency.sh [VARIANT...]    VARIANT: nbd-s3 | nbd-s3-local | nbdkit-s3
+#                                      (default nbd-s3 nbdkit-s3)
 # Knobs: LATENCIES ("0 20", ms), SIZE (export, 1G), IO (bytes per sequential job, 256M),
-#        RT (seconds per time-based job, 15); NO_BUILD=1 uses the existing release build.
+#        RT (seconds per time-based job, 15); NO_BUILD=1 uses the existing release build;
+#        JOURNAL (directory for nbd-s3-local's journal: a real disk, not tmpfs, or its
+#        fsync costs nothing; default /var/tmp/latbench-journal.PID, removed at the end).
 # Prints one row per variant, latency and workload, then each figure at the highest latency
 # as a ratio of the 0 ms figure, and the issue's targets.
 #
@@ -28,11 +31,12 @@ SIZE=${SIZE:-1G}; IO=${IO:-256M}; RT=${RT:-15}
 KEY=benchkey SECRET=benchsecret
 BASE=${TMPDIR:-/tmp}; [ -d /dev/shm ] && BASE=/dev/shm
 W=$(mktemp -d "$BASE/latbench.XXXX")
+JOURNAL=${JOURNAL:-/var/tmp/latbench-journal.$$}
 PEERPID= PROXYPID= EXPORT=
 cleanup() {
   for p in $PEERPID $PROXYPID $S3PID; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  rm -rf "$W"
+  rm -rf "$W" "$JOURNAL"
 }
 trap cleanup EXIT
 mkdir -p "$W/s3"
@@ -63,6 +67,12 @@ ${4:-}
 T
   "$NBDS3" serve --config "$3/nbd-s3.toml" >>"$3/$VARIANT.log" 2>&1 &
   PEERPID=$! EXPORT=bench
+}
+variant_nbd-s3-local() { # PORT ENDPOINT DIR: FLUSH and FUA = fsynced in the local journal
+  rm -rf "$JOURNAL"
+  variant_nbd-s3 "$1" "$2" "$3" "durability = \"local\"
+[cache]
+journal = \"$JOURNAL\""
 }
 variant_nbdkit-s3() { # PORT ENDPOINT DIR
   # The plugin advertises min block = object size, above nbdkit's 64K cap: relax it.
