@@ -9,6 +9,7 @@
 //! setting can never abort a production daemon.
 
 /// Environment variable naming the step to die at.
+#[cfg(any(debug_assertions, feature = "crash-hook"))]
 pub const CRASH_ENV: &str = "NBD_S3_CRASH_AT";
 
 /// Aborts the process if `NBD_S3_CRASH_AT` names `step` (test builds only).
