@@ -284,8 +284,8 @@ impl BlockStore {
         objects.set_base(base);
         let clients = Arc::default();
         let Some(spec) = cfg.journal.clone().filter(|_| !cfg.read_only) else {
-            return Ok(Self::assemble(
-                objects, &cfg, budget, snapshots, buckets, clients,
+            return Ok(Self::build(
+                objects, &cfg, budget, snapshots, buckets, clients, None,
             ));
         };
         let (journal, scanned) = open_journal(&spec).await?;
@@ -324,20 +324,8 @@ impl BlockStore {
         Ok(())
     }
 
-    /// A store over `objects` (whose layers are loaded), its write-back running.
-    fn assemble(
-        objects: objects::BlockObjects,
-        cfg: &BlockStoreConfig,
-        budget: Arc<CacheBudget>,
-        snapshots: Vec<manifest::SnapshotRecord>,
-        buckets: Arc<dyn Buckets>,
-        clients: Arc<clients::ClientGate>,
-    ) -> Arc<Self> {
-        Self::build(objects, cfg, budget, snapshots, buckets, clients, None)
-    }
-
-    /// [`BlockStore::assemble`], with a journal when the export has one (not yet live:
-    /// replay comes first).
+    /// A store over `objects` (whose layers are loaded), its write-back running; with a
+    /// journal when the export has one (not yet live: replay comes first).
     fn build(
         objects: objects::BlockObjects,
         cfg: &BlockStoreConfig,

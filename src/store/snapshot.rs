@@ -506,7 +506,15 @@ impl BlockStore {
         let budget = Arc::clone(&self.inner.budget);
         let buckets = Arc::clone(&self.buckets);
         let clients = self.snaps.view_gate(name);
-        let view = Self::assemble(view_objects, &cfg, budget, Vec::new(), buckets, clients);
+        let view = Self::build(
+            view_objects,
+            &cfg,
+            budget,
+            Vec::new(),
+            buckets,
+            clients,
+            None,
+        );
         let mut views = self.snaps.views.lock();
         let view = views.entry(name.to_owned()).or_insert(view);
         Some(Arc::clone(view))

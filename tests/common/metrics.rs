@@ -15,6 +15,17 @@ const SLOW: Duration = Duration::from_secs(30);
 /// `127.0.0.1:0`: the config value that makes the daemon serve metrics on a free port.
 pub const ANY_PORT: &str = "127.0.0.1:0";
 
+/// Every `op` label of the per-export S3 request counter: summed, the export's whole bill.
+pub const S3_OPS: [&str; 7] = [
+    "get",
+    "put",
+    "delete",
+    "list",
+    "conditional_put",
+    "delete_objects",
+    "copy",
+];
+
 /// The metrics endpoint of one daemon process (a restart moves it: ask again).
 pub struct Metrics {
     addr: String,

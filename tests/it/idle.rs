@@ -5,7 +5,7 @@
 //! without re-reading what nobody else could have changed.
 
 use crate::common::fault_proxy::{FaultProxy, Op};
-use crate::common::metrics::{get, Metrics, ANY_PORT};
+use crate::common::metrics::{get, Metrics, ANY_PORT, S3_OPS};
 use crate::common::{nbdsh, ExportSpec, NbdS3, S3Server};
 use std::time::Duration;
 
@@ -26,24 +26,16 @@ fn proxy_total(proxy: &FaultProxy) -> u64 {
 /// The daemon's own count of S3 requests made for `export`.
 fn daemon_count(metrics: &Metrics, export: &str) -> u64 {
     let samples = metrics.scrape();
-    [
-        "get",
-        "put",
-        "delete",
-        "list",
-        "conditional_put",
-        "delete_objects",
-        "copy",
-    ]
-    .iter()
-    .map(|op| {
-        get(
-            &samples,
-            "nbd_s3_export_s3_requests_total",
-            &[("export", export), ("op", op)],
-        ) as u64
-    })
-    .sum()
+    S3_OPS
+        .iter()
+        .map(|op| {
+            get(
+                &samples,
+                "nbd_s3_export_s3_requests_total",
+                &[("export", export), ("op", op)],
+            ) as u64
+        })
+        .sum()
 }
 
 fn released(s3: &S3Server, prefix: &str) -> bool {

@@ -4,7 +4,7 @@
 //! such request gets single deletes instead.
 
 use crate::common::fault_proxy::{Fault, FaultProxy, Op, Rule};
-use crate::common::metrics::{get, Metrics, ANY_PORT};
+use crate::common::metrics::{get, Metrics, ANY_PORT, S3_OPS};
 use crate::common::{nbdsh, ExportSpec, NbdS3, S3Server};
 
 const BS: u64 = 4096;
@@ -55,18 +55,7 @@ impl Bed {
 
     /// Every request the daemon counted for the export.
     fn counted_all(&self) -> u64 {
-        [
-            "get",
-            "put",
-            "delete",
-            "list",
-            "conditional_put",
-            "delete_objects",
-            "copy",
-        ]
-        .iter()
-        .map(|op| self.counted(op))
-        .sum()
+        S3_OPS.iter().map(|op| self.counted(op)).sum()
     }
 
     /// (multi-object deletes, single deletes), as the S3 side and the daemon counted them.
