@@ -228,33 +228,6 @@ async fn a_truncated_object_is_eio_never_data() {
 }
 
 #[tokio::test]
-async fn sequential_reads_fetch_ahead() {
-    let mem = Arc::new(MemoryStore::new());
-    for b in 0..32 {
-        mem.insert(&key(b), Bytes::from(pattern(BS as usize, b as u8)));
-    }
-    let store = open(&mem, 32).await;
-    for b in 0..4u64 {
-        assert_eq!(
-            read_bytes(&store, b * u64::from(BS), BS).await,
-            pattern(BS as usize, b as u8)
-        );
-    }
-    assert!(store.stats().readahead_blocks > 0, "{:?}", store.stats());
-    eventually("read-ahead GETs finish", || mem.gets() >= 20).await;
-    let before = mem.gets();
-    assert_eq!(
-        read_bytes(&store, 10 * u64::from(BS), BS).await,
-        pattern(BS as usize, 10)
-    );
-    assert_eq!(
-        mem.gets(),
-        before,
-        "a block fetched ahead is served from memory"
-    );
-}
-
-#[tokio::test]
 async fn prefetch_caches_the_range() {
     let mem = Arc::new(MemoryStore::new());
     for b in [1, 5] {

@@ -9,6 +9,7 @@ mod codec;
 mod durability;
 mod journaled;
 mod model;
+mod readahead;
 mod snapshots;
 mod sparse;
 
