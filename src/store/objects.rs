@@ -321,16 +321,7 @@ impl BlockObjects {
             .map(|&b| data_key(&self.prefix, layer, b))
             .collect();
         if !keys.is_empty() {
-            match self.store.delete_many(&keys).await {
-                // A store without multi-object delete (the retrying wrapper already falls
-                // back by itself; a bare store in a test does not).
-                Err(BackendError::Unsupported(_)) => {
-                    for key in &keys {
-                        self.store.delete(key).await?;
-                    }
-                }
-                done => done?,
-            }
+            delete_all(&self.store, &keys).await?;
             let l = self.layers.read();
             for &b in &held {
                 l.set(layer, b, false, false);
@@ -342,15 +333,40 @@ impl BlockObjects {
         Ok(())
     }
 
-    /// Removes an object of a frozen layer that nothing reads any more.
-    pub async fn remove(&self, key: LayerKey) -> Result<(), BackendError> {
-        let name = match key.tomb {
-            true => tomb_key(&self.prefix, key.layer, key.block),
-            false => data_key(&self.prefix, key.layer, key.block),
-        };
-        self.store.delete(&name).await?;
-        self.layers.read().forget(key);
+    /// Removes objects of frozen layers that nothing reads any more: multi-object deletes
+    /// of up to 1,000 keys. On error some may be gone already (and are still recorded as
+    /// present: a later collection finds them absent, which is harmless).
+    pub async fn remove_many(&self, keys: &[LayerKey]) -> Result<(), BackendError> {
+        let names: Vec<String> = keys
+            .iter()
+            .map(|key| match key.tomb {
+                true => tomb_key(&self.prefix, key.layer, key.block),
+                false => data_key(&self.prefix, key.layer, key.block),
+            })
+            .collect();
+        delete_all(&self.store, &names).await?;
+        let l = self.layers.read();
+        for &key in keys {
+            l.forget(key);
+        }
         Ok(())
+    }
+}
+
+/// Deletes `keys` with multi-object deletes, or one by one where the store has none (the
+/// retrying wrapper already falls back by itself; a bare store in a unit test does not).
+pub(crate) async fn delete_all(
+    store: &DynObjectStore,
+    keys: &[String],
+) -> Result<(), BackendError> {
+    match store.delete_many(keys).await {
+        Err(BackendError::Unsupported(_)) => {
+            for key in keys {
+                store.delete(key).await?;
+            }
+            Ok(())
+        }
+        done => done,
     }
 }
 

@@ -13,12 +13,13 @@ use super::layers::Layers;
 use super::manifest::{self, LayerRecord, SnapshotRecord};
 use super::objects::BlockObjects;
 use super::{crash_point, BlockStore, BlockStoreConfig, StoreError};
+use crate::backend::DELETE_BATCH;
 use futures_util::stream::{self, StreamExt};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-/// Deletes in flight while collecting garbage.
-const DELETES_IN_FLIGHT: usize = 32;
+/// Multi-object deletes (of up to 1,000 keys each) in flight while collecting garbage.
+const BATCHES_IN_FLIGHT: usize = 4;
 
 /// A snapshot as the admin commands show it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -446,15 +447,15 @@ impl BlockStore {
             return Ok(0);
         }
         let store = objects.store();
-        let mut unknown_deletes = stream::iter(unknown)
-            .map(|k| delete_key(Arc::clone(store), k))
-            .buffer_unordered(DELETES_IN_FLIGHT);
+        let mut unknown_deletes = stream::iter(batches(&unknown))
+            .map(|keys| delete_keys(store, keys))
+            .buffer_unordered(BATCHES_IN_FLIGHT);
         while let Some(done) = unknown_deletes.next().await {
             done?;
         }
-        let mut deletes = stream::iter(garbage)
-            .map(|k| remove(objects, k))
-            .buffer_unordered(DELETES_IN_FLIGHT);
+        let mut deletes = stream::iter(batches(&garbage))
+            .map(|keys| remove_keys(objects, keys))
+            .buffer_unordered(BATCHES_IN_FLIGHT);
         let mut first = true;
         while let Some(done) = deletes.next().await {
             done?;
@@ -549,12 +550,24 @@ fn listed(r: &SnapshotRecord, bytes_held_only: u64) -> Snapshot {
     }
 }
 
-async fn remove(objects: &BlockObjects, key: super::layers::LayerKey) -> Result<(), StoreError> {
-    manifest::retry(|| objects.remove(key)).await?;
+/// `keys` in owned batches of one multi-object delete each (owned: a stream of borrowed
+/// slices makes the admin task's future not `Send`).
+fn batches<T: Clone>(keys: &[T]) -> Vec<Vec<T>> {
+    keys.chunks(DELETE_BATCH).map(<[T]>::to_vec).collect()
+}
+
+async fn delete_keys(
+    store: &crate::backend::DynObjectStore,
+    keys: Vec<String>,
+) -> Result<(), StoreError> {
+    manifest::retry(|| super::objects::delete_all(store, &keys)).await?;
     Ok(())
 }
 
-async fn delete_key(store: crate::backend::DynObjectStore, key: String) -> Result<(), StoreError> {
-    manifest::retry(|| store.delete(&key)).await?;
+async fn remove_keys(
+    objects: &BlockObjects,
+    keys: Vec<super::layers::LayerKey>,
+) -> Result<(), StoreError> {
+    manifest::retry(|| objects.remove_many(&keys)).await?;
     Ok(())
 }

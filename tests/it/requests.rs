@@ -1,7 +1,7 @@
-//! Fewer requests for the same work: a TRIM or WRITE_ZEROES of many blocks deletes their
-//! objects with multi-object deletes (`DeleteObjects`, 1,000 keys a request), counted per
-//! export and operation by the daemon and by the S3 side; a store answering that it has no
-//! such request gets single deletes instead.
+//! Fewer requests for the same work: a TRIM or WRITE_ZEROES of many blocks, a snapshot
+//! delete and `gc` delete their objects with multi-object deletes (`DeleteObjects`, 1,000
+//! keys a request), counted per export and operation by the daemon and by the S3 side; a
+//! store answering that it has no such request gets single deletes instead.
 
 use crate::common::fault_proxy::{Fault, FaultProxy, Op, Rule};
 use crate::common::metrics::{get, Metrics, ANY_PORT, S3_OPS};
@@ -19,15 +19,23 @@ struct Bed {
 impl Bed {
     /// An export of 4 KiB blocks, so thousands of blocks are a few MiB.
     fn start() -> Bed {
+        Bed::start_with(&[])
+    }
+
+    /// [`Bed::start`] with environment variables for the daemon (a crash point).
+    fn start_with(env: &[(&str, &str)]) -> Bed {
         let s3 = S3Server::start();
         let proxy = FaultProxy::start(s3.port(), 3);
-        let nbd = NbdS3::builder(&s3)
+        let mut builder = NbdS3::builder(&s3)
             .config(|c| {
                 c.endpoint = proxy.endpoint();
                 c.metrics = Some(ANY_PORT.into());
             })
-            .export(ExportSpec::new("vm").size("16MiB").block_size("4KiB"))
-            .start();
+            .export(ExportSpec::new("vm").size("16MiB").block_size("4KiB"));
+        for (k, v) in env {
+            builder = builder.env(k, v);
+        }
+        let nbd = builder.start();
         let metrics = Metrics::of(&nbd);
         Bed {
             s3,
@@ -68,14 +76,46 @@ impl Bed {
         ]
     }
 
-    /// Writes `n` blocks of data from block 0 and flushes; all are stored.
-    fn fill(&self, n: u64) {
+    /// Writes `n` blocks of `byte` from block 0 and flushes.
+    fn write(&self, n: u64, byte: u8) {
         let len = n * BS;
         nbdsh(
             &self.nbd.uri("vm"),
-            &[&format!("h.pwrite(b'\\x01' * {len}, 0)\nh.flush()")],
+            &[&format!("h.pwrite(b'\\x{byte:02x}' * {len}, 0)\nh.flush()")],
         );
+    }
+
+    /// Writes `n` blocks of data from block 0 and flushes; all are stored.
+    fn fill(&self, n: u64) {
+        self.write(n, 1);
         assert_eq!(self.blocks() as u64, n, "{}", self.proxy.summary());
+    }
+
+    /// Takes snapshot `s1` of `n` written blocks, then rewrites them all: `s1` alone reads
+    /// its `n` objects.
+    fn snapshot_holding(&self, n: u64) {
+        self.write(n, 1);
+        self.nbd.admin_ok(&["snapshot", "create", "vm", "s1"]);
+        self.write(n, 2);
+        assert_eq!(self.blocks() as u64, 2 * n, "{}", self.proxy.summary());
+    }
+
+    /// Runs an admin command that deletes objects; returns how many it says it deleted,
+    /// having checked that it took one multi-object delete per 1,000 of them and no single
+    /// delete, on both sides.
+    fn batched(&self, args: &[&str]) -> u64 {
+        let before = self.deletes();
+        let out = self.nbd.admin_ok(args);
+        let count: Option<u64> = out.split_whitespace().find_map(|w| w.parse().ok());
+        let n = count.unwrap_or_else(|| panic!("{args:?}: no count in {out:?}"));
+        let batches = n.div_ceil(1000);
+        assert_eq!(
+            delta(self.deletes(), before),
+            [batches, 0, batches, 0],
+            "{args:?} deleted {n}: {}",
+            self.proxy.summary()
+        );
+        n
     }
 
     /// Runs `call` (an nbdsh handle method: trim or zero) over `n` blocks, then FLUSH; the
@@ -171,4 +211,53 @@ fn a_store_without_multi_object_delete_gets_single_deletes() {
     let before = bed.deletes();
     bed.clear("trim", 10);
     singles(delta(bed.deletes(), before), 0, 10, &bed);
+}
+
+#[test]
+fn a_snapshot_delete_and_gc_delete_a_thousand_objects_per_request() {
+    let bed = Bed::start();
+    bed.snapshot_holding(2500);
+    // ⌈2500 / 1000⌉ = 3 requests, and the head's 2500 objects are left.
+    assert_eq!(bed.batched(&["snapshot", "delete", "vm", "s1"]), 2500);
+    assert_eq!(bed.blocks(), 2500, "{}", bed.proxy.summary());
+
+    // Objects of a layer the manifest does not list (what a crashed creation leaves).
+    for block in 0..1500u64 {
+        let key = format!("vm/layers/{:016x}/{block:016x}", 0xff);
+        bed.s3.write_object("nbd", &key, b"left over");
+    }
+    assert_eq!(bed.batched(&["gc", "vm"]), 1500);
+    assert_eq!(bed.blocks(), 2500, "{}", bed.proxy.summary());
+    assert_eq!(bed.batched(&["gc", "vm"]), 0);
+}
+
+#[test]
+fn a_snapshot_delete_cut_by_a_crash_leaves_objects_gc_deletes_in_batches() {
+    // Before the first delete, and after the first batch returned (the others in flight
+    // may or may not have finished, wholly or partly).
+    for (step, left) in [
+        ("snapshot-delete-written", 1200..=1200),
+        ("collect-partial", 0..=200),
+    ] {
+        let mut bed = Bed::start_with(&[("NBD_S3_CRASH_AT", step)]);
+        bed.snapshot_holding(1200);
+        let out = bed.nbd.admin(&["snapshot", "delete", "vm", "s1"]);
+        assert_eq!(out.status.code(), Some(3), "{step}: {out:?}");
+        let status = bed.nbd.wait_exit(std::time::Duration::from_secs(60));
+        assert!(!status.success(), "{step}: the crash hook aborts: {status}");
+        bed.nbd.set_env("NBD_S3_CRASH_AT", None);
+        bed.nbd.restart();
+        bed.metrics = Metrics::of(&bed.nbd);
+
+        let collected = bed.batched(&["gc", "vm"]);
+        assert!(left.contains(&collected), "{step}: gc deleted {collected}");
+        assert_eq!(bed.blocks(), 1200, "{step}: {}", bed.proxy.summary());
+        nbdsh(
+            &bed.nbd.uri("vm"),
+            &[&format!(
+                "assert h.pread({len}, 0) == b'\\x02' * {len}",
+                len = 1200 * BS
+            )],
+        );
+    }
 }
