@@ -166,14 +166,7 @@ fn diff_export(o: &ExportConfig, n: &ExportConfig, st: RunningExport) -> ExportA
             reason: "definition changed (was refused)".into(),
         };
     }
-    // A lease switched on (or off) needs a new store: only a fresh open takes the lease and
-    // puts the store behind its fence.
-    let moved = o.bucket != n.bucket
-        || o.prefix != n.prefix
-        || o.block_size != n.block_size
-        || o.lease != n.lease
-        || o.codec != n.codec
-        || o.durability != n.durability;
+    let moved = !same_store(o, n);
     if moved && st.attached > 0 {
         return ExportAction::Refuse {
             reason: format!(
@@ -219,6 +212,24 @@ fn diff_export(o: &ExportConfig, n: &ExportConfig, st: RunningExport) -> ExportA
     }
 }
 
+/// Whether a store opened for `o` can serve `n`: the same objects and every setting fixed
+/// when a store opens. A lease switched on (or off) needs a new store: only a fresh open takes
+/// the lease and puts the store behind its fence; a codec or durability change is checked
+/// against the export's manifest only by a fresh open.
+fn same_store(o: &ExportConfig, n: &ExportConfig) -> bool {
+    o.bucket == n.bucket
+        && o.prefix == n.prefix
+        && o.block_size == n.block_size
+        && o.lease == n.lease
+        && o.codec == n.codec
+        && o.durability == n.durability
+}
+
+/// Whether the objects of two exports overlap (one prefix contains the other, same bucket).
+fn overlaps(a: &ExportConfig, b: &ExportConfig) -> bool {
+    a.bucket == b.bucket && (a.prefix.starts_with(&b.prefix) || b.prefix.starts_with(&a.prefix))
+}
+
 /// The result of `apply_exports`.
 #[derive(Debug)]
 pub struct Applied {
@@ -236,9 +247,18 @@ struct Staging {
     /// Definitions needing a store (new, or replacing a running one).
     to_open: Vec<ExportConfig>,
     effective: Config,
+    /// Removed exports still in use (`Registry::draining`).
+    draining: Vec<Arc<Export>>,
 }
 
 impl Staging {
+    /// Whether a removed export still serving clients holds objects `cfg` would use.
+    fn overlaps_attached(&self, cfg: &ExportConfig) -> bool {
+        self.draining
+            .iter()
+            .any(|d| d.attached() > 0 && overlaps(&d.config, cfg))
+    }
+
     /// Leaves `old` in service and in the effective configuration, so the next reload retries.
     fn keep_old(&mut self, name: String, old: Arc<Export>) {
         if let Some(e) = self.effective.exports.iter_mut().find(|e| e.name == name) {
@@ -282,6 +302,15 @@ impl Staging {
             }
             (ExportAction::Reopen { new, reason }, running) => {
                 if let Some(old) = running {
+                    if !old.is_serving() && old.config == new && self.overlaps_attached(&new) {
+                        // A refused export retried with its definition unchanged, while an
+                        // earlier version of it still serves clients (a reload that just
+                        // replaced it, run twice by SIGHUP and the file watcher): its refusal
+                        // stands. Retrying now could only refuse it for the overlap, and the
+                        // admin would lose the reason that matters.
+                        self.keep_old(name, old);
+                        return;
+                    }
                     if let Err(e) = quiesce(&old).await {
                         warn!(
                             export = name.as_str(),
@@ -321,6 +350,7 @@ pub async fn apply_exports<F: BucketSource + ?Sized>(
         retire: Vec::new(),
         to_open: Vec::new(),
         effective: plan.effective,
+        draining: registry.draining(),
     };
     for (name, action) in plan.exports {
         let running = current.get(&name).cloned();
@@ -331,8 +361,8 @@ pub async fn apply_exports<F: BucketSource + ?Sized>(
         retire,
         to_open,
         effective,
+        draining,
     } = staging;
-    let draining = registry.draining();
     let opens = to_open
         .iter()
         .map(|cfg| open_or_reuse(cfg, &draining, registry, factory, ctx));
@@ -379,16 +409,12 @@ async fn open_or_reuse<F: BucketSource + ?Sized>(
     factory: &F,
     ctx: &OpenContext,
 ) -> (Arc<Export>, bool) {
-    let overlapping = draining.iter().filter(|d| {
-        d.config.bucket == cfg.bucket
-            && (d.config.prefix.starts_with(&cfg.prefix)
-                || cfg.prefix.starts_with(&d.config.prefix))
-    });
+    let overlapping = draining.iter().filter(|d| overlaps(&d.config, cfg));
     for d in overlapping {
-        let same = d.config.prefix == cfg.prefix
-            && d.config.block_size == cfg.block_size
-            && d.config.read_only == cfg.read_only
-            && d.is_serving();
+        // Reusing a store with another codec, lease or durability would serve the export as
+        // it was, never refusing the change as a fresh open does.
+        let same =
+            same_store(&d.config, cfg) && d.config.read_only == cfg.read_only && d.is_serving();
         if same {
             registry.revive(d);
             if let (true, Some(store)) = (cfg.size > d.config.size, d.store()) {

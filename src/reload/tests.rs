@@ -27,6 +27,13 @@ fn export(name: &str) -> ExportConfig {
     }
 }
 
+/// `export(name)` with `compression = "zstd"`.
+fn zstd_export(name: &str) -> ExportConfig {
+    let mut e = export(name);
+    e.codec.compression = crate::config::Compression::Zstd { level: 3 };
+    e
+}
+
 fn config(exports: Vec<ExportConfig>) -> Config {
     Config {
         server: ServerConfig {
@@ -305,6 +312,62 @@ async fn re_adding_reuses_the_store_still_in_use() {
         "{:?}",
         b.state()
     );
+    drop(client);
+}
+
+#[tokio::test]
+async fn re_adding_with_another_codec_never_reuses_the_store_still_in_use() {
+    // SIGHUP and the file watcher can both reload one edit: the first retires the running
+    // export (a client still attached) and refuses the new codec, the second retries the
+    // refused export while the old store still drains. The old store must not come back
+    // under the new definition: it would serve the blocks with the old codec.
+    let registry = Registry::new();
+    let buckets = Buckets::default();
+    let zstd = zstd_export("a");
+    let before = config(vec![zstd]);
+    apply(&config(vec![]), &before, &registry, &buckets).await;
+    let client = registry.get("a").unwrap().attach();
+    apply(&before, &config(vec![]), &registry, &buckets).await;
+    let after = config(vec![export("a")]);
+    let applied = apply(&config(vec![]), &after, &registry, &buckets).await;
+    assert!(
+        applied.added.is_empty(),
+        "a second store on the same objects was opened"
+    );
+    let again = registry.get("a").unwrap();
+    assert!(
+        !again.same_instance(client.export()),
+        "the store of the old codec was reused for the new one"
+    );
+    assert!(
+        matches!(again.refusal(), Some(Refusal::OverlapsAttached { .. })),
+        "{:?}",
+        again.state()
+    );
+    assert!(client.export().is_removed(), "the old version was revived");
+    drop(client);
+}
+
+#[tokio::test]
+async fn retrying_a_refused_export_keeps_its_reason_while_its_old_version_has_clients() {
+    let registry = Registry::new();
+    let buckets = Buckets::default();
+    let zstd = zstd_export("a");
+    apply(&config(vec![]), &config(vec![zstd]), &registry, &buckets).await;
+    let old = registry.get("a").unwrap();
+    let client = old.attach();
+    // What a reload leaves when a client attached while it opened the new definition: the
+    // new one refused, the old one draining with that client.
+    let refused = Export::refused(export("a"), Refusal::Other("compression changed".into()));
+    registry.replace([("a".to_string(), Arc::clone(&refused))].into());
+    registry.retire(old);
+    // The same file read again (the file watcher after SIGHUP): nothing to retry yet.
+    let after = config(vec![export("a")]);
+    let applied = apply(&after, &after, &registry, &buckets).await;
+    assert!(applied.added.is_empty());
+    let now = registry.get("a").unwrap();
+    assert!(Arc::ptr_eq(&now, &refused), "{:?}", now.state());
+    assert!(client.export().is_removed());
     drop(client);
 }
 

@@ -558,6 +558,13 @@ impl NbdS3 {
 impl Drop for NbdS3 {
     fn drop(&mut self) {
         self.notify_stop.store(true, Ordering::SeqCst);
+        // A failing test shows what the daemon said: a client's error alone (ERR_UNKNOWN,
+        // EIO) rarely tells why.
+        if std::thread::panicking() {
+            if let Some(p) = &self.proc {
+                eprintln!("--- nbd-s3 log (pid {}) ---\n{}", p.pid(), p.logs.text());
+            }
+        }
     }
 }
 

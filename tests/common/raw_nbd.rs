@@ -60,6 +60,10 @@ pub const ENOSPC: u32 = 28;
 /// How long any single read may block before the server is declared hung.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long the daemon may take to answer a FLUSH: its default `flush_timeout` (after which
+/// it answers EIO) plus a margin for a loaded machine.
+pub const FLUSH_REPLY_TIMEOUT: Duration = Duration::from_secs(60 + 30);
+
 /// One option reply as it came off the wire.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OptReply {
@@ -291,6 +295,29 @@ impl Raw {
         let r = self.reply_nodata();
         assert_eq!(r.cookie, cookie, "cookie echoed");
         r.error
+    }
+
+    /// FLUSH until it succeeds, waiting for each reply as long as the daemon may take
+    /// (`FLUSH_REPLY_TIMEOUT`, not `IO_TIMEOUT`); an EIO (write-back still behind when
+    /// `flush_timeout` ran out) is retried, at most `attempts` times in all. For storing setup
+    /// data whose write-back is not what the test checks: thousands of small PUTs can take
+    /// longer than `IO_TIMEOUT` on a loaded machine. Returns how long it took.
+    pub fn flush_patiently(&mut self, cookie: u64, attempts: u32) -> Duration {
+        let t = Instant::now();
+        self.s
+            .set_read_timeout(Some(FLUSH_REPLY_TIMEOUT))
+            .expect("read timeout");
+        for n in 1..=attempts {
+            match self.cmd(0, CMD_FLUSH, cookie, 0, 0) {
+                0 => break,
+                EIO if n < attempts => continue,
+                e => panic!("FLUSH attempt {n} of {attempts} failed with errno {e}"),
+            }
+        }
+        self.s
+            .set_read_timeout(Some(IO_TIMEOUT))
+            .expect("read timeout");
+        t.elapsed()
     }
 
     /// Asserts the server closes the connection within the deadline, discarding whatever it

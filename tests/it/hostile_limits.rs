@@ -126,10 +126,20 @@ fn hog_is_bounded(n: u64, len: u32, bound_mib: u64) -> u64 {
             0
         );
     }
+    // Stored before the hostile act, so the FLUSHes of the checks below wait for what the
+    // checks wrote, not for 2048 PUTs of setup data (which on a loaded machine took longer
+    // than the raw client's read timeout).
+    let took = w.flush_patiently(DATA / MIB, 3);
+    eprintln!(
+        "the setup data ({} MiB in 4 KiB blocks) was stored in {took:?}",
+        DATA / MIB
+    );
     drop(w);
     let before = bed.peak_rss_kib();
     let hog = hog(&bed.addr, n, len);
+    let t = Instant::now();
     bed.check_served();
+    eprintln!("served beside the hog in {:?}", t.elapsed());
     let end = Instant::now() + Duration::from_secs(3);
     let mut grew = 0;
     while Instant::now() < end {

@@ -52,7 +52,6 @@ pub(crate) struct Codec {
     compression: Compression,
     cipher: Option<(cipher::Cipher, PathBuf)>,
     block_size: usize,
-    adaptive: compress::Adaptive,
 }
 
 impl Codec {
@@ -69,7 +68,6 @@ impl Codec {
             compression: cfg.compression,
             cipher,
             block_size,
-            adaptive: compress::Adaptive::default(),
         })
     }
 
@@ -88,10 +86,8 @@ impl Codec {
         out.resize(HEADER_LEN + nonce_len, 0);
         let at = out.len();
         let compressed = match self.compression {
-            Compression::Zstd { level } if self.adaptive.should_try(block) => {
-                let shrank = compress::compress_into(level, data, &mut out);
-                self.adaptive.record(block, shrank);
-                shrank
+            Compression::Zstd { level } if compress::worth_trying(level, data) => {
+                compress::compress_into(level, data, &mut out)
             }
             _ => false,
         };
