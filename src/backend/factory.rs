@@ -3,6 +3,7 @@
 //! bucket. Reloads that keep `[s3]` keep the factory, so connections stay warm.
 
 use super::dir::DirStore;
+use super::limit::AdaptiveLimit;
 use super::retry::Retrying;
 use super::s3::{build_client, S3Store};
 use super::stats::BackendStats;
@@ -46,6 +47,11 @@ pub struct StoreFactory {
     /// Each export's own counters (they also count into their bucket's), by export name: an
     /// export reopened by a reload keeps counting where it left off.
     exports: Arc<Mutex<BTreeMap<String, Arc<BackendStats>>>>,
+    /// Each export's limit on calls in flight, by export name: it lives as long as the
+    /// factory, so a reopened export keeps what it learnt about the store's throttling.
+    limits: Arc<Mutex<BTreeMap<String, Arc<AdaptiveLimit>>>>,
+    /// `[s3] adaptive_concurrency`: whether throttling answers lower the limits.
+    adaptive: bool,
 }
 
 impl StoreFactory {
@@ -62,6 +68,8 @@ impl StoreFactory {
             stats: Arc::new(BackendStats::default()),
             buckets: Arc::default(),
             exports: Arc::default(),
+            limits: Arc::default(),
+            adaptive: cfg.adaptive_concurrency,
         })
     }
 
@@ -80,7 +88,8 @@ impl StoreFactory {
     }
 
     /// The object store `export` uses in `bucket`: like [`StoreFactory::bucket`], with its
-    /// requests also counted for the export alone.
+    /// requests also counted for the export alone, and its calls in flight under the
+    /// export's adaptive limit (one per export: S3 throttles per prefix).
     pub fn export_bucket(&self, bucket: &str, export: &str) -> DynObjectStore {
         let parent = self.bucket_counters(bucket);
         let stats = Arc::clone(
@@ -89,7 +98,13 @@ impl StoreFactory {
                 .entry(export.to_owned())
                 .or_insert_with(|| Arc::new(BackendStats::with_parent(parent))),
         );
-        self.store(bucket, stats)
+        let limit = Arc::clone(
+            self.limits
+                .lock()
+                .entry(export.to_owned())
+                .or_insert_with(|| Arc::new(AdaptiveLimit::new(export, self.adaptive))),
+        );
+        Arc::new(self.retrying(bucket, stats).with_limit(limit))
     }
 
     fn bucket_counters(&self, name: &str) -> Arc<BackendStats> {
@@ -102,6 +117,10 @@ impl StoreFactory {
     }
 
     fn store(&self, name: &str, stats: Arc<BackendStats>) -> DynObjectStore {
+        Arc::new(self.retrying(name, stats))
+    }
+
+    fn retrying(&self, name: &str, stats: Arc<BackendStats>) -> Retrying {
         let inner: DynObjectStore = match &self.target {
             Target::S3(client) => Arc::new(S3Store::new(client.clone(), name)),
             Target::Dir(root) => match DirStore::new(root.clone(), name) {
@@ -109,7 +128,7 @@ impl StoreFactory {
                 Err(e) => Arc::new(Refused(e.to_string())),
             },
         };
-        Arc::new(Retrying::new(inner, self.policy, stats))
+        Retrying::new(inner, self.policy, stats)
     }
 
     /// Request, latency, byte and retry counters of every store this factory made (metrics).
@@ -127,17 +146,22 @@ impl StoreFactory {
         named(&self.exports)
     }
 
+    /// Each export's limit on object-store calls in flight, by export name (metrics).
+    pub fn export_limits(&self) -> Vec<(String, Arc<AdaptiveLimit>)> {
+        named(&self.limits)
+    }
+
     /// `true` for the `file://` directory store.
     pub fn is_local(&self) -> bool {
         matches!(self.target, Target::Dir(_))
     }
 }
 
-/// A snapshot of a name → counters map.
-fn named(map: &Mutex<BTreeMap<String, Arc<BackendStats>>>) -> Vec<(String, Arc<BackendStats>)> {
+/// A snapshot of a name → shared value map.
+fn named<T>(map: &Mutex<BTreeMap<String, Arc<T>>>) -> Vec<(String, Arc<T>)> {
     let map = map.lock();
     map.iter()
-        .map(|(name, stats)| (name.clone(), Arc::clone(stats)))
+        .map(|(name, value)| (name.clone(), Arc::clone(value)))
         .collect()
 }
 
@@ -192,6 +216,7 @@ mod tests {
             path_style: true,
             access_key_id: None,
             secret_access_key: None,
+            adaptive_concurrency: true,
         }
     }
 

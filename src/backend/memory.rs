@@ -41,6 +41,7 @@ pub struct MemoryStore {
     fail_next_permanent: AtomicU64,
     /// Number of upcoming calls (of any kind) that fail with `Corrupt`.
     fail_next_corrupt: AtomicU64,
+    fail_next_throttled: AtomicU64,
     /// `true` while calls are held at the gate (see [`MemoryStore::pause`]).
     gate: watch::Sender<bool>,
     /// Calls currently waiting at the gate.
@@ -66,6 +67,7 @@ impl MemoryStore {
             fail_next: AtomicU64::new(0),
             fail_next_permanent: AtomicU64::new(0),
             fail_next_corrupt: AtomicU64::new(0),
+            fail_next_throttled: AtomicU64::new(0),
             gate: watch::channel(false).0,
             waiting: AtomicU64::new(0),
         }
@@ -85,6 +87,11 @@ impl MemoryStore {
     /// Makes the next `n` calls fail with `BackendError::Corrupt` (a checksum mismatch).
     pub fn fail_next_corrupt(&self, n: u64) {
         self.fail_next_corrupt.store(n, Ordering::SeqCst);
+    }
+
+    /// Makes the next `n` calls fail with `BackendError::Throttled` (503 SlowDown).
+    pub fn fail_next_throttled(&self, n: u64) {
+        self.fail_next_throttled.store(n, Ordering::SeqCst);
     }
 
     /// Holds every call at its start until [`MemoryStore::resume`], so a test can pile up
@@ -188,6 +195,11 @@ impl MemoryStore {
         if take_one(&self.fail_next) {
             return Err(BackendError::Transient(format!(
                 "injected failure: {what} {key}"
+            )));
+        }
+        if take_one(&self.fail_next_throttled) {
+            return Err(BackendError::Throttled(format!(
+                "injected slow down: {what} {key}"
             )));
         }
         if take_one(&self.fail_next_corrupt) {

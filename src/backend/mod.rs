@@ -14,6 +14,7 @@ pub mod conditional;
 pub mod dir;
 mod factory;
 pub mod integrity;
+pub mod limit;
 pub mod memory;
 pub mod retry;
 pub mod s3;
@@ -36,6 +37,10 @@ pub enum BackendError {
     /// Network trouble, 5xx, throttling: worth retrying with backoff.
     #[error("transient object-store error: {0}")]
     Transient(String),
+    /// The store asks for fewer requests (503 SlowDown, 429, a throttling code): retried
+    /// like `Transient`, and it also cuts the export's concurrency limit (`limit`).
+    #[error("object store is throttling: {0}")]
+    Throttled(String),
     /// Credentials, missing bucket, malformed request: retrying will not help until an admin acts.
     #[error("object store refused the request: {0}")]
     Permanent(String),
@@ -56,7 +61,10 @@ pub enum BackendError {
 impl BackendError {
     /// Whether a retry with backoff may succeed.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, BackendError::Transient(_))
+        matches!(
+            self,
+            BackendError::Transient(_) | BackendError::Throttled(_)
+        )
     }
 }
 
@@ -64,7 +72,7 @@ impl crate::retry::Classify for BackendError {
     fn kind(&self) -> crate::retry::Kind {
         use crate::retry::Kind;
         match self {
-            BackendError::Transient(_) => Kind::Transient,
+            BackendError::Transient(_) | BackendError::Throttled(_) => Kind::Transient,
             BackendError::Corrupt { .. } | BackendError::Undecodable { .. } => Kind::Corrupt,
             BackendError::Permanent(_) | BackendError::Unsupported(_) => Kind::Permanent,
         }

@@ -2,7 +2,12 @@
 //! full jitter, bounded in attempts and in time, so one hiccup never reaches an NBD client.
 //! Longer outages are the block store's business: its write-back keeps dirty data and retries
 //! on top of this, and a FLUSH gives up after its own timeout.
+//!
+//! An export's store also passes every attempt through the export's [`AdaptiveLimit`]: a
+//! throttling answer is retried like any blip, and it also lowers how many calls go out at
+//! once, so the retries do not keep hammering a store that asked for fewer.
 
+use super::limit::{AdaptiveLimit, Answer};
 use super::stats::{BackendStats, Op, Outcome};
 use super::{BackendError, DynObjectStore, ETag, ObjectStore, DELETE_BATCH};
 use crate::retry::{Classify, Policy};
@@ -23,6 +28,8 @@ pub struct Retrying {
     inner: DynObjectStore,
     policy: Policy,
     stats: Arc<BackendStats>,
+    /// Calls in flight at once, adapted to throttling; none for stores outside any export.
+    limit: Option<Arc<AdaptiveLimit>>,
     /// The store answered a multi-object delete with "not implemented": one by one from then on.
     no_batch_delete: AtomicBool,
 }
@@ -37,8 +44,15 @@ impl Retrying {
             inner,
             policy,
             stats,
+            limit: None,
             no_batch_delete: AtomicBool::new(false),
         }
+    }
+
+    /// Every attempt waits for room under `limit` first (lease calls excepted).
+    pub fn with_limit(mut self, limit: Arc<AdaptiveLimit>) -> Self {
+        self.limit = Some(limit);
+        self
     }
 
     /// The shared counters.
@@ -47,18 +61,61 @@ impl Retrying {
     }
 
     /// Runs `call` until it succeeds, fails for good, or the policy runs out; every attempt
-    /// is counted in the stats.
-    async fn run<T, F, Fut>(&self, op: Op, key: &str, mut call: F) -> Result<T, BackendError>
+    /// is counted in the stats and waits for room under the limit.
+    async fn run<T, F, Fut>(&self, op: Op, key: &str, call: F) -> Result<T, BackendError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, BackendError>>,
+    {
+        self.run_limited(op, key, self.limit.as_deref(), call).await
+    }
+
+    /// [`Retrying::run`] past the limit: lease calls, which must not queue behind block
+    /// transfers (a renewal held back too long would let the lease run out).
+    async fn run_unlimited<T, F, Fut>(&self, op: Op, key: &str, call: F) -> Result<T, BackendError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, BackendError>>,
+    {
+        self.run_limited(op, key, None, call).await
+    }
+
+    async fn run_limited<T, F, Fut>(
+        &self,
+        op: Op,
+        key: &str,
+        limit: Option<&AdaptiveLimit>,
+        mut call: F,
+    ) -> Result<T, BackendError>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, BackendError>>,
     {
         let attempt = || {
-            let began = Instant::now();
             let pending = call();
             async move {
+                let permit = match limit {
+                    Some(l) => Some(l.acquire().await),
+                    None => None,
+                };
+                let began = Instant::now();
                 let result = pending.await;
                 self.stats.record(op, Outcome::of(&result), began.elapsed());
+                let answer = match &result {
+                    Err(BackendError::Throttled(_)) => {
+                        self.stats.record_throttled();
+                        Some(Answer::Throttled)
+                    }
+                    Ok(_) | Err(BackendError::Permanent(_) | BackendError::Unsupported(_)) => {
+                        Some(Answer::Served)
+                    }
+                    // A lost connection or a corrupt body says nothing about load: the
+                    // slot is freed without moving the limit.
+                    Err(_) => None,
+                };
+                if let (Some(p), Some(a)) = (permit, answer) {
+                    p.finish(a);
+                }
                 result
             }
         };
@@ -163,7 +220,7 @@ impl ObjectStore for Retrying {
 
     async fn get_with_etag(&self, key: &str) -> Result<Option<(Bytes, ETag)>, BackendError> {
         let got = self
-            .run(Op::Get, key, || self.inner.get_with_etag(key))
+            .run_unlimited(Op::Get, key, || self.inner.get_with_etag(key))
             .await?;
         self.stats
             .add_read(got.as_ref().map_or(0, |(b, _)| b.len()));
@@ -171,7 +228,7 @@ impl ObjectStore for Retrying {
     }
 
     async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<Option<ETag>, BackendError> {
-        self.run(Op::ConditionalPut, key, || {
+        self.run_unlimited(Op::ConditionalPut, key, || {
             self.inner.put_if_absent(key, data.clone())
         })
         .await
@@ -183,7 +240,7 @@ impl ObjectStore for Retrying {
         data: Bytes,
         etag: &str,
     ) -> Result<Option<ETag>, BackendError> {
-        self.run(Op::ConditionalPut, key, || {
+        self.run_unlimited(Op::ConditionalPut, key, || {
             self.inner.put_if_match(key, data.clone(), etag)
         })
         .await
@@ -267,6 +324,57 @@ mod tests {
         assert!(matches!(err, BackendError::Permanent(_)));
         assert_eq!(mem.gets(), 1);
         assert_eq!(r.stats().retries(), 0);
+    }
+
+    #[tokio::test]
+    async fn throttling_lowers_the_limit_once_per_burst_and_is_counted() {
+        use crate::backend::limit::AdaptiveLimit;
+        let mem = Arc::new(MemoryStore::new());
+        let limit = Arc::new(AdaptiveLimit::with_bounds("vm1", true, 2, 16));
+        let r = Arc::new(
+            Retrying::new(mem.clone(), fast(6), Arc::new(BackendStats::default()))
+                .with_limit(Arc::clone(&limit)),
+        );
+        // 12 PUTs in flight together, all answered "slow down" once: one congestion event.
+        mem.pause();
+        let puts: Vec<_> = (0..12)
+            .map(|i| {
+                let r = Arc::clone(&r);
+                tokio::spawn(async move { r.put(&format!("k{i}"), Bytes::from_static(b"v")).await })
+            })
+            .collect();
+        for _ in 0..1000 {
+            if mem.waiting() == 12 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(mem.waiting(), 12);
+        assert_eq!(limit.in_flight(), 12);
+        mem.fail_next_throttled(12);
+        mem.resume();
+        for p in puts {
+            p.await.unwrap().unwrap();
+        }
+        assert_eq!(r.stats().throttled(), 12);
+        assert_eq!(r.stats().requests(Op::Put, Outcome::Transient), 12);
+        // Half of the 12 in flight, cut once (the retries may have grown it by one since).
+        assert!((6..=7).contains(&limit.limit()), "{}", limit.limit());
+        assert_eq!(limit.in_flight(), 0);
+    }
+
+    #[tokio::test]
+    async fn lease_calls_skip_the_limit() {
+        use crate::backend::limit::AdaptiveLimit;
+        let mem = Arc::new(MemoryStore::new());
+        let limit = Arc::new(AdaptiveLimit::with_bounds("vm1", true, 1, 1));
+        let r = Retrying::new(mem.clone(), fast(6), Arc::new(BackendStats::default()))
+            .with_limit(Arc::clone(&limit));
+        let _held = limit.acquire().await;
+        // The one slot is taken, yet the lease's conditional write goes through.
+        let put = r.put_if_absent("lease", Bytes::from_static(b"l"));
+        let created = tokio::time::timeout(Duration::from_secs(5), put).await;
+        assert!(created.unwrap().unwrap().is_some());
     }
 
     #[tokio::test]

@@ -256,11 +256,21 @@ fn is_no_such_key<E: ProvideErrorMetadata>(err: &SdkError<E>) -> bool {
     }
 }
 
-/// Error codes S3 servers use for "slow down / try again" even with a 4xx status.
-const RETRYABLE_CODES: &[&str] = &[
+/// Error codes S3 servers use for "too many requests" (whatever the status): the store is
+/// fine, we are too fast, so the export's concurrency limit comes down.
+const THROTTLING_CODES: &[&str] = &[
     "SlowDown",
     "Throttling",
     "ThrottlingException",
+    "ThrottledException",
+    "RequestThrottled",
+    "RequestLimitExceeded",
+    "TooManyRequests",
+    "TooManyRequestsException",
+];
+
+/// Error codes S3 servers use for "try again" even with a 4xx status.
+const RETRYABLE_CODES: &[&str] = &[
     "RequestTimeout",
     "RequestTimeTooSkewed",
     "InternalError",
@@ -298,7 +308,11 @@ where
             let message = ctx.err().message().unwrap_or("");
             let text = format!("{what}: HTTP {status} {code} {message}");
             let text = text.trim_end().to_string();
-            if status == 429 || status >= 500 || RETRYABLE_CODES.contains(&code) {
+            // 503 is S3's "reduce your request rate", with or without a body saying
+            // SlowDown (a HEAD's answer has none).
+            if status == 429 || status == 503 || THROTTLING_CODES.contains(&code) {
+                BackendError::Throttled(text)
+            } else if status >= 500 || RETRYABLE_CODES.contains(&code) {
                 BackendError::Transient(text)
             } else if code == "NoSuchBucket" {
                 BackendError::Permanent(format!("{text} (the bucket does not exist)"))
@@ -407,7 +421,9 @@ impl ObjectStore for S3Store {
                     out.errors().len(),
                     keys.len()
                 );
-                if RETRYABLE_CODES.contains(&code) {
+                if THROTTLING_CODES.contains(&code) {
+                    Err(BackendError::Throttled(text))
+                } else if RETRYABLE_CODES.contains(&code) {
                     Err(BackendError::Transient(text))
                 } else {
                     Err(BackendError::Permanent(text))

@@ -84,7 +84,8 @@ impl Outcome {
     pub fn of<T>(result: &Result<T, BackendError>) -> Outcome {
         match result {
             Ok(_) => Outcome::Ok,
-            Err(BackendError::Transient(_)) => Outcome::Transient,
+            // Counted with the other transient failures, and on their own in `throttled`.
+            Err(BackendError::Transient(_) | BackendError::Throttled(_)) => Outcome::Transient,
             Err(BackendError::Permanent(_)) => Outcome::Permanent,
             Err(BackendError::Corrupt { .. } | BackendError::Undecodable { .. }) => {
                 Outcome::Corrupt
@@ -105,6 +106,8 @@ pub const LATENCY_BUCKETS: [f64; 14] = [
 pub struct BackendStats {
     retries: AtomicU64,
     exhausted: AtomicU64,
+    /// Answers that asked us to slow down (also counted as transient in `requests`).
+    throttled: AtomicU64,
     /// Requests (attempts) by `[op][outcome]`.
     requests: [[AtomicU64; Outcome::ALL.len()]; Op::ALL.len()],
     latency: [Histogram; Op::ALL.len()],
@@ -119,6 +122,7 @@ impl Default for BackendStats {
         Self {
             retries: AtomicU64::new(0),
             exhausted: AtomicU64::new(0),
+            throttled: AtomicU64::new(0),
             requests: Default::default(),
             latency: std::array::from_fn(|_| Histogram::with_bounds(&LATENCY_BUCKETS)),
             bytes_read: AtomicU64::new(0),
@@ -159,6 +163,13 @@ impl BackendStats {
             p.record_exhausted();
         }
     }
+    /// Records an answer asking us to slow down.
+    pub fn record_throttled(&self) {
+        self.throttled.fetch_add(1, Ordering::Relaxed);
+        if let Some(p) = &self.parent {
+            p.record_throttled();
+        }
+    }
     /// Records object bytes received (GET bodies).
     pub fn add_read(&self, bytes: usize) {
         self.bytes_read.fetch_add(bytes as u64, Ordering::Relaxed);
@@ -182,6 +193,10 @@ impl BackendStats {
     /// Calls that still failed after retrying (the error went to the caller).
     pub fn exhausted(&self) -> u64 {
         self.exhausted.load(Ordering::Relaxed)
+    }
+    /// Answers that asked us to slow down (503 SlowDown, 429).
+    pub fn throttled(&self) -> u64 {
+        self.throttled.load(Ordering::Relaxed)
     }
     /// Requests of `op` that ended with `outcome`.
     pub fn requests(&self, op: Op, outcome: Outcome) -> u64 {
@@ -233,12 +248,13 @@ mod tests {
         bucket.record(Op::Put, Outcome::Ok, Duration::from_millis(1));
         bucket.record_retry();
         bucket.record_exhausted();
+        bucket.record_throttled();
         bucket.add_read(3);
         bucket.add_written(5);
         for s in [&bucket, &*total] {
             assert_eq!(s.requests(Op::Put, Outcome::Ok), 1);
             assert_eq!(s.latency(Op::Put).count, 1);
-            assert_eq!((s.retries(), s.exhausted()), (1, 1));
+            assert_eq!((s.retries(), s.exhausted(), s.throttled()), (1, 1, 1));
             assert_eq!((s.bytes_read(), s.bytes_written()), (3, 5));
         }
     }

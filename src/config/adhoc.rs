@@ -90,6 +90,7 @@ impl AdHoc {
                 region: self.s3_region.filter(|r| !r.is_empty()),
                 access_key_id,
                 secret_access_key,
+                adaptive_concurrency: true,
             },
             cache: CacheConfig {
                 memory: DEFAULT_MEMORY,

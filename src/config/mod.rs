@@ -185,6 +185,8 @@ pub struct S3Config {
     pub access_key_id: Option<String>,
     /// Loaded from `secret_access_key_file`; never printed.
     pub secret_access_key: Option<String>,
+    /// Whether throttling answers (503 SlowDown) lower each export's object calls in flight.
+    pub adaptive_concurrency: bool,
 }
 
 impl std::fmt::Debug for S3Config {
@@ -198,6 +200,7 @@ impl std::fmt::Debug for S3Config {
                 "secret_access_key",
                 &self.secret_access_key.as_ref().map(|_| "<redacted>"),
             )
+            .field("adaptive_concurrency", &self.adaptive_concurrency)
             .finish()
     }
 }

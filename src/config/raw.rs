@@ -47,6 +47,7 @@ pub struct RawS3 {
     pub path_style: Option<bool>,
     pub access_key_id: Option<Spanned<String>>,
     pub secret_access_key_file: Option<Spanned<String>>,
+    pub adaptive_concurrency: Option<bool>,
 }
 
 /// `[cache]`.

@@ -68,6 +68,10 @@ fn defaults_without_sections() {
     );
     assert_eq!(cfg.s3.endpoint, None);
     assert!(!cfg.s3.path_style, "path style defaults off for AWS");
+    assert!(
+        cfg.s3.adaptive_concurrency,
+        "throttling lowers concurrency by default"
+    );
     assert_eq!(cfg.exports[0].prefix, "vm1/");
     let no_exports = parse("[server]\n").unwrap();
     assert!(no_exports.exports.is_empty());
@@ -86,6 +90,7 @@ metrics = "127.0.0.1:9810"
 [s3]
 endpoint = "file:///var/lib/nbd-s3"
 path_style = false
+adaptive_concurrency = false
 [cache]
 memory = "2GiB"
 dirty = "512MiB"
@@ -107,6 +112,7 @@ description = "root disk"
     );
     assert_eq!(cfg.server.metrics, Some("127.0.0.1:9810".parse().unwrap()));
     assert!(!cfg.s3.path_style);
+    assert!(!cfg.s3.adaptive_concurrency);
     assert_eq!((cfg.cache.memory, cfg.cache.dirty), (2 << 30, 512 << 20));
     assert_eq!(cfg.cache.flush_timeout, Duration::from_secs(150));
     let e = &cfg.exports[0];

@@ -146,8 +146,10 @@ impl<'a> Checker<'a> {
             path_style: false,
             access_key_id: None,
             secret_access_key: None,
+            adaptive_concurrency: true,
         };
         let Some(raw) = raw else { return cfg };
+        cfg.adaptive_concurrency = raw.adaptive_concurrency.unwrap_or(true);
         if let Some(e) = &raw.endpoint {
             match check_endpoint(e.get_ref()) {
                 Ok(()) => cfg.endpoint = Some(e.get_ref().clone()),

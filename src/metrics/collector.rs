@@ -31,7 +31,8 @@ impl Collector for DaemonCollector {
         let buckets: BTreeSet<&str> = exports.iter().map(|e| e.config.bucket.as_str()).collect();
         backend(&mut enc, &self.0.factory, &buckets)?;
         let names: BTreeSet<&str> = exports.iter().map(|e| e.name()).collect();
-        export_requests(&mut enc, &self.0.factory, &names)
+        export_requests(&mut enc, &self.0.factory, &names)?;
+        export_concurrency(&mut enc, &self.0.factory, &names)
     }
 }
 
@@ -43,11 +44,7 @@ fn export_requests(
     factory: &StoreFactory,
     names: &BTreeSet<&str>,
 ) -> fmt::Result {
-    let stats: Vec<Bucket> = factory
-        .export_stats()
-        .into_iter()
-        .filter(|(e, _)| names.contains(e.as_str()))
-        .collect();
+    let stats: Vec<Bucket> = of_exports(factory.export_stats(), names);
     let mut requests = Vec::new();
     for (export, s) in &stats {
         for op in Op::ALL {
@@ -71,6 +68,47 @@ fn export_requests(
         "Object bytes the export sent to the object store (PUT bodies)",
         sent,
     )
+}
+
+/// Each export's adaptive limit on object-store calls in flight, the calls in flight, and
+/// the throttling answers that lowered it.
+fn export_concurrency(
+    enc: &mut DescriptorEncoder,
+    factory: &StoreFactory,
+    names: &BTreeSet<&str>,
+) -> fmt::Result {
+    let limits = of_exports(factory.export_limits(), names);
+    gauges(
+        enc,
+        "nbd_s3_s3_concurrency_limit",
+        "Object-store calls the export may have in flight: lowered by throttling answers, raised again by successes",
+        limits.iter().map(|(e, l)| (label("export", e), u64::from(l.limit()))),
+    )?;
+    gauges(
+        enc,
+        "nbd_s3_s3_in_flight",
+        "Object-store calls of the export in flight now (lease calls not counted)",
+        limits
+            .iter()
+            .map(|(e, l)| (label("export", e), u64::from(l.in_flight()))),
+    )?;
+    let throttled = of_exports(factory.export_stats(), names)
+        .into_iter()
+        .map(|(e, s)| (label("export", &e), s.throttled()));
+    counters(
+        enc,
+        "nbd_s3_s3_throttled",
+        "Object-store answers asking the export to slow down (503 SlowDown, 429); each one is retried",
+        throttled,
+    )
+}
+
+/// The entries of `by_export` whose export is live (in `names`).
+fn of_exports<T>(by_export: Vec<(String, T)>, names: &BTreeSet<&str>) -> Vec<(String, T)> {
+    by_export
+        .into_iter()
+        .filter(|(e, _)| names.contains(e.as_str()))
+        .collect()
 }
 
 /// Served exports plus removed ones still draining (they may hold dirty data), one per name:
@@ -194,11 +232,16 @@ fn backend(
         .filter(|(b, _)| buckets.contains(b.as_str()))
         .collect();
     backend_requests(enc, &stats)?;
-    let totals: [BackendField; 4] = [
+    let totals: [BackendField; 5] = [
         (
             "nbd_s3_backend_retries",
             "Transient object-store failures that were retried",
             BackendStats::retries,
+        ),
+        (
+            "nbd_s3_backend_throttled",
+            "Object-store answers asking to slow down (503 SlowDown, 429)",
+            BackendStats::throttled,
         ),
         (
             "nbd_s3_backend_failures",

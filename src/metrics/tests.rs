@@ -43,7 +43,8 @@ async fn sources(dir: &std::path::Path, names: &[&str]) -> Observed {
             base: None,
             journal: None,
         };
-        let store = BlockStore::open(factory.bucket(&c.bucket), cfg, Arc::clone(&budget)).await;
+        let objects = factory.export_bucket(&c.bucket, &c.name);
+        let store = BlockStore::open(objects, cfg, Arc::clone(&budget)).await;
         opened.insert(
             c.name.clone(),
             Export::serving(c.clone(), store.unwrap(), None),
@@ -136,6 +137,14 @@ async fn a_scrape_shows_requests_store_and_backend_per_export_and_bucket() {
     );
     // Opening an export may PUT too (leases); the written blocks come on top, in a's bucket.
     assert!(puts_a >= 2.0 && puts_a > puts_b, "a {puts_a} b {puts_b}");
+    // Nothing throttled: each export's limit stands at its ceiling, nothing in flight.
+    let ceiling = f64::from(crate::backend::limit::CEILING);
+    for e in ["m-a", "m-b"] {
+        let l = [("export", e)];
+        assert_eq!(value(&s, "nbd_s3_s3_concurrency_limit", &l), Some(ceiling));
+        assert_eq!(value(&s, "nbd_s3_s3_in_flight", &l), Some(0.0));
+        assert_eq!(value(&s, "nbd_s3_s3_throttled_total", &l), Some(0.0));
+    }
     assert_eq!(value(&s, "nbd_s3_connections", &[]), Some(0.0));
     assert!(value(&s, "nbd_s3_reloads_total", &[("outcome", "ok")]).is_some());
     assert!(

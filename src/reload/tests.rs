@@ -48,6 +48,7 @@ fn config(exports: Vec<ExportConfig>) -> Config {
             path_style: true,
             access_key_id: None,
             secret_access_key: None,
+            adaptive_concurrency: true,
         },
         cache: CacheConfig {
             memory: 1 << 30,

@@ -19,6 +19,7 @@ pub fn s3_config(s3: &S3Server) -> S3Config {
         path_style: true,
         access_key_id: Some(s3.access_key.clone()),
         secret_access_key: Some(s3.secret_key.clone()),
+        adaptive_concurrency: true,
     }
 }
 
@@ -40,6 +41,7 @@ pub async fn store_at(port: u16) -> S3Store {
         path_style: true,
         access_key_id: Some("a".into()),
         secret_access_key: Some("b".into()),
+        adaptive_concurrency: true,
     };
     S3Store::new(build_client(&cfg).await.expect("S3 client"), BUCKET)
 }

@@ -344,15 +344,18 @@ where
 
 #[tokio::test]
 async fn server_error_replies_are_classified() {
-    let cases: [(&'static str, &'static str, bool); 6] = [
-        ("503 Service Unavailable", "SlowDown", true),
-        ("500 Internal Server Error", "InternalError", true),
-        ("429 Too Many Requests", "Throttling", true),
-        ("400 Bad Request", "RequestTimeout", true),
-        ("403 Forbidden", "AccessDenied", false),
-        ("400 Bad Request", "InvalidArgument", false),
+    // (status, code, retried, a throttling answer that lowers the concurrency limit)
+    let cases: [(&'static str, &'static str, bool, bool); 8] = [
+        ("503 Service Unavailable", "SlowDown", true, true),
+        ("503 Service Unavailable", "ServiceUnavailable", true, true),
+        ("500 Internal Server Error", "InternalError", true, false),
+        ("429 Too Many Requests", "Throttling", true, true),
+        ("400 Bad Request", "SlowDown", true, true),
+        ("400 Bad Request", "RequestTimeout", true, false),
+        ("403 Forbidden", "AccessDenied", false, false),
+        ("400 Bad Request", "InvalidArgument", false, false),
     ];
-    for (status, code, retryable) in cases {
+    for (status, code, retryable, throttling) in cases {
         let body: &'static str = Box::leak(error_xml(code).into_boxed_str());
         let store = store_at(canned_server(status, body, None).await).await;
         for result in [
@@ -365,6 +368,8 @@ async fn server_error_replies_are_classified() {
         ] {
             let err = result.expect_err(status);
             assert_eq!(err.is_retryable(), retryable, "{status} {code}: {err:?}");
+            let throttled = matches!(err, BackendError::Throttled(_));
+            assert_eq!(throttled, throttling, "{status} {code}: {err:?}");
             if !retryable {
                 assert!(matches!(err, BackendError::Permanent(_)), "{err:?}");
                 assert!(
