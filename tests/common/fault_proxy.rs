@@ -6,7 +6,9 @@
 //! The proxy parses request and response framing (Content-Length or chunked bodies, 1xx
 //! interim replies, HEAD) so it can decide *per request*, not per pooled connection, whether to
 //! inject a fault. Rules (`Rule`) are set at runtime from the test; every injected fault is
-//! counted. Decisions use a seeded xorshift, so a run with the same seed and the same request
+//! counted. A throttling mode (`throttle_above`) answers `503 SlowDown` to whatever exceeds a
+//! number of requests being served at once, as an S3 prefix does when pushed too hard.
+//! Decisions use a seeded xorshift, so a run with the same seed and the same request
 //! order injects the same faults.
 
 use std::collections::HashMap;
@@ -137,6 +139,15 @@ struct State {
     /// Latency mode: no response leaves sooner than this many microseconds after its
     /// request was received (a distant region's round trip), whatever else happens to it.
     latency_us: AtomicU64,
+    /// Throttling mode: a request arriving while this many are being served gets `503
+    /// SlowDown` instead (`u64::MAX`: off), like an S3 prefix pushed past what it takes.
+    throttle_above: AtomicU64,
+    /// Requests being served now (forwarded, reply not yet sent), and the most at once.
+    in_flight: AtomicU64,
+    peak_in_flight: AtomicU64,
+    /// Requests the throttling mode answered with 503 SlowDown, and the ones it let through.
+    throttled: AtomicU64,
+    admitted: AtomicU64,
 }
 
 impl State {
@@ -164,6 +175,20 @@ impl State {
         self.outage.load(Ordering::SeqCst) || until.is_some_and(|u| Instant::now() < u)
     }
 
+    /// Counts a request as being served, unless the throttling mode refuses it (`None`).
+    fn admit(self: &Arc<Self>) -> Option<Serving> {
+        let above = self.throttle_above.load(Ordering::SeqCst);
+        let before = self.in_flight.fetch_add(1, Ordering::SeqCst);
+        if before >= above {
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            self.throttled.fetch_add(1, Ordering::SeqCst);
+            return None;
+        }
+        self.admitted.fetch_add(1, Ordering::SeqCst);
+        self.peak_in_flight.fetch_max(before + 1, Ordering::SeqCst);
+        Some(Serving(Arc::clone(self)))
+    }
+
     /// A uniform number in [0, 1) from the seeded xorshift.
     fn roll(&self) -> f64 {
         let mut x = self.rng.lock().unwrap();
@@ -171,6 +196,42 @@ impl State {
         *x ^= *x >> 7;
         *x ^= *x << 17;
         (*x >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// One request being served, for the throttling mode's count.
+struct Serving(Arc<State>);
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// What the throttling mode did so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Throttling {
+    /// Requests answered `503 SlowDown` because too many were being served.
+    pub throttled: u64,
+    /// Requests let through.
+    pub admitted: u64,
+    /// The most requests served at once.
+    pub peak: u64,
+}
+
+impl Throttling {
+    /// What happened between `earlier` and this reading (the peak is this reading's).
+    pub fn since(self, earlier: Throttling) -> Throttling {
+        Throttling {
+            throttled: self.throttled - earlier.throttled,
+            admitted: self.admitted - earlier.admitted,
+            peak: self.peak,
+        }
+    }
+
+    /// Throttled share of the requests.
+    pub fn fraction(self) -> f64 {
+        self.throttled as f64 / (self.throttled + self.admitted).max(1) as f64
     }
 }
 
@@ -197,6 +258,11 @@ impl FaultProxy {
             log_heads: AtomicBool::new(false),
             heads: Mutex::new(vec![]),
             latency_us: AtomicU64::new(0),
+            throttle_above: AtomicU64::new(u64::MAX),
+            in_flight: AtomicU64::new(0),
+            peak_in_flight: AtomicU64::new(0),
+            throttled: AtomicU64::new(0),
+            admitted: AtomicU64::new(0),
         });
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind fault proxy");
         listener.set_nonblocking(true).expect("nonblocking");
@@ -294,6 +360,26 @@ impl FaultProxy {
         self.state.latency_us.store(us, Ordering::SeqCst);
     }
 
+    /// Throttling mode: while `n` requests are being served, every further one is answered
+    /// `503 SlowDown` (an S3 error body with Code SlowDown) without reaching S3; `None`: off.
+    /// Also resets the peak of requests served at once.
+    pub fn throttle_above(&self, n: Option<u64>) {
+        self.state
+            .throttle_above
+            .store(n.unwrap_or(u64::MAX), Ordering::SeqCst);
+        let now = self.state.in_flight.load(Ordering::SeqCst);
+        self.state.peak_in_flight.store(now, Ordering::SeqCst);
+    }
+
+    /// What the throttling mode did so far.
+    pub fn throttling(&self) -> Throttling {
+        Throttling {
+            throttled: self.state.throttled.load(Ordering::SeqCst),
+            admitted: self.state.admitted.load(Ordering::SeqCst),
+            peak: self.state.peak_in_flight.load(Ordering::SeqCst),
+        }
+    }
+
     /// The port the proxy listens on (127.0.0.1).
     pub fn port(&self) -> u16 {
         self.port
@@ -314,8 +400,9 @@ impl FaultProxy {
         let inj = self.state.injected.lock().unwrap().clone();
         let req = self.state.requests.lock().unwrap().clone();
         format!(
-            "requests {req:?}; injected {inj:?}; outage resets {}",
-            self.refused()
+            "requests {req:?}; injected {inj:?}; outage resets {}; throttling {:?}",
+            self.refused(),
+            self.throttling()
         )
     }
 }
@@ -416,20 +503,28 @@ async fn serve(client: TcpStream, st: Arc<State>) -> io::Result<()> {
         let body = read_body(&mut client, &req, false).await?;
         let due = Instant::now() + Duration::from_micros(st.latency_us.load(Ordering::Relaxed));
         let fault = st.pick(&req);
-        match fault {
+        let refusal = match fault {
             Some((f @ (Fault::SlowDown | Fault::InternalError | Fault::NotImplemented), _)) => {
-                tokio::time::sleep_until(due.into()).await;
-                client.get_mut().write_all(&s3_error(f, &req)).await?;
-                if req.close {
-                    return Ok(());
-                }
-                continue;
+                Some(f)
             }
             Some((Fault::ResetBefore, _)) => {
                 reset(client.into_inner());
                 return Ok(());
             }
-            _ => {}
+            _ => None,
+        };
+        // Held until the reply is sent: the request counts as being served till then.
+        let serving = match refusal {
+            None => st.admit(),
+            Some(_) => None,
+        };
+        if let Some(f) = refusal.or(serving.is_none().then_some(Fault::SlowDown)) {
+            tokio::time::sleep_until(due.into()).await;
+            client.get_mut().write_all(&s3_error(f, &req)).await?;
+            if req.close {
+                return Ok(());
+            }
+            continue;
         }
         if up.is_none() {
             match TcpStream::connect(st.upstream).await {

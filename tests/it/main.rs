@@ -35,4 +35,5 @@ mod store;
 mod store_layout;
 mod store_load;
 mod takeover;
+mod throttle;
 mod tls;
