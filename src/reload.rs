@@ -225,6 +225,10 @@ fn same_store(o: &ExportConfig, n: &ExportConfig) -> bool {
         && o.durability == n.durability
 }
 
+/// Why a GO is refused while a reload replaces the export's store, and after.
+const REOPENING: &str = "a reload is reopening it; connect again";
+const REOPENED: &str = "a reload replaced it; connect again";
+
 /// Whether the objects of two exports overlap (one prefix contains the other, same bucket).
 fn overlaps(a: &ExportConfig, b: &ExportConfig) -> bool {
     a.bucket == b.bucket && (a.prefix.starts_with(&b.prefix) || b.prefix.starts_with(&a.prefix))
@@ -311,6 +315,21 @@ impl Staging {
                         self.keep_old(name, old);
                         return;
                     }
+                    // Closed before it is flushed: a client attaching while the new store
+                    // opens would write to the old one, and two stores would serve one set of
+                    // objects, each with its own cache. A GO meanwhile is refused for now.
+                    let closed = match old.store().map(|s| s.close_to_clients(REOPENING, &name)) {
+                        Some(Err(why)) => {
+                            warn!(
+                                export = name.as_str(),
+                                "change refused, keeping the old definition: {why}; reload again then"
+                            );
+                            self.keep_old(name, old);
+                            return;
+                        }
+                        Some(Ok(closed)) => Some(closed),
+                        None => None,
+                    };
                     if let Err(e) = quiesce(&old).await {
                         warn!(
                             export = name.as_str(),
@@ -318,6 +337,9 @@ impl Staging {
                         );
                         self.keep_old(name, old);
                         return;
+                    }
+                    if let Some(closed) = closed {
+                        closed.forever(REOPENED);
                     }
                     self.retire.push(old);
                 }
@@ -413,8 +435,9 @@ async fn open_or_reuse<F: BucketSource + ?Sized>(
     for d in overlapping {
         // Reusing a store with another codec, lease or durability would serve the export as
         // it was, never refusing the change as a fresh open does.
-        let same =
-            same_store(&d.config, cfg) && d.config.read_only == cfg.read_only && d.is_serving();
+        let same = same_store(&d.config, cfg)
+            && d.config.read_only == cfg.read_only
+            && d.store().is_some_and(|s| s.admits_clients());
         if same {
             registry.revive(d);
             if let (true, Some(store)) = (cfg.size > d.config.size, d.store()) {

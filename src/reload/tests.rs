@@ -429,6 +429,45 @@ async fn client_attaching_during_reload_blocks_a_reopen() {
     drop(client);
 }
 
+#[tokio::test]
+async fn a_reopen_closes_the_old_store_to_new_clients_before_it_opens_the_new_one() {
+    let registry = Registry::new();
+    let buckets = Buckets::default();
+    let budget = CacheBudget::new(1 << 30, 256 << 20);
+    let one = config(vec![export("a")]);
+    apply(&config(vec![]), &one, &registry, &buckets).await;
+    let old = registry.get("a").unwrap();
+    let old_store = Arc::clone(old.store().unwrap());
+    let mut moved = export("a");
+    moved.prefix = "elsewhere/".into();
+    let moved_cfg = config(vec![moved]);
+    let ctx = ctx(&budget, Duration::from_secs(5));
+    let plan_reopen = |registry: &Registry| {
+        let p = plan(&one, &moved_cfg, registry);
+        assert!(matches!(p.exports["a"], ExportAction::Reopen { .. }));
+        p
+    };
+    // A GO the store counted after the plan was made (its attach still under way): the old
+    // store stays, never two stores on one export.
+    let go = old_store.attach_client().expect("open gate");
+    let applied = apply_exports(plan_reopen(&registry), &registry, &buckets, &ctx).await;
+    assert!(Arc::ptr_eq(&registry.get("a").unwrap(), &old));
+    assert_eq!(applied.effective.exports, one.exports);
+    assert!(
+        old_store.admits_clients(),
+        "a refused reopen leaves the gate open"
+    );
+    drop(go);
+    // Without clients the store is replaced; a GO that found the old one just before is
+    // refused, then and for good, so the old store is never revived either.
+    apply_exports(plan_reopen(&registry), &registry, &buckets, &ctx).await;
+    assert!(!Arc::ptr_eq(&registry.get("a").unwrap(), &old));
+    let why = old_store
+        .attach_client()
+        .expect_err("the replaced store admits nobody");
+    assert!(why.contains("reload"), "{why}");
+}
+
 /// Every bucket is one shared in-memory store.
 struct Shared(Arc<MemoryStore>);
 

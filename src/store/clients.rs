@@ -1,6 +1,6 @@
-//! Who is attached to a store (or to one snapshot's read-only view), and the mark an admin
-//! change that needs no client sets before it starts: a rollback (on the export) and a
-//! snapshot delete (on the snapshot's view). Counting and marking happen under one lock, so
+//! Who is attached to a store (or to one snapshot's read-only view), and the mark a change
+//! that needs no client sets before it starts: a rollback (on the export), a snapshot delete
+//! (on the snapshot's view) and a reload replacing the store (for good). Counting and marking happen under one lock, so
 //! a client cannot attach between the "no clients" check and the change: it is either
 //! counted (and the change refused) or refused itself with the reason.
 //!
@@ -87,23 +87,48 @@ impl ClientGate {
         self.state.lock().clients
     }
 
+    /// Whether new clients may attach now.
+    pub fn is_open(&self) -> bool {
+        self.state.lock().closed.is_none()
+    }
+
+    /// Like `close`, for a caller that does not hold the export's admin lock (a reload): also
+    /// refused, with its reason, while an admin change holds the gate.
+    pub(crate) fn close_if_open(self: &Arc<Self>, why: &str, what: &str) -> Result<Closed, String> {
+        let mut s = self.state.lock();
+        if let Some(held) = &s.closed {
+            return Err(held.clone());
+        }
+        close_locked(self, &mut s, why, what)
+    }
+
     /// Refuses new clients with `why`, unless clients are attached: then nothing changes and
     /// the error names how many are attached to `what`. Only one admin change holds it at a
     /// time (the callers hold the export's admin lock).
     pub(crate) fn close(self: &Arc<Self>, why: &str, what: &str) -> Result<Closed, String> {
         let mut s = self.state.lock();
-        if s.clients > 0 {
-            return Err(format!(
-                "{} client(s) attached to {what}; disconnect them first",
-                s.clients
-            ));
-        }
-        s.closed = Some(why.to_owned());
-        Ok(Closed {
-            gate: Arc::clone(self),
-            reopen: true,
-        })
+        close_locked(self, &mut s, why, what)
     }
+}
+
+/// `ClientGate::close` with its state already locked.
+fn close_locked(
+    gate: &Arc<ClientGate>,
+    s: &mut GateState,
+    why: &str,
+    what: &str,
+) -> Result<Closed, String> {
+    if s.clients > 0 {
+        return Err(format!(
+            "{} client(s) attached to {what}; disconnect them first",
+            s.clients
+        ));
+    }
+    s.closed = Some(why.to_owned());
+    Ok(Closed {
+        gate: Arc::clone(gate),
+        reopen: true,
+    })
 }
 
 #[cfg(test)]

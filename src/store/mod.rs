@@ -383,6 +383,19 @@ impl BlockStore {
     pub fn clients(&self) -> usize {
         self.clients.clients()
     }
+    /// Refuses new clients with `why` while the guard lives (`Closed::forever`: for good),
+    /// unless clients are attached or an admin change holds the gate: the error says which.
+    pub(crate) fn close_to_clients(
+        &self,
+        why: &str,
+        what: &str,
+    ) -> Result<clients::Closed, String> {
+        self.clients.close_if_open(why, what)
+    }
+    /// Whether new clients may attach (no admin change runs, the store was not replaced).
+    pub fn admits_clients(&self) -> bool {
+        self.clients.is_open()
+    }
     /// Installs the lease fence (once; later calls are ignored).
     pub fn set_write_gate(&self, gate: Arc<dyn WriteGate>) {
         let _ = self.gate.set(gate);

@@ -32,6 +32,9 @@ pub struct ServiceManager {
     path: PathBuf,
     shared: Arc<Shared>,
     stop: Arc<AtomicBool>,
+    /// The notify socket, held while a datagram is received and handled, so `drain` knows
+    /// that nothing is half handled.
+    sock: Arc<Mutex<UnixDatagram>>,
 }
 
 impl ServiceManager {
@@ -43,15 +46,32 @@ impl ServiceManager {
             .expect("timeout");
         let shared = Arc::new(Shared::default());
         let stop = Arc::new(AtomicBool::new(false));
-        let (s, st) = (Arc::clone(&shared), Arc::clone(&stop));
+        let sock = Arc::new(Mutex::new(sock));
+        let (s, st, so) = (Arc::clone(&shared), Arc::clone(&stop), Arc::clone(&sock));
         std::thread::spawn(move || {
             while !st.load(Ordering::SeqCst) {
-                if let Some((text, fds)) = receive(&sock) {
+                let sock = so.lock().unwrap();
+                if let Some((text, fds)) = receive(&sock, MsgFlags::empty()) {
                     s.handle(&text, fds);
                 }
             }
         });
-        ServiceManager { path, shared, stop }
+        ServiceManager {
+            path,
+            shared,
+            stop,
+            sock,
+        }
+    }
+
+    /// Handles every datagram already sent, as systemd does before it acts on a process's
+    /// exit: what a process stored before it exited is in the store when the next one starts.
+    /// (The receiving thread alone may lag behind on a loaded machine.)
+    fn drain(&self) {
+        let sock = self.sock.lock().unwrap();
+        while let Some((text, fds)) = receive(&sock, MsgFlags::MSG_DONTWAIT) {
+            self.shared.handle(&text, fds);
+        }
     }
 
     /// The `NOTIFY_SOCKET` path.
@@ -61,6 +81,8 @@ impl ServiceManager {
 
     /// Notify lines from now on go to `log` (one buffer per process).
     pub fn follow_into(&self, log: LogBuffer) {
+        // What the previous process sent still goes to its own log.
+        self.drain();
         *self.shared.log.lock().unwrap() = log;
     }
 
@@ -86,6 +108,7 @@ impl ServiceManager {
     /// in reverse order of arrival (the order is not something a service may rely on), and
     /// the environment that describes them (to set after any scrubbing of the environment).
     pub fn command(&self, bin: &Path) -> (Command, Vec<(String, String)>) {
+        self.drain();
         let store = self.shared.store.lock().unwrap();
         let mut cmd = Command::new("/bin/sh");
         cmd.args([
@@ -164,8 +187,9 @@ impl Shared {
     }
 }
 
-/// One datagram and its descriptors; `None` on timeout.
-fn receive(sock: &UnixDatagram) -> Option<(String, Vec<OwnedFd>)> {
+/// One datagram and its descriptors; `None` on timeout (or none waiting, with
+/// `MSG_DONTWAIT`).
+fn receive(sock: &UnixDatagram, flags: MsgFlags) -> Option<(String, Vec<OwnedFd>)> {
     let mut buf = vec![0u8; 8192];
     let mut space = nix::cmsg_space!([RawFd; 16]);
     let mut iov = [IoSliceMut::new(&mut buf)];
@@ -173,7 +197,7 @@ fn receive(sock: &UnixDatagram) -> Option<(String, Vec<OwnedFd>)> {
         sock.as_raw_fd(),
         &mut iov,
         Some(&mut space),
-        MsgFlags::MSG_CMSG_CLOEXEC,
+        MsgFlags::MSG_CMSG_CLOEXEC | flags,
     )
     .ok()?;
     let mut fds = Vec::new();
