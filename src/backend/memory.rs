@@ -2,13 +2,17 @@
 //! and can be told to fail or to hold requests, so tests can assert "one GET for many
 //! readers" or "a transient error is retried" without a network or any sleeps.
 
-use super::{BackendError, ETag, ObjectStore};
+use super::{BackendError, ETag, ListPage, ObjectStore};
 use async_trait::async_trait;
 use bytes::Bytes;
 use std::collections::BTreeMap;
+use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use tokio::sync::watch;
+
+/// Most keys a page of [`ObjectStore::list_page`] holds (as S3).
+pub const PAGE_KEYS: usize = 1000;
 
 /// How many calls of each kind a [`MemoryStore`] has served (failed injected calls included).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -250,6 +254,32 @@ impl ObjectStore for MemoryStore {
             .take_while(|(k, _)| k.starts_with(prefix))
             .map(|(k, _)| k.clone())
             .collect())
+    }
+
+    /// Pages of [`PAGE_KEYS`], as S3 answers, so listings that page are tested as such.
+    async fn list_page(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        upto: Option<&str>,
+    ) -> Result<ListPage, BackendError> {
+        self.enter(&self.lists, "LIST", prefix).await?;
+        let map = self.lock();
+        let from = match after {
+            Some(a) if a >= prefix => Bound::Excluded(a.to_string()),
+            _ => Bound::Included(prefix.to_string()),
+        };
+        let mut keys: Vec<String> = map
+            .range((from, Bound::Unbounded))
+            .map(|(k, _)| k)
+            .take_while(|k| k.starts_with(prefix))
+            .take(PAGE_KEYS + 1)
+            .take_while(|k| upto.map_or(true, |u| k.as_str() <= u))
+            .cloned()
+            .collect();
+        let more = keys.len() > PAGE_KEYS;
+        keys.truncate(PAGE_KEYS);
+        Ok(ListPage { keys, more })
     }
 
     async fn get_with_etag(&self, key: &str) -> Result<Option<(Bytes, ETag)>, BackendError> {

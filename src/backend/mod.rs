@@ -79,13 +79,22 @@ impl crate::retry::Classify for BackendError {
     }
 }
 
-/// Whether `key` lies in the range `(after, upto]` of [`ObjectStore::list_range`].
+/// Whether `key` lies in the range `(after, upto]` of [`ObjectStore::list_page`].
 pub fn in_range(key: &str, after: Option<&str>, upto: Option<&str>) -> bool {
     after.map_or(true, |a| key > a) && upto.map_or(true, |u| key <= u)
 }
 
 /// Most keys one multi-object delete may name (the S3 limit).
 pub const DELETE_BATCH: usize = 1000;
+
+/// One page of a listing ([`ObjectStore::list_page`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListPage {
+    /// In key order.
+    pub keys: Vec<String>,
+    /// More keys may follow the last one: list again after it.
+    pub more: bool,
+}
 
 /// A bucket-bound key/value object store. Implementations must be safe to call from many
 /// tasks at once; the block store keeps many requests in flight.
@@ -100,19 +109,21 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug + 'static {
     /// Every key that starts with `prefix` (full keys, any order).
     async fn list(&self, prefix: &str) -> Result<Vec<String>, BackendError>;
 
-    /// The keys under `prefix` after `after` (from the first when `None`) up to and including
-    /// `upto` (to the last when `None`), in key order: one slice of a listing split across
-    /// key ranges and run in parallel. The default lists everything and keeps the slice.
-    async fn list_range(
+    /// The first keys under `prefix` after `after` (from the first when `None`) up to and
+    /// including `upto` (to the last when `None`), in key order, with whether more follow:
+    /// one request on S3 (`ListObjectsV2` from `StartAfter`, up to 1,000 keys), so a caller
+    /// can list several key ranges at once and count every request. The default lists
+    /// everything in one go.
+    async fn list_page(
         &self,
         prefix: &str,
         after: Option<&str>,
         upto: Option<&str>,
-    ) -> Result<Vec<String>, BackendError> {
+    ) -> Result<ListPage, BackendError> {
         let mut keys = self.list(prefix).await?;
         keys.retain(|k| in_range(k, after, upto));
         keys.sort_unstable();
-        Ok(keys)
+        Ok(ListPage { keys, more: false })
     }
 
     /// Removes up to [`DELETE_BATCH`] objects in one request (S3 `DeleteObjects`); absent

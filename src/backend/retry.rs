@@ -9,7 +9,7 @@
 
 use super::limit::{AdaptiveLimit, Answer};
 use super::stats::{BackendStats, Op, Outcome};
-use super::{BackendError, DynObjectStore, ETag, ObjectStore, DELETE_BATCH};
+use super::{BackendError, DynObjectStore, ETag, ListPage, ObjectStore, DELETE_BATCH};
 use crate::retry::{Classify, Policy};
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -162,17 +162,15 @@ impl ObjectStore for Retrying {
         self.run(Op::List, prefix, || self.inner.list(prefix)).await
     }
 
-    async fn list_range(
+    async fn list_page(
         &self,
         prefix: &str,
         after: Option<&str>,
         upto: Option<&str>,
-    ) -> Result<Vec<String>, BackendError> {
+    ) -> Result<ListPage, BackendError> {
         let what = after.unwrap_or(prefix);
-        self.run(Op::List, what, || {
-            self.inner.list_range(prefix, after, upto)
-        })
-        .await
+        self.run(Op::List, what, || self.inner.list_page(prefix, after, upto))
+            .await
     }
 
     /// One request per [`DELETE_BATCH`] keys; single deletes (several at once) when the store

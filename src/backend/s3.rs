@@ -8,7 +8,7 @@
 //! [`super::integrity`].
 
 use super::integrity::{hex_of, verify, S3_METADATA_KEY};
-use super::{BackendError, ETag, ObjectStore, MAX_OBJECT_SIZE};
+use super::{BackendError, ETag, ListPage, ObjectStore, MAX_OBJECT_SIZE};
 use crate::config::S3Config;
 use async_trait::async_trait;
 use aws_sdk_s3::config::http::HttpResponse;
@@ -432,49 +432,56 @@ impl ObjectStore for S3Store {
         }
     }
 
+    /// One page after another, each from the last key of the one before.
     async fn list(&self, prefix: &str) -> Result<Vec<String>, BackendError> {
-        self.list_range(prefix, None, None).await
+        let mut keys = Vec::new();
+        loop {
+            let after = keys.last().map(String::as_str);
+            let page = self.list_page(prefix, after, None).await?;
+            keys.extend(page.keys);
+            if !page.more {
+                return Ok(keys);
+            }
+        }
     }
 
-    /// Pages from `after` (`StartAfter`) until a page passes `upto`: the slice costs about
-    /// one request per 1,000 keys it holds, plus one.
-    async fn list_range(
+    /// One `ListObjectsV2` request from `StartAfter`; keys past `upto` end the range.
+    async fn list_page(
         &self,
         prefix: &str,
         after: Option<&str>,
         upto: Option<&str>,
-    ) -> Result<Vec<String>, BackendError> {
+    ) -> Result<ListPage, BackendError> {
+        let out = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(prefix)
+            .set_start_after(after.map(str::to_string))
+            .send()
+            .await
+            .map_err(|e| self.map_err("LIST", &format!("{prefix}*"), e))?;
         let mut keys = Vec::new();
-        let mut token: Option<String> = None;
-        loop {
-            let out = self
-                .client
-                .list_objects_v2()
-                .bucket(&self.bucket)
-                .prefix(prefix)
-                .set_start_after(after.map(str::to_string))
-                .set_continuation_token(token.take())
-                .send()
-                .await
-                .map_err(|e| self.map_err("LIST", &format!("{prefix}*"), e))?;
-            let mut past = false;
-            for key in out.contents().iter().filter_map(|o| o.key()) {
-                if !super::in_range(key, after, upto) {
-                    past = upto.is_some_and(|u| key > u);
-                    if past {
-                        break;
-                    }
-                    continue;
-                }
+        let mut past = false;
+        for key in out.contents().iter().filter_map(|o| o.key()) {
+            if upto.is_some_and(|u| key > u) {
+                past = true;
+                break;
+            }
+            if super::in_range(key, after, upto) {
                 keys.push(key.to_string());
             }
-            match out.next_continuation_token() {
-                Some(next) if !past && out.is_truncated() == Some(true) => {
-                    token = Some(next.to_string())
-                }
-                _ => return Ok(keys),
-            }
         }
+        let more = !past && out.is_truncated() == Some(true);
+        if more && keys.is_empty() {
+            // Listing again from the same place would get the same page: never loop on it.
+            return Err(BackendError::Permanent(format!(
+                "LIST s3://{}/{prefix}*: a truncated page held no key after {:?}",
+                self.bucket,
+                after.unwrap_or("")
+            )));
+        }
+        Ok(ListPage { keys, more })
     }
 
     async fn get_with_etag(&self, key: &str) -> Result<Option<(Bytes, ETag)>, BackendError> {

@@ -16,7 +16,7 @@
 
 use super::slot::LeaseSlot;
 use super::Lease;
-use crate::backend::{BackendError, DynObjectStore, ETag, ObjectStore};
+use crate::backend::{BackendError, DynObjectStore, ETag, ListPage, ObjectStore};
 use async_trait::async_trait;
 use bytes::Bytes;
 use std::future::Future;
@@ -74,13 +74,13 @@ impl ObjectStore for FencedStore {
     async fn list(&self, prefix: &str) -> Result<Vec<String>, BackendError> {
         self.inner.list(prefix).await
     }
-    async fn list_range(
+    async fn list_page(
         &self,
         prefix: &str,
         after: Option<&str>,
         upto: Option<&str>,
-    ) -> Result<Vec<String>, BackendError> {
-        self.inner.list_range(prefix, after, upto).await
+    ) -> Result<ListPage, BackendError> {
+        self.inner.list_page(prefix, after, upto).await
     }
     async fn copy_from(
         &self,

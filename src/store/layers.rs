@@ -42,6 +42,65 @@ pub(crate) fn tomb_key(prefix: &str, layer: u64, block: u64) -> String {
     format!("{prefix}{LAYERS_DIR}{layer:016x}/{block:016x}{TOMB_SUFFIX}")
 }
 
+/// A key after every key of layer `layer` (0: the plain block keys, 16 hex digits) and
+/// before the next layer's: where a listing's range for that layer ends.
+pub(crate) fn layer_end(prefix: &str, layer: u64) -> String {
+    match layer {
+        0 => format!("{prefix}g"),
+        _ => format!("{prefix}{LAYERS_DIR}{layer:016x}/g"),
+    }
+}
+
+/// Block keys that cut the keys after `after` up to `upto` into at most `parts` ranges, in
+/// order and strictly between the two: with `step`, of `step` blocks, then twice as many at
+/// each cut (a listing goes on at the density it saw, and where the keys end only a few
+/// ranges come back empty), the last taking the rest; without, of equal size. None unless
+/// `after` is a block key or tombstone and `upto` one of the same layer, that layer's end or
+/// open (those two standing for block `blocks`): a key of another form says nothing of
+/// where blocks lie.
+pub(crate) fn cuts(
+    prefix: &str,
+    after: &str,
+    upto: Option<&str>,
+    blocks: u64,
+    parts: u64,
+    step: Option<u64>,
+) -> Vec<String> {
+    let Some(from) = parse_key(prefix, after) else {
+        return Vec::new();
+    };
+    let to = match upto {
+        None => blocks,
+        Some(u) if u == layer_end(prefix, from.layer) => blocks,
+        Some(u) => match parse_key(prefix, u) {
+            Some(k) if k.layer == from.layer => k.block,
+            _ => return Vec::new(),
+        },
+    };
+    // Every cut lies past `from.block` (and its tombstone) and before `to`.
+    let span = to.saturating_sub(from.block);
+    let offsets: Vec<u64> = match step {
+        Some(step) => std::iter::successors(Some(step.max(1)), |o| {
+            o.checked_mul(2)?.checked_add(step.max(1))
+        })
+        .take_while(|&o| o < span)
+        .take(usize::try_from(parts.saturating_sub(1)).unwrap_or(0))
+        .collect(),
+        None => {
+            let parts = parts.min(span).max(1);
+            (1..parts).map(|k| span / parts * k).collect()
+        }
+    };
+    let key = |offset: u64| {
+        Some(data_key(
+            prefix,
+            from.layer,
+            from.block.checked_add(offset)?,
+        ))
+    };
+    offsets.into_iter().filter_map(key).collect()
+}
+
 /// What a listed key is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct LayerKey {
@@ -657,5 +716,53 @@ mod tests {
         let parents: BTreeMap<u64, Option<u64>> = [(1, Some(2)), (2, Some(1))].into();
         assert!(chain_of(&parents, 1).is_err());
         assert!(chain_of(&parents, 3).is_err());
+    }
+
+    /// Cuts lie strictly between the two ends, in order, each a block key of the layer;
+    /// the ends must be keys of one layer (or its end, or open) for any cut at all.
+    #[test]
+    fn cuts_lie_between_the_ends_of_one_layer() {
+        let p = "vm/";
+        let between = |after: &str, upto: Option<&str>, cuts: &[String]| {
+            let mut last = after.to_string();
+            for c in cuts {
+                assert!(*c > last && upto.map_or(true, |u| c.as_str() < u), "{c}");
+                assert!(parse_key(p, c).is_some(), "{c}");
+                last = c.clone();
+            }
+        };
+        for layer in [0, 3] {
+            let after = tomb_key(p, layer.max(1), 10);
+            let after = if layer == 0 {
+                data_key(p, 0, 10)
+            } else {
+                after
+            };
+            let end = layer_end(p, layer);
+            for upto in [None, Some(end.as_str()), Some(&*data_key(p, layer, 5000))] {
+                let even = cuts(p, &after, upto, 100_000, 8, None);
+                assert_eq!(even.len(), 7, "{upto:?}");
+                between(&after, upto, &even);
+                // 100 blocks, then 200, 400, ...: offsets 100, 300, 700, 1500, 3100, 6300.
+                let doubling = cuts(p, &after, upto, 100_000, 16, Some(100));
+                let want = if upto.is_some_and(|u| u.contains("1388")) {
+                    5
+                } else {
+                    9
+                };
+                assert_eq!(doubling.len(), want, "{upto:?}: {doubling:?}");
+                assert_eq!(doubling[1], data_key(p, layer, 310));
+                between(&after, upto, &doubling);
+            }
+            // Nothing left to cut: one block, or keys past the export's end.
+            assert!(cuts(p, &after, Some(&data_key(p, layer, 11)), 100, 8, None).is_empty());
+            assert!(cuts(p, &after, None, 5, 8, Some(1)).is_empty());
+        }
+        // Ends of different layers, or keys that are no blocks.
+        let other = data_key(p, 4, 50);
+        assert!(cuts(p, &data_key(p, 3, 1), Some(&other), 100, 8, None).is_empty());
+        assert!(cuts(p, &data_key(p, 0, 1), Some(&other), 100, 8, None).is_empty());
+        assert!(cuts(p, "vm/nbd-s3.json", None, 100, 8, None).is_empty());
+        assert!(cuts(p, &layer_end(p, 0), None, 100, 8, None).is_empty());
     }
 }

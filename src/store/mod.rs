@@ -272,7 +272,7 @@ impl BlockStore {
             None => {
                 let mut layers = layers::Layers::plain();
                 let blocks = cfg.size.div_ceil(u64::from(cfg.block_size));
-                let keys = listing::keys(&objects, &cfg.prefix, blocks).await?;
+                let keys = listing::keys(&objects, &cfg.prefix, blocks, []).await?;
                 layers.load(&cfg.prefix, keys.iter().map(String::as_str));
                 (layers, None, Vec::new())
             }

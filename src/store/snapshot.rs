@@ -427,7 +427,9 @@ impl BlockStore {
         }
         let objects = &self.inner.objects;
         let prefix = objects.prefix();
-        let keys = manifest::retry(|| objects.store().list(prefix)).await?;
+        let blocks = m.size.div_ceil(m.block_size.max(1));
+        let keys =
+            super::listing::keys(objects.store(), prefix, blocks, m.parents().into_keys()).await?;
         let mut listed = Layers::new(m.parents(), m.head()).map_err(StoreError::BadManifest)?;
         let parents = m.parents();
         let unknown: Vec<String> = keys
