@@ -119,7 +119,11 @@ serve() { # BUCKET LOG: starts a daemon, sets NBDPID, URI, METRICS
   "$NBDS3" serve --config "$W/nbd-s3.toml" >"$2" 2>&1 &
   NBDPID=$! URI="nbd://127.0.0.1:$port/bench" METRICS="http://127.0.0.1:$mport/metrics"
 }
-stop() { kill "$NBDPID" 2>/dev/null || true; wait "$NBDPID" 2>/dev/null || true; NBDPID=; }
+stop() { # SIGTERM: the daemon stores everything dirty, then exits 0
+  kill "$NBDPID" 2>/dev/null || true
+  wait "$NBDPID" || { echo "nbd-s3 did not stop cleanly; see $W" >&2; exit 1; }
+  NBDPID=
+}
 
 fill() { # BUCKET N LAYOUT
   local n=$2 blocks; blocks=$(( $(numfmt --from=iec "$SIZE") / BS ))
@@ -128,7 +132,9 @@ fill() { # BUCKET N LAYOUT
   if [ "$n" = 0 ]; then
     : # the export's manifest only
   elif [ "$3" = front ]; then
-    nbdcopy --flush -- [ nbdkit --exit-with-parent pattern size=$((n * BS)) ] "$URI"
+    # No FLUSH here: 200,000 PUTs take longer than a FLUSH may wait (flush_timeout); the
+    # daemon's SIGTERM in `stop` stores everything before it exits.
+    nbdcopy -- [ nbdkit --exit-with-parent pattern size=$((n * BS)) ] "$URI"
   else
     # One block every blocks/n: an nbdsh loop of 4 KiB writes, pipelined.
     PATH=/usr/bin:$PATH nbdsh -u "$URI" -c "
@@ -141,7 +147,6 @@ for i in range($n):
     h.aio_pwrite(buf, i * step * $BS)
 while h.aio_in_flight() > 0:
     h.poll(-1)
-h.flush()
 "
   fi
   stop
