@@ -73,24 +73,7 @@ S3PID=$!
 # --- configuration rows ------------------------------------------------------------------
 variant_nbd-s3() { # PORT ENDPOINT DIR [EXTRA-EXPORT-LINES]
   local mport; mport=$(free_port)
-  cat >"$3/nbd-s3.toml" <<T
-[server]
-listen = "127.0.0.1:$1"
-control = "off"
-metrics = "127.0.0.1:$mport"
-[s3]
-endpoint = "$2"
-region = "us-east-1"
-path_style = true
-access_key_id = "$KEY"
-secret_access_key_file = "$W/secret"
-[[export]]
-name = "bench"
-size = "$SIZE"
-bucket = "$VARIANT"
-prefix = "disk/"
-${4:-}
-T
+  bench_config "$1" "$mport" "$2" "$VARIANT" "${4:-}" >"$3/nbd-s3.toml"
   "$NBDS3" serve --config "$3/nbd-s3.toml" >>"$3/$VARIANT.log" 2>&1 &
   PEERPID=$! EXPORT=bench METRICS="http://127.0.0.1:$mport/metrics"
 }

@@ -93,25 +93,8 @@ bucket_garage() {
 
 # --- the daemon -------------------------------------------------------------------------
 config() { # FILE PORT METRICS-PORT BUCKET
-  cat >"$1" <<T
-[server]
-listen = "127.0.0.1:$2"
-control = "off"
-metrics = "127.0.0.1:$3"
-[s3]
-endpoint = "$ENDPOINT"
-region = "us-east-1"
-path_style = true
-access_key_id = "$KEY"
-secret_access_key_file = "$W/secret"
-[[export]]
-name = "bench"
-size = "$SIZE"
-block_size = "4KiB"
-bucket = "$4"
-prefix = "disk/"
-lease = "off"
-T
+  bench_config "$2" "$3" "$ENDPOINT" "$4" 'block_size = "4KiB"
+lease = "off"' >"$1"
 }
 serve() { # BUCKET LOG: starts a daemon, sets NBDPID, URI, METRICS
   local port mport; port=$(free_port); mport=$(free_port)
